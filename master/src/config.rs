@@ -1,0 +1,98 @@
+//! The master's command line; every flag has an environment variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::storage::DatabaseUrl;
+
+/// The Ledger master: stores the network's policies and streams every change to the members.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "master", version, about, long_about = None)]
+pub struct Config {
+    /// The internal address and port. The master listens on every interface at this port, or on
+    /// this address only with --bind (AnyLog's internal_ip / internal_port).
+    #[arg(long, env = "LEDGER_LISTEN", default_value = "0.0.0.0:32048")]
+    pub listen: SocketAddr,
+
+    /// The address other nodes reach this master at, advertised in its `master` policy
+    /// (AnyLog's external_ip / external_port). Defaults to the internal address.
+    #[arg(long, env = "LEDGER_EXTERNAL_ADDR")]
+    pub external_addr: Option<SocketAddr>,
+
+    /// Listen on the internal address only instead of on every interface (AnyLog's bind).
+    #[arg(long, env = "LEDGER_BIND")]
+    pub bind: bool,
+
+    /// Where the ledger is stored: sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE.
+    #[arg(long, env = "LEDGER_DATABASE_URL", default_value = "sqlite://blockchain.db")]
+    pub database_url: DatabaseUrl,
+
+    /// Worker threads of the runtime (AnyLog's threads); defaults to the number of cores.
+    #[arg(long, env = "LEDGER_THREADS")]
+    pub threads: Option<usize>,
+
+    /// How long a stream may stay quiet before the master sends a `progress` message.
+    #[arg(long, env = "LEDGER_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub progress_interval: Duration,
+
+    /// Log filter, as RUST_LOG: a level (info, debug) or per-module directives.
+    #[arg(long, env = "LEDGER_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// How many changes a subscriber may fall behind the live feed before it is disconnected
+    /// with RESOURCE_EXHAUSTED (it then resumes from its seq).
+    #[arg(long, env = "LEDGER_SUBSCRIBER_BUFFER", default_value_t = 4096)]
+    pub subscriber_buffer: usize,
+
+    /// The most inserts and deletes committed together in one transaction.
+    #[arg(long, env = "LEDGER_MAX_BATCH", default_value_t = 1024)]
+    pub max_batch: usize,
+
+    /// Keep this many recent changes replayable; a member further behind gets a snapshot.
+    /// By default every change is kept.
+    #[arg(long, env = "LEDGER_CHANGE_RETENTION")]
+    pub change_retention: Option<u64>,
+
+    /// The most database connections the master opens.
+    #[arg(long, env = "LEDGER_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: u32,
+
+    /// On SIGTERM, how long in-flight calls may take before the master exits anyway.
+    #[arg(long, env = "LEDGER_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Insert this master's own `master` policy at start unless it exists (AnyLog's step 5).
+    #[arg(long, env = "LEDGER_REGISTER")]
+    pub register: bool,
+
+    /// The `name` of the master policy.
+    #[arg(long, env = "LEDGER_NAME", default_value = "master-node")]
+    pub name: String,
+
+    /// The `company` of the master policy.
+    #[arg(long, env = "LEDGER_COMPANY", default_value = "My Company")]
+    pub company: String,
+
+    /// The `rest_port` of the master policy.
+    #[arg(long, env = "LEDGER_REST_PORT", default_value_t = 32049)]
+    pub rest_port: u16,
+}
+
+impl Config {
+    /// The address the listening socket binds: the internal address with --bind, else every
+    /// interface at its port.
+    pub fn bind_addr(&self) -> SocketAddr {
+        if self.bind {
+            self.listen
+        } else {
+            let any: std::net::IpAddr = if self.listen.is_ipv6() {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            };
+            SocketAddr::new(any, self.listen.port())
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! The errors of the ledger, typed; [`crate::service`] maps them to gRPC statuses in one place.
+
+use ledger_proto::policy::PolicyError;
+
+use crate::storage::{Rejection, StorageError};
+
+/// Why a ledger operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The policy text is not a valid policy.
+    #[error("invalid policy: {0}")]
+    InvalidPolicy(#[from] PolicyError),
+    /// A request field is missing or malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The write changed nothing: the id exists (insert) or does not (delete).
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// No policy with this id (a read).
+    #[error("no policy with id {0:?}")]
+    NotFound(String),
+    /// A subscriber fell so far behind the live changes that its buffer overflowed.
+    #[error(
+        "subscriber fell behind: {missed} changes overflowed its buffer; resume with after_seq={resume_after}"
+    )]
+    SubscriberLagged {
+        /// How many changes it missed.
+        missed: u64,
+        /// The last seq it was sent, to resume from.
+        resume_after: u64,
+    },
+    /// The master is stopping; the client should go to another master or retry.
+    #[error("the master is shutting down")]
+    ShuttingDown,
+    /// The storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}

@@ -1,0 +1,238 @@
+//! The ledger's operations, independent of gRPC: complete and validate policies, write them
+//! through the [`Writer`], read, filter and page, compute the digest, open subscriptions.
+
+use std::sync::{Arc, Mutex};
+
+use ledger_proto::policy;
+use md5::{Digest, Md5};
+use tokio_stream::Stream;
+
+use crate::error::LedgerError;
+use crate::feed::ChangeFeed;
+use crate::storage::{
+    ChangeKind, NewPolicy, SnapshotPart, Storage, StorageError, StoredPolicy, WriteOp,
+};
+use crate::subscription::{self, Event, SubscriptionContext, blocking};
+use crate::writer::Writer;
+
+/// The page size of `ListPolicies` when the client names none, and the largest it may ask.
+pub const DEFAULT_PAGE_SIZE: usize = 1000;
+
+/// A `ListPolicies` query.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only policies of this type.
+    pub policy_type: Option<String>,
+    /// Only policies whose body has each of these (key, value) attributes.
+    pub conditions: Vec<(String, String)>,
+    /// The most policies in the page (0: the default).
+    pub page_size: usize,
+    /// The page token of the previous page, empty for the first.
+    pub page_token: String,
+}
+
+/// One page of a `ListPolicies` answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    /// The policies, in ledger order.
+    pub policies: Vec<StoredPolicy>,
+    /// The token of the next page; empty when this is the last.
+    pub next_page_token: String,
+}
+
+/// The head, size and digest of the ledger at one seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerInfo {
+    /// The seq of the last change.
+    pub head_seq: u64,
+    /// How many policies the ledger holds.
+    pub policy_count: u64,
+    /// md5 hex of the `blockchain.json` a member holds at `head_seq`.
+    pub digest: String,
+    /// The lowest `after_seq` a stream can replay from.
+    pub oldest_replayable_seq: u64,
+}
+
+/// The ledger of a master.
+pub struct Ledger {
+    writer: Writer,
+    subscriptions: SubscriptionContext,
+    /// The digest costs a read of the whole ledger: keep the last one until the head moves.
+    info_cache: Mutex<Option<LedgerInfo>>,
+}
+
+impl Ledger {
+    /// A ledger writing through `writer`, reading and streaming with `subscriptions`.
+    pub fn new(writer: Writer, subscriptions: SubscriptionContext) -> Self {
+        Ledger {
+            writer,
+            subscriptions,
+            info_cache: Mutex::new(None),
+        }
+    }
+
+    fn storage(&self) -> &Arc<dyn Storage> {
+        &self.subscriptions.storage
+    }
+
+    /// The feed of committed changes.
+    pub fn feed(&self) -> &ChangeFeed {
+        &self.subscriptions.feed
+    }
+
+    /// Completes the policy in `policy_json` and stores it; `host` is the client's address.
+    pub async fn insert(&self, policy_json: &str, host: &str) -> Result<StoredPolicy, LedgerError> {
+        let completed = policy::complete(policy_json, chrono::Utc::now())?;
+        let change = self
+            .writer
+            .submit(WriteOp::Insert(NewPolicy {
+                id: completed.id,
+                policy_type: completed.policy_type,
+                company: completed.company,
+                json: completed.json,
+                host: host.to_string(),
+            }))
+            .await?;
+        match change.kind {
+            ChangeKind::Inserted(policy) => {
+                tracing::info!(id = %policy.id, policy_type = %policy.policy_type, seq = policy.seq, %host, "inserted policy");
+                Ok(policy)
+            }
+            ChangeKind::Deleted { .. } => Err(StorageError::Corrupt(
+                "the writer answered an insert with a delete".into(),
+            )
+            .into()),
+        }
+    }
+
+    /// Deletes the policy `id`; returns the seq of the delete.
+    pub async fn delete(&self, id: &str, host: &str) -> Result<u64, LedgerError> {
+        require_id(id)?;
+        let change = self
+            .writer
+            .submit(WriteOp::Delete { id: id.to_string() })
+            .await?;
+        tracing::info!(%id, seq = change.seq, %host, "deleted policy");
+        Ok(change.seq)
+    }
+
+    /// The policy `id`.
+    pub async fn get(&self, id: &str) -> Result<StoredPolicy, LedgerError> {
+        require_id(id)?;
+        let key = id.to_string();
+        blocking(self.storage(), move |s| s.get(&key))
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(id.to_string()))
+    }
+
+    /// One page of the policies that match `query`, in ledger order.
+    pub async fn list(&self, query: ListQuery) -> Result<ListPage, LedgerError> {
+        let page_size = match query.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(DEFAULT_PAGE_SIZE),
+        };
+        let mut cursor = match query.page_token.as_str() {
+            "" => 0,
+            token => token.parse::<u64>().map_err(|_| {
+                LedgerError::InvalidArgument(format!("page_token {token:?} is not one this server gave"))
+            })?,
+        };
+        let mut policies = Vec::new();
+        loop {
+            let policy_type = query.policy_type.clone();
+            let rows = blocking(self.storage(), move |s| {
+                s.list(policy_type.as_deref(), cursor, DEFAULT_PAGE_SIZE)
+            })
+            .await?;
+            let exhausted = rows.len() < DEFAULT_PAGE_SIZE;
+            let row_count = rows.len();
+            for (index, row) in rows.into_iter().enumerate() {
+                cursor = row.seq;
+                if matches_conditions(&row, &query.conditions) {
+                    policies.push(row);
+                    if policies.len() == page_size {
+                        let more = !exhausted || index + 1 < row_count;
+                        return Ok(ListPage {
+                            policies,
+                            next_page_token: if more { cursor.to_string() } else { String::new() },
+                        });
+                    }
+                }
+            }
+            if exhausted {
+                return Ok(ListPage {
+                    policies,
+                    next_page_token: String::new(),
+                });
+            }
+        }
+    }
+
+    /// The head, size and digest of the ledger.
+    pub async fn info(&self) -> Result<LedgerInfo, LedgerError> {
+        let bounds = blocking(self.storage(), |s| s.bounds()).await?;
+        if let Some(cached) = self.info_cache.lock().expect("info cache").as_ref()
+            && cached.head_seq == bounds.head_seq
+        {
+            return Ok(LedgerInfo {
+                oldest_replayable_seq: bounds.pruned_seq,
+                ..cached.clone()
+            });
+        }
+        let info = blocking(self.storage(), move |s| {
+            let mut md5 = Md5::new();
+            let (mut head_seq, mut policy_count) = (0, 0);
+            s.snapshot(DEFAULT_PAGE_SIZE, &mut |part| {
+                match part {
+                    SnapshotPart::Start { seq, policy_count: count } => {
+                        head_seq = seq;
+                        policy_count = count;
+                    }
+                    SnapshotPart::Page(policies) => {
+                        for policy in policies {
+                            md5.update(policy.json.as_bytes());
+                            md5.update(b"\n");
+                        }
+                    }
+                }
+                true
+            })?;
+            Ok(LedgerInfo {
+                head_seq,
+                policy_count,
+                digest: hex::encode(md5.finalize()),
+                oldest_replayable_seq: bounds.pruned_seq,
+            })
+        })
+        .await?;
+        *self.info_cache.lock().expect("info cache") = Some(info.clone());
+        Ok(info)
+    }
+
+    /// The events of a subscriber that applied everything up to `after_seq`.
+    pub fn subscribe(
+        &self,
+        after_seq: u64,
+    ) -> impl Stream<Item = Result<Event, LedgerError>> + Send + 'static {
+        subscription::subscribe(self.subscriptions.clone(), after_seq)
+    }
+}
+
+fn require_id(id: &str) -> Result<(), LedgerError> {
+    if id.is_empty() {
+        return Err(LedgerError::InvalidArgument("the policy id is empty".into()));
+    }
+    Ok(())
+}
+
+fn matches_conditions(policy: &StoredPolicy, conditions: &[(String, String)]) -> bool {
+    if conditions.is_empty() {
+        return true;
+    }
+    match policy::parse_stored(&policy.json) {
+        Ok((_, body)) => conditions
+            .iter()
+            .all(|(key, value)| policy::attribute_matches(&body, key, value)),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,16 @@
+//! The Ledger master: stores AnyLog policies with diesel and streams every change over gRPC.
+//!
+//! A policy travels `service` (gRPC edge) → `ledger` (completion, validation) → `writer` (group
+//! commit) → `storage` (diesel: SQLite or PostgreSQL) → `feed` (fan-out) → `subscription` (one
+//! stream per member). See ARCHITECTURE.md.
+
+pub mod config;
+pub mod error;
+pub mod feed;
+pub mod ledger;
+pub mod registration;
+pub mod server;
+pub mod service;
+pub mod storage;
+pub mod subscription;
+pub mod writer;

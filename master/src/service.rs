@@ -1,0 +1,183 @@
+//! The gRPC edge: translates `ledger.v1.LedgerService` calls into [`Ledger`] operations and
+//! [`LedgerError`]s into statuses. No ledger logic lives here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ledger_proto::pb;
+use ledger_proto::pb::ledger_service_server::LedgerService;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::error::LedgerError;
+use crate::ledger::{Ledger, ListQuery};
+use crate::storage::{ChangeKind, Rejection, StoredPolicy};
+use crate::subscription::Event;
+
+/// The `LedgerService` of a master.
+pub struct LedgerGrpc {
+    ledger: Arc<Ledger>,
+}
+
+impl LedgerGrpc {
+    /// Serves `ledger`.
+    pub fn new(ledger: Arc<Ledger>) -> Self {
+        LedgerGrpc { ledger }
+    }
+}
+
+/// The one place where ledger errors become gRPC statuses.
+impl From<LedgerError> for Status {
+    fn from(error: LedgerError) -> Status {
+        let message = error.to_string();
+        match error {
+            LedgerError::InvalidPolicy(_) | LedgerError::InvalidArgument(_) => {
+                Status::invalid_argument(message)
+            }
+            LedgerError::Rejected(Rejection::AlreadyExists(_)) => Status::already_exists(message),
+            LedgerError::Rejected(Rejection::NotFound(_)) | LedgerError::NotFound(_) => {
+                Status::not_found(message)
+            }
+            LedgerError::SubscriberLagged { .. } => Status::resource_exhausted(message),
+            LedgerError::ShuttingDown => Status::unavailable(message),
+            LedgerError::Storage(e) if e.is_unavailable() => Status::unavailable(message),
+            LedgerError::Storage(e) => {
+                tracing::error!(error = %e, "storage failure");
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+fn policy_message(policy: &StoredPolicy) -> pb::Policy {
+    pb::Policy {
+        id: policy.id.clone(),
+        r#type: policy.policy_type.clone(),
+        json: policy.json.clone(),
+        seq: policy.seq,
+    }
+}
+
+fn event_message(event: Event) -> pb::StreamLedgerResponse {
+    use pb::stream_ledger_response::Event as Proto;
+    let (seq, event) = match event {
+        Event::Reset {
+            snapshot_seq,
+            policy_count,
+        } => (
+            snapshot_seq,
+            Proto::Reset(pb::Reset {
+                snapshot_seq,
+                policy_count,
+            }),
+        ),
+        Event::Snapshot(policy) => (policy.seq, Proto::Inserted(policy_message(&policy))),
+        Event::Change(change) => match &change.kind {
+            ChangeKind::Inserted(policy) => (change.seq, Proto::Inserted(policy_message(policy))),
+            ChangeKind::Deleted { id } => (change.seq, Proto::DeletedId(id.clone())),
+        },
+        Event::CaughtUp { seq } => (seq, Proto::CaughtUp(pb::CaughtUp {})),
+        Event::Progress { head_seq } => (head_seq, Proto::Progress(pb::Progress { head_seq })),
+    };
+    pb::StreamLedgerResponse {
+        seq,
+        event: Some(event),
+    }
+}
+
+fn client_host<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map(|addr| addr.ip().to_string())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::StreamLedgerResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LedgerService for LedgerGrpc {
+    async fn insert_policy(
+        &self,
+        request: Request<pb::InsertPolicyRequest>,
+    ) -> Result<Response<pb::InsertPolicyResponse>, Status> {
+        let host = client_host(&request);
+        let policy = self
+            .ledger
+            .insert(&request.get_ref().policy_json, &host)
+            .await?;
+        Ok(Response::new(pb::InsertPolicyResponse {
+            policy: Some(policy_message(&policy)),
+        }))
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<pb::DeletePolicyRequest>,
+    ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let host = client_host(&request);
+        let seq = self.ledger.delete(&request.get_ref().id, &host).await?;
+        Ok(Response::new(pb::DeletePolicyResponse { seq }))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        let policy = self.ledger.get(&request.get_ref().id).await?;
+        Ok(Response::new(pb::GetPolicyResponse {
+            policy: Some(policy_message(&policy)),
+        }))
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        let request = request.into_inner();
+        let page = self
+            .ledger
+            .list(ListQuery {
+                policy_type: Some(request.r#type).filter(|t| !t.is_empty()),
+                conditions: request
+                    .conditions
+                    .into_iter()
+                    .map(|c| (c.key, c.value))
+                    .collect(),
+                page_size: request.page_size as usize,
+                page_token: request.page_token,
+            })
+            .await?;
+        Ok(Response::new(pb::ListPoliciesResponse {
+            policies: page.policies.iter().map(policy_message).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn get_ledger_info(
+        &self,
+        _request: Request<pb::GetLedgerInfoRequest>,
+    ) -> Result<Response<pb::GetLedgerInfoResponse>, Status> {
+        let info = self.ledger.info().await?;
+        Ok(Response::new(pb::GetLedgerInfoResponse {
+            head_seq: info.head_seq,
+            policy_count: info.policy_count,
+            digest: info.digest,
+            oldest_replayable_seq: info.oldest_replayable_seq,
+        }))
+    }
+
+    type StreamLedgerStream = EventStream;
+
+    async fn stream_ledger(
+        &self,
+        request: Request<pb::StreamLedgerRequest>,
+    ) -> Result<Response<Self::StreamLedgerStream>, Status> {
+        let after_seq = request.get_ref().after_seq;
+        tracing::debug!(after_seq, client = %client_host(&request), "subscriber joined");
+        let events = self
+            .ledger
+            .subscribe(after_seq)
+            .map(|event| event.map(event_message).map_err(Status::from));
+        Ok(Response::new(Box::pin(events)))
+    }
+}

@@ -1,0 +1,472 @@
+//! [`DieselStorage`]: the ledger in SQLite or PostgreSQL through diesel.
+//!
+//! Both backends share every query through diesel's `MultiConnection`; the only backend-specific
+//! code opens connections, applies the migrations and sets the snapshot isolation.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ManageConnection, Pool, PooledConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+use super::schema::{ledger, ledger_changes, ledger_head};
+use super::{
+    Bounds, Change, ChangeKind, Rejection, SnapshotPart, Storage, StorageError, StoredPolicy,
+    WriteOp,
+};
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// Held while migrating so that masters starting together on one PostgreSQL apply them once.
+const MIGRATION_LOCK_KEY: i64 = 0x4c45_4447_4552; // "LEDGER"
+
+const OP_INSERT: &str = "insert";
+const OP_DELETE: &str = "delete";
+
+/// A connection to either backend; queries written once run on both.
+#[derive(diesel::MultiConnection)]
+pub enum AnyConnection {
+    /// PostgreSQL, for production and for several masters on one database.
+    Postgres(PgConnection),
+    /// SQLite, the embedded default.
+    Sqlite(SqliteConnection),
+}
+
+/// Where the ledger lives, parsed from `--database-url`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite://PATH`: a SQLite file (created if missing).
+    Sqlite(PathBuf),
+    /// `postgres://...` or `postgresql://...`: a PostgreSQL database.
+    Postgres(String),
+}
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("sqlite://") {
+            if path.is_empty() || path == ":memory:" {
+                return Err(format!(
+                    "{s:?}: a SQLite database URL needs a file path, as in sqlite://blockchain.db"
+                ));
+            }
+            Ok(DatabaseUrl::Sqlite(PathBuf::from(path)))
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(s.to_string()))
+        } else {
+            Err(format!(
+                "{s:?} is not a database URL: use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            // The URL may carry a password: show only what locates the database.
+            DatabaseUrl::Postgres(url) => {
+                let host = url.rsplit('@').next().unwrap_or(url);
+                let host = host.split("://").last().unwrap_or(host);
+                write!(f, "postgres://{host}")
+            }
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl DatabaseUrl {
+    fn connect(&self) -> Result<AnyConnection, diesel::r2d2::Error> {
+        use diesel::r2d2::Error;
+        match self {
+            DatabaseUrl::Sqlite(path) => {
+                let mut conn = SqliteConnection::establish(&path.to_string_lossy())
+                    .map_err(Error::ConnectionError)?;
+                // FULL makes every commit fsync the WAL: an acknowledged insert survives a crash
+                // of the machine, not only of the process. The busy timeout lets a reader wait for
+                // the writer instead of failing.
+                conn.batch_execute(
+                    "PRAGMA busy_timeout = 10000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+                )
+                .map_err(Error::QueryError)?;
+                Ok(AnyConnection::Sqlite(conn))
+            }
+            DatabaseUrl::Postgres(url) => PgConnection::establish(url)
+                .map(AnyConnection::Postgres)
+                .map_err(Error::ConnectionError),
+        }
+    }
+}
+
+/// Opens connections for the r2d2 pool by the parsed URL: diesel's own manager would try every
+/// backend in turn, and SQLite accepts any string as a file name.
+struct Manager(DatabaseUrl);
+
+impl ManageConnection for Manager {
+    type Connection = AnyConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<AnyConnection, Self::Error> {
+        self.0.connect()
+    }
+
+    fn is_valid(&self, conn: &mut AnyConnection) -> Result<(), Self::Error> {
+        conn.batch_execute("SELECT 1")
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, conn: &mut AnyConnection) -> bool {
+        diesel::r2d2::R2D2Connection::is_broken(conn)
+    }
+}
+
+/// The ledger in SQLite or PostgreSQL.
+pub struct DieselStorage {
+    pool: Pool<Manager>,
+    url: DatabaseUrl,
+}
+
+impl DieselStorage {
+    /// Connects to `url`, applies the pending migrations and keeps a pool of up to `pool_size`
+    /// connections.
+    pub fn open(url: &DatabaseUrl, pool_size: u32) -> Result<Self, StorageError> {
+        if let DatabaseUrl::Sqlite(path) = url {
+            let mut conn = url
+                .connect()
+                .map_err(|e| StorageError::Unavailable(format!("{}: {e}", path.display())))?;
+            // WAL lets readers (streams, queries) run beside the writer; it is a property of
+            // the file, so setting it once is enough.
+            conn.batch_execute("PRAGMA journal_mode = WAL;")?;
+        }
+        let pool = Pool::builder()
+            .max_size(pool_size.max(2))
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(10))
+            .build(Manager(url.clone()))
+            .map_err(|e| StorageError::Unavailable(format!("{url}: {e}")))?;
+        let storage = DieselStorage {
+            pool,
+            url: url.clone(),
+        };
+        storage.migrate()?;
+        Ok(storage)
+    }
+
+    /// The database this storage uses, without credentials.
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.url
+    }
+
+    fn conn(&self) -> Result<PooledConnection<Manager>, StorageError> {
+        self.pool
+            .get()
+            .map_err(|e| StorageError::Unavailable(format!("{}: {e}", self.url)))
+    }
+
+    fn migrate(&self) -> Result<(), StorageError> {
+        let mut conn = self.conn()?;
+        let applied: Vec<String> = match &mut *conn {
+            AnyConnection::Sqlite(c) => c
+                .run_pending_migrations(SQLITE_MIGRATIONS)
+                .map_err(|e| StorageError::Migration(e.to_string()))?
+                .iter()
+                .map(|v| v.to_string())
+                .collect(),
+            AnyConnection::Postgres(c) => {
+                c.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))?;
+                let result = c
+                    .run_pending_migrations(POSTGRES_MIGRATIONS)
+                    .map(|v| v.iter().map(|v| v.to_string()).collect())
+                    .map_err(|e| StorageError::Migration(e.to_string()));
+                c.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))?;
+                result?
+            }
+        };
+        for version in &applied {
+            tracing::info!(%version, database = %self.url, "applied migration");
+        }
+        Ok(())
+    }
+}
+
+/// A row of `ledger` as the ledger serves it.
+type PolicyRow = (String, String, Option<String>, i64);
+
+fn stored_policy((id, policy_type, json, seq): PolicyRow) -> Result<StoredPolicy, StorageError> {
+    let json = json.ok_or_else(|| StorageError::Corrupt(format!("policy {id:?} has no text")))?;
+    Ok(StoredPolicy {
+        id,
+        policy_type,
+        json,
+        seq: seq as u64,
+    })
+}
+
+fn lock_head(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
+    // Updating the row takes the write lock (SQLite) or the row lock (PostgreSQL) until commit,
+    // so writers, even of different masters, assign seqs one transaction at a time.
+    diesel::update(ledger_head::table.find(1))
+        .set(ledger_head::head_seq.eq(ledger_head::head_seq))
+        .execute(c)?;
+    read_bounds(c)
+}
+
+fn read_bounds(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
+    let (head, pruned): (i64, i64) = ledger_head::table
+        .find(1)
+        .select((ledger_head::head_seq, ledger_head::pruned_seq))
+        .first(c)?;
+    Ok(Bounds {
+        head_seq: head as u64,
+        pruned_seq: pruned as u64,
+    })
+}
+
+impl Storage for DieselStorage {
+    fn apply(&self, ops: &[WriteOp]) -> Result<Vec<Result<Change, Rejection>>, StorageError> {
+        let mut conn = self.conn()?;
+        conn.transaction(|c| {
+            let start = lock_head(c)?.head_seq;
+            let mut head = start;
+            let now = chrono::Utc::now().naive_utc();
+            let mut results = Vec::with_capacity(ops.len());
+            for op in ops {
+                match op {
+                    WriteOp::Insert(p) => {
+                        let exists = ledger::table
+                            .filter(ledger::policy_id.eq(&p.id))
+                            .select(ledger::seq)
+                            .first::<i64>(c)
+                            .optional()?
+                            .is_some();
+                        if exists {
+                            results.push(Err(Rejection::AlreadyExists(p.id.clone())));
+                            continue;
+                        }
+                        head += 1;
+                        diesel::insert_into(ledger::table)
+                            .values((
+                                ledger::policy_type.eq(&p.policy_type),
+                                ledger::policy_id.eq(&p.id),
+                                ledger::company_name.eq(&p.company),
+                                ledger::date.eq(now),
+                                ledger::host.eq(&p.host),
+                                ledger::policy.eq(&p.json),
+                                ledger::seq.eq(head as i64),
+                            ))
+                            .execute(c)?;
+                        diesel::insert_into(ledger_changes::table)
+                            .values((
+                                ledger_changes::seq.eq(head as i64),
+                                ledger_changes::op.eq(OP_INSERT),
+                                ledger_changes::policy_id.eq(&p.id),
+                                ledger_changes::policy_type.eq(&p.policy_type),
+                                ledger_changes::policy.eq(&p.json),
+                            ))
+                            .execute(c)?;
+                        results.push(Ok(Change {
+                            seq: head,
+                            kind: ChangeKind::Inserted(StoredPolicy {
+                                id: p.id.clone(),
+                                policy_type: p.policy_type.clone(),
+                                json: p.json.clone(),
+                                seq: head,
+                            }),
+                        }));
+                    }
+                    WriteOp::Delete { id } => {
+                        let policy_type = ledger::table
+                            .filter(ledger::policy_id.eq(id))
+                            .select(ledger::policy_type)
+                            .first::<String>(c)
+                            .optional()?;
+                        let Some(policy_type) = policy_type else {
+                            results.push(Err(Rejection::NotFound(id.clone())));
+                            continue;
+                        };
+                        head += 1;
+                        diesel::delete(ledger::table.filter(ledger::policy_id.eq(id))).execute(c)?;
+                        diesel::insert_into(ledger_changes::table)
+                            .values((
+                                ledger_changes::seq.eq(head as i64),
+                                ledger_changes::op.eq(OP_DELETE),
+                                ledger_changes::policy_id.eq(id),
+                                ledger_changes::policy_type.eq(&policy_type),
+                                ledger_changes::policy.eq(None::<String>),
+                            ))
+                            .execute(c)?;
+                        results.push(Ok(Change {
+                            seq: head,
+                            kind: ChangeKind::Deleted { id: id.clone() },
+                        }));
+                    }
+                }
+            }
+            if head != start {
+                diesel::update(ledger_head::table.find(1))
+                    .set(ledger_head::head_seq.eq(head as i64))
+                    .execute(c)?;
+            }
+            Ok(results)
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<StoredPolicy>, StorageError> {
+        let mut conn = self.conn()?;
+        ledger::table
+            .filter(ledger::policy_id.eq(id))
+            .select((
+                ledger::policy_id,
+                ledger::policy_type,
+                ledger::policy,
+                ledger::seq,
+            ))
+            .first::<PolicyRow>(&mut *conn)
+            .optional()?
+            .map(stored_policy)
+            .transpose()
+    }
+
+    fn list(
+        &self,
+        policy_type: Option<&str>,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredPolicy>, StorageError> {
+        let mut conn = self.conn()?;
+        let mut query = ledger::table
+            .filter(ledger::seq.gt(after_seq as i64))
+            .select((
+                ledger::policy_id,
+                ledger::policy_type,
+                ledger::policy,
+                ledger::seq,
+            ))
+            .order(ledger::seq.asc())
+            .limit(limit as i64)
+            .into_boxed();
+        if let Some(policy_type) = policy_type {
+            query = query.filter(ledger::policy_type.eq(policy_type));
+        }
+        query
+            .load::<PolicyRow>(&mut *conn)?
+            .into_iter()
+            .map(stored_policy)
+            .collect()
+    }
+
+    fn changes_after(&self, after_seq: u64, limit: usize) -> Result<Vec<Change>, StorageError> {
+        let mut conn = self.conn()?;
+        let rows = ledger_changes::table
+            .filter(ledger_changes::seq.gt(after_seq as i64))
+            .order(ledger_changes::seq.asc())
+            .limit(limit as i64)
+            .select((
+                ledger_changes::seq,
+                ledger_changes::op,
+                ledger_changes::policy_id,
+                ledger_changes::policy_type,
+                ledger_changes::policy,
+            ))
+            .load::<(i64, String, String, String, Option<String>)>(&mut *conn)?;
+        rows.into_iter()
+            .map(|(seq, op, id, policy_type, policy)| {
+                let kind = match op.as_str() {
+                    OP_INSERT => ChangeKind::Inserted(stored_policy((id, policy_type, policy, seq))?),
+                    OP_DELETE => ChangeKind::Deleted { id },
+                    other => {
+                        return Err(StorageError::Corrupt(format!(
+                            "change {seq} has unknown op {other:?}"
+                        )));
+                    }
+                };
+                Ok(Change {
+                    seq: seq as u64,
+                    kind,
+                })
+            })
+            .collect()
+    }
+
+    fn bounds(&self) -> Result<Bounds, StorageError> {
+        read_bounds(&mut *self.conn()?)
+    }
+
+    fn snapshot(
+        &self,
+        page_size: usize,
+        sink: &mut dyn FnMut(SnapshotPart) -> bool,
+    ) -> Result<(), StorageError> {
+        let page_size = page_size.max(1);
+        let mut conn = self.conn()?;
+        conn.transaction(|c| {
+            // One transaction gives one consistent view for the head, the count and every page.
+            // PostgreSQL's default (read committed) would give each statement its own view.
+            if matches!(&**c, AnyConnection::Postgres(_)) {
+                diesel::sql_query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .execute(c)?;
+            }
+            let bounds = read_bounds(c)?;
+            let policy_count: i64 = ledger::table.count().get_result(c)?;
+            if !sink(SnapshotPart::Start {
+                seq: bounds.head_seq,
+                policy_count: policy_count as u64,
+            }) {
+                return Ok(());
+            }
+            let mut after = 0i64;
+            loop {
+                let rows = ledger::table
+                    .filter(ledger::seq.gt(after))
+                    .order(ledger::seq.asc())
+                    .limit(page_size as i64)
+                    .select((
+                        ledger::policy_id,
+                        ledger::policy_type,
+                        ledger::policy,
+                        ledger::seq,
+                    ))
+                    .load::<PolicyRow>(c)?;
+                let Some(last) = rows.last() else { break };
+                after = last.3;
+                let full = rows.len() == page_size;
+                let page = rows
+                    .into_iter()
+                    .map(stored_policy)
+                    .collect::<Result<Vec<_>, _>>()?;
+                if !sink(SnapshotPart::Page(page)) || !full {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn prune_changes(&self, through_seq: u64) -> Result<(), StorageError> {
+        let mut conn = self.conn()?;
+        conn.transaction(|c| {
+            let bounds = lock_head(c)?;
+            let through = through_seq.min(bounds.head_seq);
+            if through <= bounds.pruned_seq {
+                return Ok(());
+            }
+            diesel::delete(ledger_changes::table.filter(ledger_changes::seq.le(through as i64)))
+                .execute(c)?;
+            diesel::update(ledger_head::table.find(1))
+                .set(ledger_head::pruned_seq.eq(through as i64))
+                .execute(c)?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,182 @@
+//! Storage of the ledger: the policies, the change log and the head seq.
+//!
+//! Everything above this module sees only the [`Storage`] trait, so that SQLite and PostgreSQL
+//! run the same code and the same test suite. The one implementation, [`DieselStorage`], speaks
+//! to either through diesel.
+
+mod diesel_store;
+mod schema;
+
+pub use diesel_store::{DatabaseUrl, DieselStorage};
+
+/// A stored policy as the ledger serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPolicy {
+    /// The policy id.
+    pub id: String,
+    /// The policy type (the root key).
+    pub policy_type: String,
+    /// The completed policy as one `blockchain.json` line, without the line break.
+    pub json: String,
+    /// The seq of the change that inserted it; ledger order is ascending seq.
+    pub seq: u64,
+}
+
+/// What one change did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A policy was inserted.
+    Inserted(StoredPolicy),
+    /// The policy with this id was deleted.
+    Deleted {
+        /// The id of the deleted policy.
+        id: String,
+    },
+}
+
+/// One committed change of the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Its position in the ledger's history: the previous change has `seq - 1`.
+    pub seq: u64,
+    /// What it did.
+    pub kind: ChangeKind,
+}
+
+/// A policy ready to be inserted: completed and validated by [`ledger_proto::policy`].
+#[derive(Debug, Clone)]
+pub struct NewPolicy {
+    /// The policy id (unique in the ledger).
+    pub id: String,
+    /// The policy type.
+    pub policy_type: String,
+    /// The body's `company`, kept in the `company_name` column as AnyLog does.
+    pub company: Option<String>,
+    /// The completed policy as one `blockchain.json` line.
+    pub json: String,
+    /// The address of the client that inserted it (the `host` column).
+    pub host: String,
+}
+
+/// One write of a batch handed to [`Storage::apply`].
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Insert a policy unless its id exists.
+    Insert(NewPolicy),
+    /// Delete the policy with this id if it exists.
+    Delete {
+        /// The id of the policy to delete.
+        id: String,
+    },
+}
+
+/// Why one write of a batch changed nothing; the rest of the batch still commits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// An insert whose id is already stored.
+    #[error("a policy with id {0:?} already exists")]
+    AlreadyExists(String),
+    /// A delete of an id that is not stored.
+    #[error("no policy with id {0:?}")]
+    NotFound(String),
+}
+
+/// The range of history the storage can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// The seq of the last committed change.
+    pub head_seq: u64,
+    /// Changes up to this seq were pruned: a subscriber with `after_seq` below it needs a reset.
+    pub pruned_seq: u64,
+}
+
+/// What [`Storage::snapshot`] hands its sink.
+#[derive(Debug)]
+pub enum SnapshotPart {
+    /// First: the seq the snapshot shows and how many policies follow.
+    Start {
+        /// The head seq the snapshot is consistent with.
+        seq: u64,
+        /// The number of policies in the snapshot.
+        policy_count: u64,
+    },
+    /// Then pages of policies in ledger order.
+    Page(Vec<StoredPolicy>),
+}
+
+/// A failure of the storage itself (as opposed to a rejected write).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database could not be reached or a connection could not be opened.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A statement failed.
+    #[error("database error: {0}")]
+    Query(#[from] diesel::result::Error),
+    /// The migrations could not be applied.
+    #[error("cannot apply the database migrations: {0}")]
+    Migration(String),
+    /// A failure already reported elsewhere, passed on as text (a failed batch answers every
+    /// request it held).
+    #[error("database error: {0}")]
+    Failed(String),
+    /// A stored row does not hold what the ledger wrote.
+    #[error("corrupt ledger row: {0}")]
+    Corrupt(String),
+}
+
+impl StorageError {
+    /// Whether the error says the database is out of reach (worth retrying later) rather than
+    /// that a statement is wrong.
+    pub fn is_unavailable(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match self {
+            StorageError::Unavailable(_) => true,
+            StorageError::Query(Error::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                _,
+            )) => true,
+            StorageError::Query(Error::BrokenTransactionManager) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The storage of a ledger. Methods block: async callers run them on the blocking pool.
+pub trait Storage: Send + Sync + 'static {
+    /// Applies `ops` in order in one transaction (one commit, one fsync), assigning each
+    /// effective write the next seq. A rejected write takes no seq and does not abort the
+    /// others. Returns only after the transaction is durably committed.
+    fn apply(&self, ops: &[WriteOp]) -> Result<Vec<Result<Change, Rejection>>, StorageError>;
+
+    /// The policy with this id, if stored.
+    fn get(&self, id: &str) -> Result<Option<StoredPolicy>, StorageError>;
+
+    /// Up to `limit` policies with seq above `after_seq`, in ledger order, of `policy_type` if
+    /// given.
+    fn list(
+        &self,
+        policy_type: Option<&str>,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredPolicy>, StorageError>;
+
+    /// Up to `limit` changes with seq above `after_seq`, in seq order. The result is always a
+    /// gap-free run: seqs commit in increasing order.
+    fn changes_after(&self, after_seq: u64, limit: usize) -> Result<Vec<Change>, StorageError>;
+
+    /// The head seq and the pruned prefix of the change log.
+    fn bounds(&self) -> Result<Bounds, StorageError>;
+
+    /// Reads the whole ledger at one consistent seq: `sink` gets a [`SnapshotPart::Start`], then
+    /// pages of up to `page_size` policies. Stops early, without error, when `sink` returns false.
+    fn snapshot(
+        &self,
+        page_size: usize,
+        sink: &mut dyn FnMut(SnapshotPart) -> bool,
+    ) -> Result<(), StorageError>;
+
+    /// Drops the change-log entries up to `through_seq` (never beyond the head); subscribers
+    /// behind it get a snapshot instead of a replay.
+    fn prune_changes(&self, through_seq: u64) -> Result<(), StorageError>;
+}

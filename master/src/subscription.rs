@@ -1,0 +1,223 @@
+//! One `StreamLedger` subscription: a snapshot or a replay, `caught_up`, then live changes.
+//!
+//! The subscriber joins the [`ChangeFeed`] *before* reading the storage, so a change commits
+//! either before the read (and comes from the storage) or after it (and comes from the feed);
+//! changes seen in both are recognised by their seq and sent once. A seq that jumps ahead of
+//! the next expected one is filled from the storage, so no change is ever skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::LedgerError;
+use crate::feed::ChangeFeed;
+use crate::storage::{Change, SnapshotPart, Storage, StorageError, StoredPolicy};
+
+/// Policies or changes read from the storage per query.
+const PAGE_SIZE: usize = 1000;
+
+/// One event of a subscription, before it is turned into a gRPC message.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Drop the local copy: a snapshot at `snapshot_seq` follows.
+    Reset {
+        /// The seq the snapshot shows.
+        snapshot_seq: u64,
+        /// How many policies follow.
+        policy_count: u64,
+    },
+    /// One policy of a snapshot.
+    Snapshot(StoredPolicy),
+    /// One change, replayed or live; shared with every other subscriber.
+    Change(Arc<Change>),
+    /// Everything up to `seq` was sent; live changes follow.
+    CaughtUp {
+        /// The seq the subscriber is at.
+        seq: u64,
+    },
+    /// Nothing happened for a while; the head is `head_seq`.
+    Progress {
+        /// The head seq of the ledger.
+        head_seq: u64,
+    },
+}
+
+/// What every subscription needs from the master.
+#[derive(Clone)]
+pub struct SubscriptionContext {
+    /// Where snapshots and replays are read from.
+    pub storage: Arc<dyn Storage>,
+    /// Where live changes come from.
+    pub feed: ChangeFeed,
+    /// How long a stream stays quiet before a `progress` event.
+    pub progress_interval: Duration,
+    /// Cancelled when the master shuts down: streams end with [`LedgerError::ShuttingDown`].
+    pub shutdown: CancellationToken,
+}
+
+/// Runs a blocking storage call on the blocking pool.
+pub(crate) async fn blocking<T, F>(storage: &Arc<dyn Storage>, f: F) -> Result<T, LedgerError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn Storage) -> Result<T, StorageError> + Send + 'static,
+{
+    let storage = storage.clone();
+    tokio::task::spawn_blocking(move || f(&*storage))
+        .await
+        .map_err(|e| StorageError::Failed(format!("storage task failed: {e}")))?
+        .map_err(LedgerError::from)
+}
+
+/// What woke the live loop up.
+enum Wake {
+    Change(Result<Arc<Change>, broadcast::error::RecvError>),
+    Idle,
+    Shutdown,
+}
+
+/// The events of a subscription of a client that applied everything up to `after_seq`.
+pub fn subscribe(
+    ctx: SubscriptionContext,
+    after_seq: u64,
+) -> impl Stream<Item = Result<Event, LedgerError>> + Send + 'static {
+    async_stream::stream! {
+        let mut live = ctx.feed.subscribe();
+        let bounds = match blocking(&ctx.storage, |s| s.bounds()).await {
+            Ok(bounds) => bounds,
+            Err(e) => {
+                yield Err(e);
+                return;
+            }
+        };
+        let replayable = after_seq > 0 && after_seq >= bounds.pruned_seq && after_seq <= bounds.head_seq;
+        let mut last;
+        if replayable {
+            last = after_seq;
+            loop {
+                if ctx.shutdown.is_cancelled() {
+                    yield Err(LedgerError::ShuttingDown);
+                    return;
+                }
+                let changes = match blocking(&ctx.storage, move |s| s.changes_after(last, PAGE_SIZE)).await {
+                    Ok(changes) => changes,
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                };
+                let full = changes.len() == PAGE_SIZE;
+                for change in changes {
+                    last = change.seq;
+                    yield Ok(Event::Change(Arc::new(change)));
+                }
+                if !full {
+                    break;
+                }
+            }
+        } else {
+            // The reader thread holds one read transaction for the whole snapshot and waits on the
+            // bounded channel while the client is slow; a dropped stream ends it.
+            let (pages, mut received) = mpsc::channel(2);
+            let storage = ctx.storage.clone();
+            let reader = tokio::task::spawn_blocking(move || {
+                storage.snapshot(PAGE_SIZE, &mut |part| pages.blocking_send(part).is_ok())
+            });
+            last = 0;
+            loop {
+                let part = tokio::select! {
+                    part = received.recv() => part,
+                    _ = ctx.shutdown.cancelled() => {
+                        yield Err(LedgerError::ShuttingDown);
+                        return;
+                    }
+                };
+                match part {
+                    Some(SnapshotPart::Start { seq, policy_count }) => {
+                        last = seq;
+                        yield Ok(Event::Reset { snapshot_seq: seq, policy_count });
+                    }
+                    Some(SnapshotPart::Page(policies)) => {
+                        for policy in policies {
+                            yield Ok(Event::Snapshot(policy));
+                        }
+                    }
+                    None => break,
+                }
+            }
+            match reader.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    yield Err(e.into());
+                    return;
+                }
+                Err(e) => {
+                    yield Err(StorageError::Failed(format!("snapshot task failed: {e}")).into());
+                    return;
+                }
+            }
+        }
+        yield Ok(Event::CaughtUp { seq: last });
+
+        let idle = tokio::time::sleep(ctx.progress_interval);
+        tokio::pin!(idle);
+        loop {
+            let wake = tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => Wake::Shutdown,
+                received = live.recv() => Wake::Change(received),
+                _ = &mut idle => Wake::Idle,
+            };
+            match wake {
+                Wake::Shutdown => {
+                    yield Err(LedgerError::ShuttingDown);
+                    return;
+                }
+                Wake::Idle => {
+                    yield Ok(Event::Progress { head_seq: ctx.feed.head().max(last) });
+                }
+                Wake::Change(Ok(change)) => {
+                    if change.seq <= last {
+                        continue;
+                    }
+                    // A change committed elsewhere may be announced out of order: fetch what lies
+                    // between from the storage rather than skip it.
+                    while change.seq > last + 1 {
+                        let missing = match blocking(&ctx.storage, move |s| s.changes_after(last, PAGE_SIZE)).await {
+                            Ok(missing) => missing,
+                            Err(e) => {
+                                yield Err(e);
+                                return;
+                            }
+                        };
+                        if missing.is_empty() {
+                            yield Err(StorageError::Corrupt(format!(
+                                "change {} was announced but changes after {last} are missing",
+                                change.seq
+                            )).into());
+                            return;
+                        }
+                        for missed in missing.into_iter().take_while(|c| c.seq < change.seq) {
+                            last = missed.seq;
+                            yield Ok(Event::Change(Arc::new(missed)));
+                        }
+                    }
+                    last = change.seq;
+                    yield Ok(Event::Change(change));
+                }
+                Wake::Change(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                    yield Err(LedgerError::SubscriberLagged { missed, resume_after: last });
+                    return;
+                }
+                Wake::Change(Err(broadcast::error::RecvError::Closed)) => {
+                    yield Err(LedgerError::ShuttingDown);
+                    return;
+                }
+            }
+            idle.as_mut().reset(Instant::now() + ctx.progress_interval);
+        }
+    }
+}

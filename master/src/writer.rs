@@ -1,0 +1,125 @@
+//! The single writer: group commit of inserts and deletes.
+//!
+//! Every write goes through one thread that drains all the requests waiting at that moment into
+//! one transaction (one commit, one fsync), then answers each request and publishes the changes
+//! to the [`ChangeFeed`]. One writer per master means seqs are published in the order they
+//! commit; acknowledging only after the commit keeps every acknowledged write durable.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::LedgerError;
+use crate::feed::ChangeFeed;
+use crate::storage::{Change, Storage, WriteOp};
+
+/// How many waiting requests the writer queues before callers wait for room.
+const QUEUE_DEPTH: usize = 8192;
+
+struct Request {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<Change, LedgerError>>,
+}
+
+/// A handle to submit writes. Dropping every handle stops the writer once the queue is drained.
+#[derive(Clone)]
+pub struct Writer {
+    requests: mpsc::Sender<Request>,
+}
+
+/// Options of the writer.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterOptions {
+    /// The most writes committed in one transaction.
+    pub max_batch: usize,
+    /// Keep this many changes replayable; older ones are pruned. `None` keeps all.
+    pub change_retention: Option<u64>,
+}
+
+impl Writer {
+    /// Starts the writer thread; the returned handle finishes when every [`Writer`] is dropped
+    /// and the queued writes are committed.
+    pub fn start(
+        storage: Arc<dyn Storage>,
+        feed: ChangeFeed,
+        options: WriterOptions,
+    ) -> (Writer, std::thread::JoinHandle<()>) {
+        let (requests, queue) = mpsc::channel(QUEUE_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || run(storage, feed, queue, options))
+            .expect("spawning the writer thread");
+        (Writer { requests }, thread)
+    }
+
+    /// Commits `op` and returns its change once durable.
+    pub async fn submit(&self, op: WriteOp) -> Result<Change, LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request { op, reply })
+            .await
+            .map_err(|_| LedgerError::ShuttingDown)?;
+        answer.await.map_err(|_| LedgerError::ShuttingDown)?
+    }
+}
+
+fn run(
+    storage: Arc<dyn Storage>,
+    feed: ChangeFeed,
+    mut queue: mpsc::Receiver<Request>,
+    options: WriterOptions,
+) {
+    let max_batch = options.max_batch.max(1);
+    let mut batch = Vec::with_capacity(max_batch);
+    // Pruning is a transaction of its own: do it in steps, not after every batch.
+    let mut pruned_through = 0u64;
+    while let Some(first) = queue.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match queue.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let ops: Vec<WriteOp> = batch.iter().map(|r| r.op.clone()).collect();
+        match storage.apply(&ops) {
+            Ok(results) => {
+                let mut head = None;
+                for (request, result) in batch.drain(..).zip(results) {
+                    let answer = match result {
+                        Ok(change) => {
+                            head = Some(change.seq);
+                            feed.publish(change.clone());
+                            Ok(change)
+                        }
+                        Err(rejection) => Err(rejection.into()),
+                    };
+                    // The caller may have gone (deadline, disconnect); the write stands anyway.
+                    let _ = request.reply.send(answer);
+                }
+                if let (Some(head), Some(keep)) = (head, options.change_retention) {
+                    let through = head.saturating_sub(keep);
+                    if through >= pruned_through + (keep / 4).max(1) {
+                        match storage.prune_changes(through) {
+                            Ok(()) => pruned_through = through,
+                            Err(e) => tracing::warn!(error = %e, "could not prune the change log"),
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = batch.len(), "write transaction failed; nothing of it was committed");
+                let message = e.to_string();
+                for request in batch.drain(..) {
+                    let error = if e.is_unavailable() {
+                        crate::storage::StorageError::Unavailable(message.clone())
+                    } else {
+                        crate::storage::StorageError::Failed(message.clone())
+                    };
+                    let _ = request.reply.send(Err(error.into()));
+                }
+            }
+        }
+    }
+    tracing::debug!("writer stopped");
+}
