@@ -1,5 +1,6 @@
 //! `master`: serves the Ledger API on a SQLite or PostgreSQL ledger.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -18,6 +19,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

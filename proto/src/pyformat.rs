@@ -265,7 +265,7 @@ fn write_json(out: &mut String, v: &Value) {
 }
 
 /// Python's `json.encoder.py_encode_basestring_ascii`.
-pub(crate) fn write_json_str(out: &mut String, s: &str) {
+fn write_json_str(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {

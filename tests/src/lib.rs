@@ -1,1 +1,30 @@
-//! Test harness.
+//! The test harness: starts the real `master` (and `member`) binaries and a throwaway
+//! PostgreSQL server, and gives tests a client for them. Nothing here is a mock.
+
+pub mod postgres;
+pub mod process;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use postgres::PostgresServer;
+pub use process::{Master, binary};
+
+/// Awaits `future`, failing the test after `seconds`: network tests must stop by themselves.
+pub async fn within<T>(seconds: u64, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(seconds), future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {seconds}s: {what}"),
+    }
+}
+
+/// The md5 hex of the `blockchain.json` holding these policy lines.
+pub fn ledger_digest<'a>(lines: impl IntoIterator<Item = &'a str>) -> String {
+    use md5::{Digest, Md5};
+    let mut md5 = Md5::new();
+    for line in lines {
+        md5.update(line.as_bytes());
+        md5.update(b"\n");
+    }
+    hex::encode(md5.finalize())
+}

@@ -1,0 +1,161 @@
+//! A throwaway PostgreSQL server for the tests.
+//!
+//! `LEDGER_TEST_POSTGRES_URL` names an existing server (a URL to its `postgres` database, whose
+//! user may create databases); otherwise the first test that asks starts a private cluster with
+//! the server binaries installed on the machine, and it is stopped when the test process exits.
+//! Without either, the tests fail: PostgreSQL tests never skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+
+/// A PostgreSQL server the tests may create databases on.
+pub struct PostgresServer {
+    /// `postgres://USER@HOST:PORT` without a database.
+    base_url: String,
+}
+
+static SERVER: OnceLock<PostgresServer> = OnceLock::new();
+static CLUSTER_DIR: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
+
+impl PostgresServer {
+    /// The server of this test process, started on first use.
+    pub fn get() -> &'static PostgresServer {
+        SERVER.get_or_init(|| match std::env::var("LEDGER_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => {
+                let base_url = url
+                    .rsplit_once('/')
+                    .filter(|(base, _)| base.contains("://") && !base.ends_with('/'))
+                    .map(|(base, _)| base.to_string())
+                    .unwrap_or(url);
+                PostgresServer { base_url }
+            }
+            _ => start_cluster(),
+        })
+    }
+
+    /// A new, empty database; returns its URL.
+    pub fn create_database(&self) -> String {
+        let name = format!(
+            "ledger_test_{}_{}",
+            std::process::id(),
+            NEXT_DATABASE.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut admin = PgConnection::establish(&format!("{}/postgres", self.base_url))
+            .unwrap_or_else(|e| panic!("connecting to the test PostgreSQL at {}: {e}", self.base_url));
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+        format!("{}/{name}", self.base_url)
+    }
+}
+
+fn server_bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("LEDGER_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    candidates.sort();
+    candidates.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL tests need a server: no initdb under /usr/lib/postgresql/*/bin. Install \
+             postgresql (apt-get install postgresql), set LEDGER_PG_BIN to its bin directory, or \
+             set LEDGER_TEST_POSTGRES_URL to a running server"
+        )
+    })
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a server binary, as the `postgres` user when we are root (initdb refuses root).
+fn run(bin: &Path, args: &[&str]) {
+    let mut command = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    let output = command
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed: {}\n{}",
+        bin.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+extern "C" fn stop_cluster() {
+    if let Some((bin, dir)) = CLUSTER_DIR.get() {
+        let data = dir.join("data");
+        let _ = std::panic::catch_unwind(|| {
+            run(&bin.join("pg_ctl"), &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"])
+        });
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn start_cluster() -> PostgresServer {
+    let bin = server_bin_dir();
+    let dir = tempfile::Builder::new()
+        .prefix("ledger-pg-")
+        .tempdir()
+        .expect("a temporary directory")
+        .keep();
+    if is_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown of {} to postgres failed", dir.display());
+    }
+    let data = dir.join("data");
+    let data_str = data.to_str().unwrap();
+    run(
+        &bin.join("initdb"),
+        &["-D", data_str, "-U", "ledger", "--auth=trust", "-E", "UTF8", "--no-sync"],
+    );
+    let port = free_port();
+    // Throwaway data: fsync off keeps the tests fast; the server still commits before it answers.
+    let options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+        dir.display()
+    );
+    let log = dir.join("postgres.log");
+    CLUSTER_DIR.set((bin.clone(), dir.clone())).ok();
+    run(
+        &bin.join("pg_ctl"),
+        &["-D", data_str, "-o", &options, "-l", log.to_str().unwrap(), "-w", "start"],
+    );
+    // SAFETY: registering a plain extern "C" function; it runs at process exit.
+    unsafe { libc::atexit(stop_cluster) };
+    PostgresServer {
+        base_url: format!("postgres://ledger@127.0.0.1:{port}"),
+    }
+}

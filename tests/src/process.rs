@@ -1,0 +1,183 @@
+//! The real binaries as child processes.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
+use tonic::transport::Channel;
+
+/// The path of a workspace binary (`master`, `member`), built next to the test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} does not exist: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// Log lines of a child, kept to be shown when a test fails.
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn capture(child: &mut Child, log: &Log, ready: Option<mpsc::Sender<String>>) {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let log = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let (Some(ready), Some(at)) = (&ready, line.find("listening on ")) {
+                let addr = line[at + "listening on ".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = ready.send(addr);
+            }
+            log.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// A running `master` process.
+pub struct Master {
+    child: Option<Child>,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its working directory (where the default `blockchain.db` lives).
+    pub dir: PathBuf,
+    args: Vec<String>,
+    log: Log,
+}
+
+impl Master {
+    /// Starts `master` in `dir` on an ephemeral loopback port with `args` added.
+    pub fn start(dir: &Path, args: &[&str]) -> Master {
+        Self::start_at(dir, "127.0.0.1:0", args.iter().map(|a| a.to_string()).collect())
+    }
+
+    fn start_at(dir: &Path, listen: &str, args: Vec<String>) -> Master {
+        let log: Log = Arc::default();
+        let mut child = Command::new(binary("master"))
+            .current_dir(dir)
+            .args(["--listen", listen, "--bind"])
+            .args(&args)
+            .env("LEDGER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting master");
+        let (ready, addr) = mpsc::channel();
+        capture(&mut child, &log, Some(ready));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let addr = loop {
+            if let Ok(addr) = addr.recv_timeout(Duration::from_millis(50)) {
+                break addr;
+            }
+            if let Some(status) = child.try_wait().expect("polling master") {
+                panic!(
+                    "master exited with {status} before listening:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "master did not listen within 60s:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        };
+        Master {
+            child: Some(child),
+            addr: addr.parse().expect("the address master logged"),
+            dir: dir.to_path_buf(),
+            args,
+            log,
+        }
+    }
+
+    /// Starts a new process with the same directory, port and arguments (after a kill).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart after kill9 or terminate");
+        let again = Self::start_at(&self.dir, &self.addr.to_string(), self.args.clone());
+        let old_log = std::mem::take(&mut *self.log.lock().unwrap());
+        again.log.lock().unwrap().splice(0..0, old_log);
+        *self = again;
+    }
+
+    /// `http://ADDR`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> LedgerServiceClient<Channel> {
+        LedgerServiceClient::connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to master at {}: {e}", self.addr))
+    }
+
+    /// Kills the process with SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9 master");
+            child.wait().expect("reaping master");
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to 30 s) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("master is running");
+        signal(&child, libc::SIGTERM);
+        wait_for(&mut child, Duration::from_secs(30), "master after SIGTERM", &self.log)
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- master log ---\n{}\n---", self.logs());
+        }
+    }
+}
+
+/// Sends `sig` to a child.
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+    let rc = unsafe { libc::kill(child.id() as i32, sig) };
+    assert_eq!(rc, 0, "kill({}, {sig})", child.id());
+}
+
+/// Waits for a child to exit, killing it and failing the test after `timeout`.
+pub fn wait_for(child: &mut Child, timeout: Duration, what: &str, log: &Log) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("polling child") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} did not exit within {timeout:?}:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,330 @@
+//! The storage suite, run against SQLite files and a real PostgreSQL server alike.
+
+use std::sync::Arc;
+
+use ledger_master::storage::{
+    ChangeKind, DatabaseUrl, DieselStorage, NewPolicy, Rejection, SnapshotPart, Storage,
+    StoredPolicy, WriteOp,
+};
+use ledger_tests::PostgresServer;
+
+/// A fresh database of the backend and its URL; the guard keeps a SQLite file's directory.
+struct Fresh {
+    url: DatabaseUrl,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn fresh(backend: &str) -> Fresh {
+    match backend {
+        "sqlite" => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("blockchain.db").display());
+            Fresh {
+                url: url.parse().unwrap(),
+                _dir: Some(dir),
+            }
+        }
+        "postgres" => Fresh {
+            url: PostgresServer::get().create_database().parse().unwrap(),
+            _dir: None,
+        },
+        other => panic!("unknown backend {other}"),
+    }
+}
+
+fn open(url: &DatabaseUrl) -> Arc<dyn Storage> {
+    Arc::new(DieselStorage::open(url, 4).expect("opening the storage"))
+}
+
+fn policy(n: usize, policy_type: &str) -> NewPolicy {
+    NewPolicy {
+        id: format!("id-{n}"),
+        policy_type: policy_type.to_string(),
+        company: Some("Acme".to_string()),
+        json: format!("{{\"{policy_type}\": {{\"name\": \"p{n}\", \"id\": \"id-{n}\"}}}}"),
+        host: "127.0.0.1".to_string(),
+    }
+}
+
+fn insert(n: usize) -> WriteOp {
+    WriteOp::Insert(policy(n, "operator"))
+}
+
+fn delete(n: usize) -> WriteOp {
+    WriteOp::Delete {
+        id: format!("id-{n}"),
+    }
+}
+
+fn snapshot(storage: &dyn Storage, page_size: usize) -> (u64, u64, Vec<StoredPolicy>) {
+    let (mut seq, mut count, mut policies) = (0, 0, Vec::new());
+    storage
+        .snapshot(page_size, &mut |part| {
+            match part {
+                SnapshotPart::Start {
+                    seq: s,
+                    policy_count,
+                } => {
+                    seq = s;
+                    count = policy_count;
+                }
+                SnapshotPart::Page(page) => {
+                    assert!(page.len() <= page_size);
+                    policies.extend(page);
+                }
+            }
+            true
+        })
+        .unwrap();
+    (seq, count, policies)
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $name() { super::$name("sqlite") })*
+        }
+        mod postgres {
+            $(#[test] fn $name() { super::$name("postgres") })*
+        }
+    };
+}
+
+on_both_backends!(
+    inserts_take_consecutive_seqs,
+    rejected_writes_take_no_seq_and_do_not_abort_the_batch,
+    deletes_are_changes,
+    list_filters_by_type_and_pages,
+    snapshot_is_in_ledger_order_and_paged,
+    changes_survive_reopening,
+    pruning_moves_the_replay_bound,
+    concurrent_writers_commit_in_seq_order,
+    hostile_strings_are_stored_exactly,
+);
+
+fn inserts_take_consecutive_seqs(backend: &str) {
+    let db = fresh(backend);
+    let storage = open(&db.url);
+    assert_eq!(storage.bounds().unwrap().head_seq, 0);
+    let results = storage.apply(&[insert(1), insert(2), insert(3)]).unwrap();
+    let seqs: Vec<u64> = results.iter().map(|r| r.as_ref().unwrap().seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    let results = storage.apply(&[insert(4)]).unwrap();
+    assert_eq!(results[0].as_ref().unwrap().seq, 4);
+    assert_eq!(storage.bounds().unwrap().head_seq, 4);
+    let got = storage.get("id-2").unwrap().expect("id-2 stored");
+    assert_eq!(got.seq, 2);
+    assert_eq!(got.policy_type, "operator");
+    assert_eq!(got.json, policy(2, "operator").json);
+    assert_eq!(storage.get("id-99").unwrap(), None);
+}
+
+fn rejected_writes_take_no_seq_and_do_not_abort_the_batch(backend: &str) {
+    let db = fresh(backend);
+    let storage = open(&db.url);
+    storage.apply(&[insert(1)]).unwrap();
+    let results = storage
+        .apply(&[insert(1), insert(2), insert(2), delete(7), insert(3)])
+        .unwrap();
+    assert_eq!(
+        results[0].as_ref().unwrap_err(),
+        &Rejection::AlreadyExists("id-1".into())
+    );
+    assert_eq!(results[1].as_ref().unwrap().seq, 2);
+    assert_eq!(
+        results[2].as_ref().unwrap_err(),
+        &Rejection::AlreadyExists("id-2".into())
+    );
+    assert_eq!(
+        results[3].as_ref().unwrap_err(),
+        &Rejection::NotFound("id-7".into())
+    );
+    assert_eq!(results[4].as_ref().unwrap().seq, 3);
+    assert_eq!(storage.bounds().unwrap().head_seq, 3);
+    let changes = storage.changes_after(0, 100).unwrap();
+    assert_eq!(
+        changes.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+}
+
+fn deletes_are_changes(backend: &str) {
+    let db = fresh(backend);
+    let storage = open(&db.url);
+    storage.apply(&[insert(1), insert(2)]).unwrap();
+    let results = storage.apply(&[delete(1), insert(1), delete(2)]).unwrap();
+    let seqs: Vec<u64> = results.iter().map(|r| r.as_ref().unwrap().seq).collect();
+    assert_eq!(seqs, [3, 4, 5]);
+    let changes = storage.changes_after(2, 100).unwrap();
+    assert_eq!(changes.len(), 3);
+    assert_eq!(
+        changes[0].kind,
+        ChangeKind::Deleted {
+            id: "id-1".into()
+        }
+    );
+    match &changes[1].kind {
+        ChangeKind::Inserted(p) => assert_eq!((p.id.as_str(), p.seq), ("id-1", 4)),
+        other => panic!("expected an insert, got {other:?}"),
+    }
+    // Re-inserted after its delete: it now stands at the end of the ledger.
+    let (seq, count, policies) = snapshot(&*storage, 10);
+    assert_eq!((seq, count), (5, 1));
+    assert_eq!(policies[0].id, "id-1");
+    assert_eq!(policies[0].seq, 4);
+    assert_eq!(
+        storage.apply(&[delete(2)]).unwrap()[0],
+        Err(Rejection::NotFound("id-2".into()))
+    );
+}
+
+fn list_filters_by_type_and_pages(backend: &str) {
+    let db = fresh(backend);
+    let storage = open(&db.url);
+    let ops: Vec<WriteOp> = (1..=10)
+        .map(|n| WriteOp::Insert(policy(n, if n % 2 == 0 { "operator" } else { "table" })))
+        .collect();
+    storage.apply(&ops).unwrap();
+    let operators = storage.list(Some("operator"), 0, 100).unwrap();
+    assert_eq!(
+        operators.iter().map(|p| p.seq).collect::<Vec<_>>(),
+        [2, 4, 6, 8, 10]
+    );
+    let page = storage.list(None, 3, 4).unwrap();
+    assert_eq!(
+        page.iter().map(|p| p.seq).collect::<Vec<_>>(),
+        [4, 5, 6, 7]
+    );
+    assert!(storage.list(Some("cluster"), 0, 100).unwrap().is_empty());
+}
+
+fn snapshot_is_in_ledger_order_and_paged(backend: &str) {
+    let db = fresh(backend);
+    let storage = open(&db.url);
+    let ops: Vec<WriteOp> = (1..=25).map(insert).collect();
+    storage.apply(&ops).unwrap();
+    storage.apply(&[delete(5), delete(20)]).unwrap();
+    let (seq, count, policies) = snapshot(&*storage, 7);
+    assert_eq!((seq, count), (27, 23));
+    assert_eq!(policies.len(), 23);
+    assert!(policies.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(!policies.iter().any(|p| p.id == "id-5" || p.id == "id-20"));
+    // A sink that stops early stops the snapshot.
+    let mut pages = 0;
+    storage
+        .snapshot(5, &mut |part| {
+            if let SnapshotPart::Page(_) = part {
+                pages += 1;
+            }
+            pages < 2
+        })
+        .unwrap();
+    assert_eq!(pages, 2);
+}
+
+fn changes_survive_reopening(backend: &str) {
+    let db = fresh(backend);
+    {
+        let storage = open(&db.url);
+        storage.apply(&[insert(1), insert(2), delete(1)]).unwrap();
+    }
+    let storage = open(&db.url);
+    assert_eq!(storage.bounds().unwrap().head_seq, 3);
+    assert_eq!(storage.changes_after(0, 10).unwrap().len(), 3);
+    assert_eq!(storage.apply(&[insert(3)]).unwrap()[0].as_ref().unwrap().seq, 4);
+}
+
+fn pruning_moves_the_replay_bound(backend: &str) {
+    let db = fresh(backend);
+    let storage = open(&db.url);
+    let ops: Vec<WriteOp> = (1..=10).map(insert).collect();
+    storage.apply(&ops).unwrap();
+    storage.prune_changes(6).unwrap();
+    let bounds = storage.bounds().unwrap();
+    assert_eq!((bounds.head_seq, bounds.pruned_seq), (10, 6));
+    assert_eq!(
+        storage
+            .changes_after(6, 100)
+            .unwrap()
+            .iter()
+            .map(|c| c.seq)
+            .collect::<Vec<_>>(),
+        [7, 8, 9, 10]
+    );
+    assert!(storage.changes_after(0, 100).unwrap()[0].seq == 7);
+    // Never beyond the head, never backwards.
+    storage.prune_changes(99).unwrap();
+    assert_eq!(storage.bounds().unwrap().pruned_seq, 10);
+    storage.prune_changes(3).unwrap();
+    assert_eq!(storage.bounds().unwrap().pruned_seq, 10);
+    // The policies themselves stay.
+    assert_eq!(snapshot(&*storage, 100).2.len(), 10);
+}
+
+fn concurrent_writers_commit_in_seq_order(backend: &str) {
+    // Several storages on one database stand for several masters (SQLite: several processes).
+    let db = fresh(backend);
+    let writers: Vec<Arc<dyn Storage>> = (0..4).map(|_| open(&db.url)).collect();
+    let reader = open(&db.url);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A reader that polls the change log must always see a gap-free prefix.
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut last = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for change in reader.changes_after(last, 1000).unwrap() {
+                    assert_eq!(change.seq, last + 1, "a gap in the change log");
+                    last = change.seq;
+                }
+            }
+            last
+        })
+    };
+    let threads: Vec<_> = writers
+        .into_iter()
+        .enumerate()
+        .map(|(w, storage)| {
+            std::thread::spawn(move || {
+                for round in 0..25 {
+                    let ops: Vec<WriteOp> =
+                        (0..4).map(|i| insert(w * 1000 + round * 10 + i)).collect();
+                    for result in storage.apply(&ops).unwrap() {
+                        result.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    watcher.join().unwrap();
+    let storage = open(&db.url);
+    assert_eq!(storage.bounds().unwrap().head_seq, 400);
+    let changes = storage.changes_after(0, 1000).unwrap();
+    assert_eq!(
+        changes.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        (1..=400).collect::<Vec<_>>()
+    );
+}
+
+fn hostile_strings_are_stored_exactly(backend: &str) {
+    let db = fresh(backend);
+    let storage = open(&db.url);
+    let nasty = "'; DROP TABLE ledger; -- \"quoted\" \\ \t\u{1}\u{7f} 𝄞 é 中";
+    let json = format!("{{\"config\": {{\"v\": {}}}}}", serde_json::Value::from(nasty));
+    let op = WriteOp::Insert(NewPolicy {
+        id: nasty.to_string(),
+        policy_type: "config".into(),
+        company: Some(nasty.to_string()),
+        json: json.clone(),
+        host: "::1".into(),
+    });
+    storage.apply(&[op]).unwrap()[0].as_ref().unwrap();
+    let got = storage.get(nasty).unwrap().unwrap();
+    assert_eq!(got.id, nasty);
+    assert_eq!(got.json, json);
+    assert_eq!(snapshot(&*storage, 10).2[0].json, json);
+}
