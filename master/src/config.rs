@@ -26,7 +26,11 @@ pub struct Config {
     pub bind: bool,
 
     /// Where the ledger is stored: sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE.
-    #[arg(long, env = "LEDGER_DATABASE_URL", default_value = "sqlite://blockchain.db")]
+    #[arg(
+        long,
+        env = "LEDGER_DATABASE_URL",
+        default_value = "sqlite://blockchain.db"
+    )]
     pub database_url: DatabaseUrl,
 
     /// Worker threads of the runtime (AnyLog's threads); defaults to the number of cores.

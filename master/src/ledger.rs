@@ -134,7 +134,9 @@ impl Ledger {
         let mut cursor = match query.page_token.as_str() {
             "" => 0,
             token => token.parse::<u64>().map_err(|_| {
-                LedgerError::InvalidArgument(format!("page_token {token:?} is not one this server gave"))
+                LedgerError::InvalidArgument(format!(
+                    "page_token {token:?} is not one this server gave"
+                ))
             })?,
         };
         let mut policies = Vec::new();
@@ -154,7 +156,11 @@ impl Ledger {
                         let more = !exhausted || index + 1 < row_count;
                         return Ok(ListPage {
                             policies,
-                            next_page_token: if more { cursor.to_string() } else { String::new() },
+                            next_page_token: if more {
+                                cursor.to_string()
+                            } else {
+                                String::new()
+                            },
                         });
                     }
                 }
@@ -184,7 +190,10 @@ impl Ledger {
             let (mut head_seq, mut policy_count) = (0, 0);
             s.snapshot(DEFAULT_PAGE_SIZE, &mut |part| {
                 match part {
-                    SnapshotPart::Start { seq, policy_count: count } => {
+                    SnapshotPart::Start {
+                        seq,
+                        policy_count: count,
+                    } => {
                         head_seq = seq;
                         policy_count = count;
                     }
@@ -220,7 +229,9 @@ impl Ledger {
 
 fn require_id(id: &str) -> Result<(), LedgerError> {
     if id.is_empty() {
-        return Err(LedgerError::InvalidArgument("the policy id is empty".into()));
+        return Err(LedgerError::InvalidArgument(
+            "the policy id is empty".into(),
+        ));
     }
     Ok(())
 }

@@ -32,7 +32,11 @@ pub fn master_policy(config: &Config, internal: SocketAddr) -> serde_json::Value
 }
 
 /// Inserts the master policy unless a policy with its id exists.
-pub async fn register(ledger: &Ledger, config: &Config, internal: SocketAddr) -> Result<(), LedgerError> {
+pub async fn register(
+    ledger: &Ledger,
+    config: &Config,
+    internal: SocketAddr,
+) -> Result<(), LedgerError> {
     let policy = master_policy(config, internal).to_string();
     match ledger.insert(&policy, "self").await {
         Ok(stored) => {

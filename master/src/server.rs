@@ -82,18 +82,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.external_addr.unwrap_or(internal)
     );
     let grace = config.shutdown_grace;
-    let serving = Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(LedgerServiceServer::new(LedgerGrpc::new(ledger.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            shutdown.await;
-            tracing::info!("shutting down: no new connections; ending streams");
-            health.set_not_serving::<LedgerServiceServer<LedgerGrpc>>().await;
-            streams_shutdown.cancel();
-        });
-    tokio::pin!(serving);
+    let mut serving = Box::pin(
+        Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(LedgerServiceServer::new(LedgerGrpc::new(ledger.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                shutdown.await;
+                tracing::info!("shutting down: no new connections; ending streams");
+                health
+                    .set_not_serving::<LedgerServiceServer<LedgerGrpc>>()
+                    .await;
+                streams_shutdown.cancel();
+            }),
+    );
     // Past the grace period after the signal, stop waiting for slow calls.
     let result = tokio::select! {
         result = &mut serving => result,

@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_stream::Stream;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::LedgerError;

@@ -1,12 +1,14 @@
 //! The test harness: starts the real `master` (and `member`) binaries and a throwaway
 //! PostgreSQL server, and gives tests a client for them. Nothing here is a mock.
 
+pub mod member;
 pub mod postgres;
 pub mod process;
 
 use std::future::Future;
 use std::time::Duration;
 
+pub use member::{Member, wait_until};
 pub use postgres::PostgresServer;
 pub use process::{Master, binary};
 

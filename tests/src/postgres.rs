@@ -47,7 +47,12 @@ impl PostgresServer {
             NEXT_DATABASE.fetch_add(1, Ordering::SeqCst)
         );
         let mut admin = PgConnection::establish(&format!("{}/postgres", self.base_url))
-            .unwrap_or_else(|e| panic!("connecting to the test PostgreSQL at {}: {e}", self.base_url));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connecting to the test PostgreSQL at {}: {e}",
+                    self.base_url
+                )
+            });
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
@@ -114,7 +119,17 @@ extern "C" fn stop_cluster() {
     if let Some((bin, dir)) = CLUSTER_DIR.get() {
         let data = dir.join("data");
         let _ = std::panic::catch_unwind(|| {
-            run(&bin.join("pg_ctl"), &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"])
+            run(
+                &bin.join("pg_ctl"),
+                &[
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
+            )
         });
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -133,13 +148,26 @@ fn start_cluster() -> PostgresServer {
             .arg(&dir)
             .status()
             .expect("chown");
-        assert!(status.success(), "chown of {} to postgres failed", dir.display());
+        assert!(
+            status.success(),
+            "chown of {} to postgres failed",
+            dir.display()
+        );
     }
     let data = dir.join("data");
     let data_str = data.to_str().unwrap();
     run(
         &bin.join("initdb"),
-        &["-D", data_str, "-U", "ledger", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        &[
+            "-D",
+            data_str,
+            "-U",
+            "ledger",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
     );
     let port = free_port();
     // Throwaway data: fsync off keeps the tests fast; the server still commits before it answers.
@@ -151,7 +179,16 @@ fn start_cluster() -> PostgresServer {
     CLUSTER_DIR.set((bin.clone(), dir.clone())).ok();
     run(
         &bin.join("pg_ctl"),
-        &["-D", data_str, "-o", &options, "-l", log.to_str().unwrap(), "-w", "start"],
+        &[
+            "-D",
+            data_str,
+            "-o",
+            &options,
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "start",
+        ],
     );
     // SAFETY: registering a plain extern "C" function; it runs at process exit.
     unsafe { libc::atexit(stop_cluster) };

@@ -28,9 +28,11 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// Log lines of a child, kept to be shown when a test fails.
-type Log = Arc<Mutex<Vec<String>>>;
+pub type Log = Arc<Mutex<Vec<String>>>;
 
-fn capture(child: &mut Child, log: &Log, ready: Option<mpsc::Sender<String>>) {
+/// Collects the stderr lines of `child` into `log`; with `ready`, sends the address of the
+/// first `listening on ADDR` line.
+pub fn capture(child: &mut Child, log: &Log, ready: Option<mpsc::Sender<String>>) {
     let stderr = child.stderr.take().expect("piped stderr");
     let log = log.clone();
     std::thread::spawn(move || {
@@ -62,7 +64,11 @@ pub struct Master {
 impl Master {
     /// Starts `master` in `dir` on an ephemeral loopback port with `args` added.
     pub fn start(dir: &Path, args: &[&str]) -> Master {
-        Self::start_at(dir, "127.0.0.1:0", args.iter().map(|a| a.to_string()).collect())
+        Self::start_at(
+            dir,
+            "127.0.0.1:0",
+            args.iter().map(|a| a.to_string()).collect(),
+        )
     }
 
     fn start_at(dir: &Path, listen: &str, args: Vec<String>) -> Master {
@@ -138,7 +144,12 @@ impl Master {
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("master is running");
         signal(&child, libc::SIGTERM);
-        wait_for(&mut child, Duration::from_secs(30), "master after SIGTERM", &self.log)
+        wait_for(
+            &mut child,
+            Duration::from_secs(30),
+            "master after SIGTERM",
+            &self.log,
+        )
     }
 
     /// Everything the process logged so far.

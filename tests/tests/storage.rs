@@ -142,10 +142,7 @@ fn rejected_writes_take_no_seq_and_do_not_abort_the_batch(backend: &str) {
     assert_eq!(results[4].as_ref().unwrap().seq, 3);
     assert_eq!(storage.bounds().unwrap().head_seq, 3);
     let changes = storage.changes_after(0, 100).unwrap();
-    assert_eq!(
-        changes.iter().map(|c| c.seq).collect::<Vec<_>>(),
-        [1, 2, 3]
-    );
+    assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3]);
 }
 
 fn deletes_are_changes(backend: &str) {
@@ -157,12 +154,7 @@ fn deletes_are_changes(backend: &str) {
     assert_eq!(seqs, [3, 4, 5]);
     let changes = storage.changes_after(2, 100).unwrap();
     assert_eq!(changes.len(), 3);
-    assert_eq!(
-        changes[0].kind,
-        ChangeKind::Deleted {
-            id: "id-1".into()
-        }
-    );
+    assert_eq!(changes[0].kind, ChangeKind::Deleted { id: "id-1".into() });
     match &changes[1].kind {
         ChangeKind::Inserted(p) => assert_eq!((p.id.as_str(), p.seq), ("id-1", 4)),
         other => panic!("expected an insert, got {other:?}"),
@@ -182,7 +174,16 @@ fn list_filters_by_type_and_pages(backend: &str) {
     let db = fresh(backend);
     let storage = open(&db.url);
     let ops: Vec<WriteOp> = (1..=10)
-        .map(|n| WriteOp::Insert(policy(n, if n % 2 == 0 { "operator" } else { "table" })))
+        .map(|n| {
+            WriteOp::Insert(policy(
+                n,
+                if n.is_multiple_of(2) {
+                    "operator"
+                } else {
+                    "table"
+                },
+            ))
+        })
         .collect();
     storage.apply(&ops).unwrap();
     let operators = storage.list(Some("operator"), 0, 100).unwrap();
@@ -191,10 +192,7 @@ fn list_filters_by_type_and_pages(backend: &str) {
         [2, 4, 6, 8, 10]
     );
     let page = storage.list(None, 3, 4).unwrap();
-    assert_eq!(
-        page.iter().map(|p| p.seq).collect::<Vec<_>>(),
-        [4, 5, 6, 7]
-    );
+    assert_eq!(page.iter().map(|p| p.seq).collect::<Vec<_>>(), [4, 5, 6, 7]);
     assert!(storage.list(Some("cluster"), 0, 100).unwrap().is_empty());
 }
 
@@ -231,7 +229,13 @@ fn changes_survive_reopening(backend: &str) {
     let storage = open(&db.url);
     assert_eq!(storage.bounds().unwrap().head_seq, 3);
     assert_eq!(storage.changes_after(0, 10).unwrap().len(), 3);
-    assert_eq!(storage.apply(&[insert(3)]).unwrap()[0].as_ref().unwrap().seq, 4);
+    assert_eq!(
+        storage.apply(&[insert(3)]).unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .seq,
+        4
+    );
 }
 
 fn pruning_moves_the_replay_bound(backend: &str) {
@@ -314,7 +318,10 @@ fn hostile_strings_are_stored_exactly(backend: &str) {
     let db = fresh(backend);
     let storage = open(&db.url);
     let nasty = "'; DROP TABLE ledger; -- \"quoted\" \\ \t\u{1}\u{7f} 𝄞 é 中";
-    let json = format!("{{\"config\": {{\"v\": {}}}}}", serde_json::Value::from(nasty));
+    let json = format!(
+        "{{\"config\": {{\"v\": {}}}}}",
+        serde_json::Value::from(nasty)
+    );
     let op = WriteOp::Insert(NewPolicy {
         id: nasty.to_string(),
         policy_type: "config".into(),

@@ -296,7 +296,8 @@ impl Storage for DieselStorage {
                             continue;
                         };
                         head += 1;
-                        diesel::delete(ledger::table.filter(ledger::policy_id.eq(id))).execute(c)?;
+                        diesel::delete(ledger::table.filter(ledger::policy_id.eq(id)))
+                            .execute(c)?;
                         diesel::insert_into(ledger_changes::table)
                             .values((
                                 ledger_changes::seq.eq(head as i64),
@@ -383,7 +384,9 @@ impl Storage for DieselStorage {
         rows.into_iter()
             .map(|(seq, op, id, policy_type, policy)| {
                 let kind = match op.as_str() {
-                    OP_INSERT => ChangeKind::Inserted(stored_policy((id, policy_type, policy, seq))?),
+                    OP_INSERT => {
+                        ChangeKind::Inserted(stored_policy((id, policy_type, policy, seq))?)
+                    }
                     OP_DELETE => ChangeKind::Deleted { id },
                     other => {
                         return Err(StorageError::Corrupt(format!(

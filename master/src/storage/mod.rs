@@ -130,15 +130,15 @@ impl StorageError {
     /// that a statement is wrong.
     pub fn is_unavailable(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error};
-        match self {
-            StorageError::Unavailable(_) => true,
-            StorageError::Query(Error::DatabaseError(
-                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
-                _,
-            )) => true,
-            StorageError::Query(Error::BrokenTransactionManager) => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            StorageError::Unavailable(_)
+                | StorageError::Query(Error::DatabaseError(
+                    DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                    _,
+                ))
+                | StorageError::Query(Error::BrokenTransactionManager)
+        )
     }
 }
 

@@ -1,0 +1,289 @@
+//! The operator's commands: `insert` and `delete` on a master, `get` from the local file,
+//! `status` comparing the two. Each returns the text to print on stdout, or a
+//! [`CommandError`] that says in one line what went wrong and which exit code it gets.
+
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::time::Duration;
+
+use ledger_proto::pb;
+use ledger_proto::policy;
+use md5::{Digest, Md5};
+use tonic::{Code, Response, Status};
+
+use crate::config::InsertArgs;
+use crate::masters::{self, MasterAddr};
+use crate::paths::LedgerPaths;
+use crate::state::SyncState;
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No master could be reached, or the one reached became unavailable.
+    #[error("cannot reach a master: {0}")]
+    Unreachable(String),
+    /// The policy's id is already stored.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// No policy with the id.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The master refused the policy text.
+    #[error("invalid policy: {0}")]
+    InvalidPolicy(String),
+    /// The master refused an argument.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The master failed otherwise.
+    #[error("the master failed: {0}")]
+    Master(String),
+    /// The command's own input (a policy file, stdin) could not be read.
+    #[error("{0}")]
+    Input(String),
+    /// The local ledger file could not be read.
+    #[error("{0}")]
+    LocalFile(String),
+}
+
+impl CommandError {
+    /// The process exit code: 1 refused or failed, 2 bad input, 3 no master reachable.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CommandError::Unreachable(_) => 3,
+            CommandError::Input(_)
+            | CommandError::InvalidPolicy(_)
+            | CommandError::InvalidArgument(_) => 2,
+            CommandError::AlreadyExists(_)
+            | CommandError::NotFound(_)
+            | CommandError::Master(_)
+            | CommandError::LocalFile(_) => 1,
+        }
+    }
+
+    fn from_status(status: Status, master: &MasterAddr) -> CommandError {
+        let message = status.message().to_string();
+        match status.code() {
+            Code::AlreadyExists => CommandError::AlreadyExists(message),
+            Code::NotFound => CommandError::NotFound(message),
+            Code::InvalidArgument => match message.strip_prefix("invalid policy: ") {
+                Some(reason) => CommandError::InvalidPolicy(reason.to_string()),
+                None => CommandError::InvalidArgument(message),
+            },
+            Code::Unavailable => CommandError::Unreachable(format!(
+                "{master}: {}",
+                masters::describe_status(&status)
+            )),
+            _ => CommandError::Master(format!("{master}: {}", masters::describe_status(&status))),
+        }
+    }
+}
+
+/// Awaits one call to `master`, failing after `timeout`.
+async fn call<T>(
+    master: &MasterAddr,
+    timeout: Duration,
+    request: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<T, CommandError> {
+    match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(CommandError::from_status(status, master)),
+        Err(_) => Err(CommandError::Master(format!(
+            "{master}: no answer within {timeout:?}"
+        ))),
+    }
+}
+
+async fn connect(
+    masters: &[MasterAddr],
+    timeout: Duration,
+) -> Result<(masters::Client, &MasterAddr), CommandError> {
+    masters::connect_first(masters, timeout)
+        .await
+        .map_err(CommandError::Unreachable)
+}
+
+/// Inserts the policy of `args`; returns the completed policy's line.
+pub async fn insert(
+    masters: &[MasterAddr],
+    timeout: Duration,
+    args: &InsertArgs,
+) -> Result<String, CommandError> {
+    let policy_json = match (&args.policy, &args.policy_file) {
+        (Some(text), _) => text.clone(),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).map_err(|e| {
+                CommandError::Input(format!("cannot read the policy from stdin: {e}"))
+            })?;
+            text
+        }
+        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+            CommandError::Input(format!(
+                "cannot read the policy from {}: {e}",
+                path.display()
+            ))
+        })?,
+        (None, None) => {
+            return Err(CommandError::Input(
+                "give the policy with --policy or --policy-file".into(),
+            ));
+        }
+    };
+    let (mut client, master) = connect(masters, timeout).await?;
+    let response = call(
+        master,
+        timeout,
+        client.insert_policy(pb::InsertPolicyRequest { policy_json }),
+    )
+    .await?;
+    let policy = response
+        .policy
+        .ok_or_else(|| CommandError::Master(format!("{master}: the answer holds no policy")))?;
+    Ok(policy.json)
+}
+
+/// Deletes the policy `id`; returns `{"id": ..., "seq": ...}`.
+pub async fn delete(
+    masters: &[MasterAddr],
+    timeout: Duration,
+    id: &str,
+) -> Result<String, CommandError> {
+    let (mut client, master) = connect(masters, timeout).await?;
+    let response = call(
+        master,
+        timeout,
+        client.delete_policy(pb::DeletePolicyRequest { id: id.to_string() }),
+    )
+    .await?;
+    Ok(serde_json::json!({"id": id, "seq": response.seq}).to_string())
+}
+
+/// The policies of the local file of type `policy_type` (`None` or `*`: every type) whose
+/// attributes match every condition, as a JSON array in ledger order, one policy a line.
+///
+/// Like AnyLog's readers it skips empty lines and an unfinished last line (what a member killed
+/// in the middle of an append leaves until it restarts); any other line that is not a policy
+/// is an error, since answering without it could be wrong.
+pub fn get(
+    path: &Path,
+    policy_type: Option<&str>,
+    conditions: &[(String, String)],
+) -> Result<String, CommandError> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            CommandError::LocalFile(format!(
+                "no ledger file at {} (has the member synced yet?)",
+                path.display()
+            ))
+        } else {
+            CommandError::LocalFile(format!("cannot read {}: {e}", path.display()))
+        }
+    })?;
+    let policy_type = policy_type.filter(|t| *t != "*");
+    let mut reader = BufReader::new(file);
+    let mut matches = Vec::new();
+    let mut bytes = Vec::new();
+    for number in 1.. {
+        bytes.clear();
+        let read = reader
+            .read_until(b'\n', &mut bytes)
+            .map_err(|e| CommandError::LocalFile(format!("cannot read {}: {e}", path.display())))?;
+        if read == 0 || bytes.last() != Some(&b'\n') {
+            break;
+        }
+        let text = std::str::from_utf8(&bytes[..read - 1]).map_err(|_| {
+            CommandError::LocalFile(format!("{} line {number} is not UTF-8", path.display()))
+        })?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let (found_type, body) = policy::parse_stored(text).map_err(|e| {
+            CommandError::LocalFile(format!(
+                "{} line {number} is not a valid policy: {e}",
+                path.display()
+            ))
+        })?;
+        if policy_type.is_some_and(|t| t != found_type) {
+            continue;
+        }
+        if conditions
+            .iter()
+            .all(|(key, value)| policy::attribute_matches(&body, key, value))
+        {
+            matches.push(text.to_string());
+        }
+    }
+    if matches.is_empty() {
+        return Ok("[]".into());
+    }
+    Ok(format!("[\n{}\n]", matches.join(",\n")))
+}
+
+/// The local file against the master, as a JSON object: `applied_seq`, `head_seq`, `lag`,
+/// `file_md5`, `master_digest`, `in_sync`, the policy counts, and which master answered.
+pub async fn status(
+    masters: &[MasterAddr],
+    timeout: Duration,
+    path: &Path,
+) -> Result<String, CommandError> {
+    let paths = LedgerPaths::new(path);
+    let (applied_seq, state_error) = match SyncState::load(&paths) {
+        Ok(state) => (state.map(|s| s.seq), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let (file_md5, file_policies) = match digest(path) {
+        Ok(found) => found.unzip(),
+        Err(e) => return Err(CommandError::LocalFile(e)),
+    };
+    let (mut client, master) = connect(masters, timeout).await?;
+    let info = call(
+        master,
+        timeout,
+        client.get_ledger_info(pb::GetLedgerInfoRequest {}),
+    )
+    .await?;
+    let lag = applied_seq.map(|applied| info.head_seq.saturating_sub(applied));
+    let in_sync = applied_seq == Some(info.head_seq) && file_md5.as_deref() == Some(&info.digest);
+    let mut status = serde_json::json!({
+        "master": master.to_string(),
+        "ledger_file": path.display().to_string(),
+        "applied_seq": applied_seq,
+        "head_seq": info.head_seq,
+        "lag": lag,
+        "file_md5": file_md5,
+        "master_digest": info.digest,
+        "in_sync": in_sync,
+        "file_policies": file_policies,
+        "master_policies": info.policy_count,
+    });
+    if let Some(error) = state_error {
+        status["state_error"] = error.into();
+    }
+    Ok(status.to_string())
+}
+
+/// The md5 hex and line count of the file; `None` when it does not exist.
+fn digest(path: &Path) -> Result<Option<(String, u64)>, String> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut md5 = Md5::new();
+    let mut lines = 0;
+    loop {
+        let chunk = reader
+            .fill_buf()
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if chunk.is_empty() {
+            break;
+        }
+        md5.update(chunk);
+        lines += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+        let consumed = chunk.len();
+        reader.consume(consumed);
+    }
+    Ok(Some((hex::encode(md5.finalize()), lines)))
+}

@@ -1,0 +1,174 @@
+//! The member's command line; every flag has an environment variable.
+//!
+//! Without a subcommand `member` is the daemon that keeps the ledger file in sync; the
+//! subcommands are the operator's tools (AnyLog's `blockchain insert`, `blockchain drop
+//! policy`, `blockchain get`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::masters::MasterAddr;
+
+/// The Ledger member: keeps a local AnyLog `blockchain.json` in sync with a master by streaming
+/// its changes. Run without a subcommand for the daemon.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "member", version, about, long_about = None)]
+pub struct Cli {
+    /// A master's address, HOST:PORT. Repeat the flag (or separate with commas in
+    /// LEDGER_MASTER) for several: the first that answers is used, the next when it fails.
+    #[arg(
+        long = "master",
+        env = "LEDGER_MASTER",
+        value_delimiter = ',',
+        value_parser = MasterAddr::parse,
+        global = true
+    )]
+    pub masters: Vec<MasterAddr>,
+
+    /// The local ledger file, AnyLog's `blockchain.json`.
+    #[arg(
+        long,
+        env = "LEDGER_FILE",
+        default_value = "blockchain.json",
+        global = true
+    )]
+    pub ledger_file: PathBuf,
+
+    /// How long connecting to a master, or an operator's call, may take.
+    #[arg(
+        long,
+        env = "LEDGER_TIMEOUT",
+        default_value = "10s",
+        value_parser = humantime::parse_duration,
+        global = true
+    )]
+    pub timeout: Duration,
+
+    /// Log filter, as RUST_LOG: a level (info, debug) or per-module directives. Logs go to
+    /// stderr.
+    #[arg(long, env = "LEDGER_LOG", default_value = "info", global = true)]
+    pub log_level: String,
+
+    /// Options of the daemon.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+
+    /// An operator's command; none runs the daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Options of the daemon.
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// The first delay before reconnecting to a master; it doubles after each failure.
+    #[arg(long, env = "LEDGER_RETRY_MIN", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub retry_min: Duration,
+
+    /// The longest delay between reconnection attempts.
+    #[arg(long, env = "LEDGER_RETRY_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub retry_max: Duration,
+}
+
+/// The operator's commands. Each exits 0 on success; otherwise it prints one line on stderr
+/// and exits 1 (refused or failed), 2 (bad usage or input) or 3 (no master reachable).
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Inserts a policy on the master and prints the completed policy (with its id, date and
+    /// ledger), as AnyLog's `blockchain insert where policy=... master=...`.
+    Insert(InsertArgs),
+    /// Deletes a policy on the master by id and prints the seq of the delete, as AnyLog's
+    /// `blockchain drop policy where id=...`.
+    Delete {
+        /// The id of the policy to delete.
+        #[arg(long)]
+        id: String,
+    },
+    /// Prints, from the local ledger file only (no master needed), a JSON array of the
+    /// policies of TYPE whose attributes match every --where, in ledger order, as AnyLog's
+    /// `blockchain get TYPE where key=value`.
+    Get {
+        /// The policy type (`operator`, `table`, ...); `*` or none for every type.
+        #[arg(value_name = "TYPE")]
+        policy_type: Option<String>,
+        /// KEY=VALUE: only policies whose attribute KEY is VALUE (a string attribute its text,
+        /// any other attribute its JSON text: `port=32148`, `enabled=true`). Repeat for more.
+        #[arg(long = "where", value_name = "KEY=VALUE", value_parser = parse_condition)]
+        conditions: Vec<(String, String)>,
+    },
+    /// Prints, as JSON, the applied seq of the ledger file, the master's head seq, the lag, and
+    /// the file's md5 against the master's digest.
+    Status,
+}
+
+/// Where the policy to insert comes from.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct InsertArgs {
+    /// The policy as JSON text, e.g. `{"operator": {"name": "op1", "port": 32148}}`.
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// A file holding the policy as JSON text; `-` reads standard input.
+    #[arg(long)]
+    pub policy_file: Option<PathBuf>,
+}
+
+/// Reads a `--where KEY=VALUE`.
+fn parse_condition(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn subcommands_take_the_global_flags_after_them() {
+        let cli = Cli::try_parse_from([
+            "member",
+            "get",
+            "operator",
+            "--where",
+            "company=Acme",
+            "--where",
+            "port=1",
+            "--ledger-file",
+            "x.json",
+        ])
+        .unwrap();
+        assert_eq!(cli.ledger_file, PathBuf::from("x.json"));
+        match cli.command {
+            Some(Command::Get {
+                policy_type,
+                conditions,
+            }) => {
+                assert_eq!(policy_type.as_deref(), Some("operator"));
+                assert_eq!(conditions.len(), 2);
+                assert_eq!(conditions[0], ("company".into(), "Acme".into()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "member", "insert", "--master", "a:1", "--master", "b:2", "--policy", "{}",
+        ])
+        .unwrap();
+        assert_eq!(cli.masters.len(), 2);
+        assert!(
+            Cli::try_parse_from(["member", "insert", "--policy", "{}", "--policy-file", "-"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from(["member", "insert"]).is_err());
+        assert!(Cli::try_parse_from(["member", "get", "--where", "nokey"]).is_err());
+    }
+}

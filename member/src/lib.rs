@@ -1,0 +1,21 @@
+//! The Ledger member: keeps a local AnyLog `blockchain.json` exactly in sync with a master by
+//! streaming its changes, and gives operators the `insert`, `delete`, `get` and `status`
+//! commands.
+//!
+//! A change travels `sync` (the subscription, reconnects, backoff) → `replica` (checks the
+//! stream's order, groups a batch) → `ledger_file` (appends or rewrites the file crash-safely,
+//! with its `state` record beside it). See `member/README.md` for the file format, the
+//! crash-recovery protocol and the command line.
+
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod commands;
+pub mod config;
+pub mod ledger_file;
+pub mod line;
+pub mod masters;
+pub mod paths;
+pub mod replica;
+pub mod state;
+pub mod sync;

@@ -1,0 +1,215 @@
+//! The real `member` binary as a child process: the daemon following masters, and its operator
+//! commands.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::process::{Log, binary, capture, signal, wait_for};
+use crate::within;
+
+/// The line put in a member's log between two runs, so a test can read one run's logs.
+const RESTART_MARK: &str = "=== member restarted ===";
+
+/// A running `member` daemon.
+pub struct Member {
+    child: Option<Child>,
+    /// Its working directory.
+    pub dir: PathBuf,
+    /// Its ledger file, `dir/blockchain.json`.
+    pub file: PathBuf,
+    args: Vec<String>,
+    log: Log,
+}
+
+impl Member {
+    /// Starts `member` in `dir` with the ledger file `dir/blockchain.json`, following
+    /// `masters` (HOST:PORT, in order), with `args` added.
+    pub fn start(dir: &Path, masters: &[String], args: &[&str]) -> Member {
+        let file = dir.join("blockchain.json");
+        let mut all = vec!["--ledger-file".to_string(), file.display().to_string()];
+        for master in masters {
+            all.push("--master".into());
+            all.push(master.clone());
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        let mut member = Member {
+            child: None,
+            dir: dir.to_path_buf(),
+            file,
+            args: all,
+            log: Arc::default(),
+        };
+        member.spawn();
+        member
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(binary("member"))
+            .current_dir(&self.dir)
+            .args(&self.args)
+            .env_remove("LEDGER_MASTER")
+            .env_remove("LEDGER_FILE")
+            .env("LEDGER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting member");
+        capture(&mut child, &self.log, None);
+        self.child = Some(child);
+    }
+
+    /// Starts a new process with the same directory and arguments (after a kill); its logs are
+    /// added after the previous run's.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart after kill9 or terminate");
+        self.log.lock().unwrap().push(RESTART_MARK.to_string());
+        self.spawn();
+    }
+
+    /// Kills the process with SIGKILL: no chance to finish anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9 member");
+            child.wait().expect("reaping member");
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to 30 s) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("member is running");
+        signal(&child, libc::SIGTERM);
+        wait_for(
+            &mut child,
+            Duration::from_secs(30),
+            "member after SIGTERM",
+            &self.log,
+        )
+    }
+
+    /// Everything the process logged so far, over all its runs.
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// What the current run logged so far.
+    pub fn run_logs(&self) -> String {
+        let log = self.log.lock().unwrap();
+        let start = log
+            .iter()
+            .rposition(|line| line == RESTART_MARK)
+            .map_or(0, |at| at + 1);
+        log[start..].join("\n")
+    }
+
+    /// Waits until the current run logged a line containing `needle`.
+    pub async fn wait_for_log(&self, seconds: u64, needle: &str) {
+        let what = format!("member to log {needle:?}");
+        wait_until(seconds, &what, || async {
+            self.run_logs().contains(needle)
+        })
+        .await;
+    }
+
+    /// The ledger file's bytes (empty when it does not exist).
+    pub fn file_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.file).unwrap_or_default()
+    }
+
+    /// The md5 hex of the ledger file; `None` when it does not exist.
+    pub fn file_md5(&self) -> Option<String> {
+        use md5::{Digest, Md5};
+        std::fs::read(&self.file)
+            .ok()
+            .map(|bytes| hex::encode(Md5::digest(&bytes)))
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- member log ({}) ---\n{}\n---",
+                self.dir.display(),
+                self.logs()
+            );
+        }
+    }
+}
+
+/// The outcome of one `member` operator command.
+#[derive(Debug)]
+pub struct CommandOutput {
+    /// The exit code (`None` when killed by a signal).
+    pub code: Option<i32>,
+    /// What it printed on stdout.
+    pub stdout: String,
+    /// What it printed on stderr.
+    pub stderr: String,
+}
+
+/// Runs `member ARGS` (an operator command) with `stdin`, failing the test after 60 s.
+pub async fn member_command(args: &[&str], stdin: Option<&str>) -> CommandOutput {
+    member_command_with_env(args, &[], stdin).await
+}
+
+/// Runs `member ARGS` with the environment variables `env` added (`LEDGER_MASTER` and
+/// `LEDGER_FILE` are unset otherwise).
+pub async fn member_command_with_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&str>,
+) -> CommandOutput {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(binary("member"))
+        .args(args)
+        .env_remove("LEDGER_MASTER")
+        .env_remove("LEDGER_FILE")
+        .env("LEDGER_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting a member command");
+    if let Some(text) = stdin {
+        let mut input = child.stdin.take().expect("piped stdin");
+        input
+            .write_all(text.as_bytes())
+            .await
+            .expect("writing stdin");
+        // Dropping it closes stdin: the command reads to its end.
+    }
+    let what = format!("member {}", args.join(" "));
+    let output = within(60, &what, child.wait_with_output())
+        .await
+        .expect("waiting for a member command");
+    CommandOutput {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Polls `check` every 50 ms until it holds, failing the test after `seconds`.
+pub async fn wait_until<F, Fut>(seconds: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    within(seconds, what, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
