@@ -50,3 +50,56 @@ pub async fn register(
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        Config::parse_from(std::iter::once("master").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn without_bind_ip_is_external_and_local_ip_internal() {
+        let config = config(&[
+            "--listen",
+            "10.0.0.5:32048",
+            "--external-addr",
+            "203.0.113.7:40048",
+            "--name",
+            "m1",
+        ]);
+        let policy = master_policy(&config, "10.0.0.5:32048".parse().unwrap());
+        assert_eq!(
+            policy.to_string(),
+            r#"{"master":{"name":"m1","company":"My Company","ip":"203.0.113.7","local_ip":"10.0.0.5","port":40048,"rest_port":32049}}"#
+        );
+    }
+
+    #[test]
+    fn without_external_address_ip_is_the_internal_one() {
+        let config = config(&["--listen", "10.0.0.5:32048"]);
+        let policy = master_policy(&config, "10.0.0.5:32048".parse().unwrap());
+        assert_eq!(policy["master"]["ip"], "10.0.0.5");
+        assert_eq!(policy["master"]["local_ip"], "10.0.0.5");
+        assert_eq!(policy["master"]["port"], 32048);
+    }
+
+    #[test]
+    fn with_bind_ip_is_internal_and_there_is_no_local_ip() {
+        let config = config(&[
+            "--listen",
+            "10.0.0.5:32048",
+            "--bind",
+            "--external-addr",
+            "203.0.113.7:40048",
+        ]);
+        let policy = master_policy(&config, "10.0.0.5:32048".parse().unwrap());
+        assert_eq!(
+            policy.to_string(),
+            r#"{"master":{"name":"master-node","company":"My Company","ip":"10.0.0.5","port":32048,"rest_port":32049}}"#
+        );
+    }
+}

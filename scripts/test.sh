@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: unit tests, the storage suite on SQLite and on a real
+# PostgreSQL server, and the end-to-end tests of the real master and member binaries.
+#
+# The PostgreSQL tests start a throwaway server from the PostgreSQL server binaries
+# (/usr/lib/postgresql/*/bin, or LEDGER_PG_BIN), or use LEDGER_TEST_POSTGRES_URL. On a machine
+# without them this script installs Debian's postgresql package when it can (root with apt-get)
+# and otherwise stops: the PostgreSQL tests never skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_postgres() {
+    [ -n "${LEDGER_TEST_POSTGRES_URL:-}" ] && return 0
+    [ -n "${LEDGER_PG_BIN:-}" ] && [ -x "${LEDGER_PG_BIN}/initdb" ] && return 0
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+
+if ! have_postgres; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "test.sh: installing the PostgreSQL server (apt-get install postgresql)" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    fi
+    have_postgres || {
+        echo "test.sh: no PostgreSQL server binaries: install postgresql or set LEDGER_TEST_POSTGRES_URL" >&2
+        exit 1
+    }
+fi
+command -v python3 >/dev/null || {
+    echo "test.sh: python3 is needed (the member tests read blockchain.json with json.loads)" >&2
+    exit 1
+}
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# The end-to-end tests start the binaries, so build them first.
+cargo build --workspace --bins
+cargo test --workspace 2>&1 | tee "$log"
+
+# Fail loudly if the PostgreSQL half of the suite did not run.
+pg_passed=$(grep -c -E '^test postgres::[a-z_0-9]+ \.\.\. ok$' "$log" || true)
+if [ "$pg_passed" -lt 20 ]; then
+    echo "test.sh: only $pg_passed PostgreSQL tests passed; expected the whole PostgreSQL suite" >&2
+    exit 1
+fi
+echo "test.sh: all tests passed ($pg_passed of them on PostgreSQL)"
