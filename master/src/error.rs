@@ -32,6 +32,9 @@ pub enum LedgerError {
     /// The master is stopping; the client should go to another master or retry.
     #[error("the master is shutting down")]
     ShuttingDown,
+    /// The upstream of a relay answered a forwarded write with this status.
+    #[error("upstream: {}", .0.message())]
+    Upstream(#[from] tonic::Status),
     /// The storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),

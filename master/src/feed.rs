@@ -1,45 +1,94 @@
-//! The change feed: fans every committed change out to the live subscribers.
+//! The change feed: fans every committed change out to the live subscribers, in seq order.
 //!
 //! One bounded broadcast ring holds the recent changes, each shared by every subscriber through
 //! an `Arc`, so memory does not grow with slow subscribers: a subscriber that falls more than the
 //! ring's capacity behind is told so by the ring and dropped (see [`crate::subscription`]).
+//!
+//! Changes reach the feed from this master's writer and, when several masters share one
+//! database, from the database's notifications; [`ChangeFeed::publish_committed`] orders both,
+//! reading from the storage whatever was committed in between, so the ring never holds a gap.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, watch};
 
-use crate::storage::Change;
+use crate::storage::{Change, Storage, StorageError};
+
+/// Changes read from the storage per query when filling a gap.
+const FILL_PAGE: usize = 1000;
 
 /// The fan-out hub of committed changes. Cloning gives another handle to the same feed.
 #[derive(Clone)]
 pub struct ChangeFeed {
     changes: broadcast::Sender<Arc<Change>>,
+    /// The seq of the last published change; the lock orders concurrent publishers.
+    published: Arc<Mutex<u64>>,
     head: Arc<watch::Sender<u64>>,
+    database_up: Arc<watch::Sender<bool>>,
 }
 
 impl ChangeFeed {
     /// A feed at `head_seq` that keeps up to `capacity` changes for subscribers that lag.
     pub fn new(head_seq: u64, capacity: usize) -> Self {
         let (changes, _) = broadcast::channel(capacity.max(1));
-        let (head, _) = watch::channel(head_seq);
         ChangeFeed {
             changes,
-            head: Arc::new(head),
+            published: Arc::new(Mutex::new(head_seq)),
+            head: Arc::new(watch::channel(head_seq).0),
+            database_up: Arc::new(watch::channel(true).0),
         }
     }
 
-    /// Publishes a committed change. Changes must be published in seq order, each once.
-    pub fn publish(&self, change: Change) {
+    /// Publishes committed `changes` (in seq order). Changes already published are skipped, and
+    /// changes committed before them but not yet published (by another master) are read from
+    /// `storage` and published first. Blocks while it reads.
+    pub fn publish_committed(
+        &self,
+        storage: &dyn Storage,
+        changes: impl IntoIterator<Item = Change>,
+    ) -> Result<(), StorageError> {
+        let mut published = self.published.lock().expect("feed lock");
+        for change in changes {
+            if change.seq <= *published {
+                continue;
+            }
+            while change.seq > *published + 1 {
+                let missing = storage.changes_after(*published, FILL_PAGE)?;
+                if missing.is_empty() {
+                    return Err(StorageError::Corrupt(format!(
+                        "change {} committed but changes after {} are missing",
+                        change.seq, *published
+                    )));
+                }
+                for missed in missing.into_iter().take_while(|c| c.seq < change.seq) {
+                    self.send(&mut published, missed);
+                }
+            }
+            self.send(&mut published, change);
+        }
+        Ok(())
+    }
+
+    /// Publishes every change committed after the last published one (by another master, or
+    /// while the database was out of reach). Returns the seq published last. Blocks.
+    pub fn catch_up(&self, storage: &dyn Storage) -> Result<u64, StorageError> {
+        loop {
+            let after = *self.published.lock().expect("feed lock");
+            let changes = storage.changes_after(after, FILL_PAGE)?;
+            let full = changes.len() == FILL_PAGE;
+            self.publish_committed(storage, changes)?;
+            if !full {
+                return Ok(*self.published.lock().expect("feed lock"));
+            }
+        }
+    }
+
+    fn send(&self, published: &mut u64, change: Change) {
+        *published = change.seq;
         let seq = change.seq;
         // An error only means that nobody listens right now, which is fine.
         let _ = self.changes.send(Arc::new(change));
-        self.head.send_if_modified(|head| {
-            let advanced = seq > *head;
-            if advanced {
-                *head = seq;
-            }
-            advanced
-        });
+        self.head.send_replace(seq);
     }
 
     /// A receiver of every change published from now on.
@@ -55,5 +104,21 @@ impl ChangeFeed {
     /// How many subscribers listen now.
     pub fn subscriber_count(&self) -> usize {
         self.changes.receiver_count()
+    }
+
+    /// Records whether the database answers; streams end when it stops answering, so that their
+    /// subscribers move to a master that can serve them.
+    pub fn set_database_up(&self, up: bool) {
+        self.database_up.send_replace(up);
+    }
+
+    /// Whether the database answered at the last check.
+    pub fn database_up(&self) -> bool {
+        *self.database_up.borrow()
+    }
+
+    /// A watch of [`ChangeFeed::database_up`].
+    pub fn watch_database(&self) -> watch::Receiver<bool> {
+        self.database_up.subscribe()
     }
 }

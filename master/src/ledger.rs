@@ -14,6 +14,9 @@ use crate::storage::{
 };
 use crate::subscription::{self, Event, SubscriptionContext, blocking};
 use crate::writer::Writer;
+use ledger_proto::pb;
+use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
+use tonic::transport::Channel;
 
 /// The page size of `ListPolicies` when the client names none, and the largest it may ask.
 pub const DEFAULT_PAGE_SIZE: usize = 1000;
@@ -53,19 +56,28 @@ pub struct LedgerInfo {
     pub oldest_replayable_seq: u64,
 }
 
-/// The ledger of a master.
+/// Where a ledger's inserts and deletes go.
+pub enum WritePath {
+    /// A master's own writer.
+    Local(Writer),
+    /// A relay's upstream (a master or another relay): writes are forwarded and the upstream's
+    /// answer, success or status, is returned as it is.
+    Upstream(LedgerServiceClient<Channel>),
+}
+
+/// The ledger of a master (or of a relay).
 pub struct Ledger {
-    writer: Writer,
+    writes: WritePath,
     subscriptions: SubscriptionContext,
     /// The digest costs a read of the whole ledger: keep the last one until the head moves.
     info_cache: Mutex<Option<LedgerInfo>>,
 }
 
 impl Ledger {
-    /// A ledger writing through `writer`, reading and streaming with `subscriptions`.
-    pub fn new(writer: Writer, subscriptions: SubscriptionContext) -> Self {
+    /// A ledger writing through `writes`, reading and streaming with `subscriptions`.
+    pub fn new(writes: WritePath, subscriptions: SubscriptionContext) -> Self {
         Ledger {
-            writer,
+            writes,
             subscriptions,
             info_cache: Mutex::new(None),
         }
@@ -82,9 +94,32 @@ impl Ledger {
 
     /// Completes the policy in `policy_json` and stores it; `host` is the client's address.
     pub async fn insert(&self, policy_json: &str, host: &str) -> Result<StoredPolicy, LedgerError> {
+        let writer = match &self.writes {
+            WritePath::Local(writer) => writer,
+            WritePath::Upstream(client) => {
+                let answer = client
+                    .clone()
+                    .insert_policy(pb::InsertPolicyRequest {
+                        policy_json: policy_json.to_string(),
+                    })
+                    .await?
+                    .into_inner();
+                let policy = answer.policy.ok_or_else(|| {
+                    LedgerError::Upstream(tonic::Status::internal(
+                        "the upstream answered no policy",
+                    ))
+                })?;
+                tracing::info!(id = %policy.id, seq = policy.seq, %host, "forwarded an insert upstream");
+                return Ok(StoredPolicy {
+                    id: policy.id,
+                    policy_type: policy.r#type,
+                    json: policy.json,
+                    seq: policy.seq,
+                });
+            }
+        };
         let completed = policy::complete(policy_json, chrono::Utc::now())?;
-        let change = self
-            .writer
+        let change = writer
             .submit(WriteOp::Insert(NewPolicy {
                 id: completed.id,
                 policy_type: completed.policy_type,
@@ -108,12 +143,24 @@ impl Ledger {
     /// Deletes the policy `id`; returns the seq of the delete.
     pub async fn delete(&self, id: &str, host: &str) -> Result<u64, LedgerError> {
         require_id(id)?;
-        let change = self
-            .writer
-            .submit(WriteOp::Delete { id: id.to_string() })
-            .await?;
-        tracing::info!(%id, seq = change.seq, %host, "deleted policy");
-        Ok(change.seq)
+        let seq = match &self.writes {
+            WritePath::Local(writer) => {
+                writer
+                    .submit(WriteOp::Delete { id: id.to_string() })
+                    .await?
+                    .seq
+            }
+            WritePath::Upstream(client) => {
+                client
+                    .clone()
+                    .delete_policy(pb::DeletePolicyRequest { id: id.to_string() })
+                    .await?
+                    .into_inner()
+                    .seq
+            }
+        };
+        tracing::info!(%id, seq, %host, "deleted policy");
+        Ok(seq)
     }
 
     /// The policy `id`.

@@ -6,14 +6,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ledger_proto::pb::ledger_service_server::LedgerServiceServer;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+
 use tonic::transport::Server;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::server::HealthReporter;
 
 use crate::config::Config;
 use crate::feed::ChangeFeed;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, WritePath};
 use crate::registration;
 use crate::service::LedgerGrpc;
 use crate::storage::{DieselStorage, Storage};
@@ -46,7 +50,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let streams_shutdown = CancellationToken::new();
     let ledger = Arc::new(Ledger::new(
-        writer,
+        WritePath::Local(writer),
         SubscriptionContext {
             storage,
             feed,
@@ -64,7 +68,42 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         registration::register(&ledger, &config, internal).await?;
     }
 
+    tracing::info!(
+        "listening on {local} (internal {internal}, external {})",
+        config.external_addr.unwrap_or(internal)
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
+    let result = serve(
+        ledger.clone(),
+        listener,
+        (health, health_service),
+        shutdown,
+        streams_shutdown,
+        config.shutdown_grace,
+    )
+    .await;
+    // The last handle to the writer goes with the ledger: the writer commits what is queued
+    // and stops.
+    drop(ledger);
+    tokio::task::spawn_blocking(move || writer_thread.join())
+        .await?
+        .map_err(|_| "the writer thread panicked")?;
+    result?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves `ledger` on `listener` (LedgerService, grpc.health.v1, reflection v1 and v1alpha)
+/// until `shutdown` completes; then stops accepting, ends the streams through
+/// `streams_shutdown`, and waits up to `grace` for in-flight calls. Masters and relays share it.
+pub async fn serve(
+    ledger: Arc<Ledger>,
+    listener: TcpListener,
+    (health, health_service): (HealthReporter, HealthServer<impl Health>),
+    shutdown: impl Future<Output = ()>,
+    streams_shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), StartError> {
     health
         .set_serving::<LedgerServiceServer<LedgerGrpc>>()
         .await;
@@ -76,18 +115,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .register_encoded_file_descriptor_set(ledger_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-
-    tracing::info!(
-        "listening on {local} (internal {internal}, external {})",
-        config.external_addr.unwrap_or(internal)
-    );
-    let grace = config.shutdown_grace;
     let mut serving = Box::pin(
         Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(LedgerServiceServer::new(LedgerGrpc::new(ledger.clone())))
+            .add_service(LedgerServiceServer::new(LedgerGrpc::new(ledger)))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 shutdown.await;
                 tracing::info!("shutting down: no new connections; ending streams");
@@ -105,14 +138,5 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Ok(())
         }
     };
-    drop(serving);
-    // The last handle to the writer goes with the ledger: the writer commits what is queued
-    // and stops.
-    drop(ledger);
-    tokio::task::spawn_blocking(move || writer_thread.join())
-        .await?
-        .map_err(|_| "the writer thread panicked")?;
-    result?;
-    tracing::info!("stopped");
-    Ok(())
+    Ok(result?)
 }

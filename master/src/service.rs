@@ -40,6 +40,8 @@ impl From<LedgerError> for Status {
             }
             LedgerError::SubscriberLagged { .. } => Status::resource_exhausted(message),
             LedgerError::ShuttingDown => Status::unavailable(message),
+            // A relay passes its upstream's answer on unchanged.
+            LedgerError::Upstream(status) => status,
             LedgerError::Storage(e) if e.is_unavailable() => Status::unavailable(message),
             LedgerError::Storage(e) => {
                 tracing::error!(error = %e, "storage failure");

@@ -84,18 +84,16 @@ fn run(
         let ops: Vec<WriteOp> = batch.iter().map(|r| r.op.clone()).collect();
         match storage.apply(&ops) {
             Ok(results) => {
-                let mut head = None;
+                let committed: Vec<_> = results.iter().flatten().cloned().collect();
+                let head = committed.last().map(|change| change.seq);
+                // Publish before answering, so that a client that saw its answer and then
+                // subscribes at the head misses nothing.
+                if let Err(e) = feed.publish_committed(&*storage, committed) {
+                    tracing::warn!(error = %e, "could not publish committed changes; streams will read them from the database");
+                }
                 for (request, result) in batch.drain(..).zip(results) {
-                    let answer = match result {
-                        Ok(change) => {
-                            head = Some(change.seq);
-                            feed.publish(change.clone());
-                            Ok(change)
-                        }
-                        Err(rejection) => Err(rejection.into()),
-                    };
                     // The caller may have gone (deadline, disconnect); the write stands anyway.
-                    let _ = request.reply.send(answer);
+                    let _ = request.reply.send(result.map_err(LedgerError::from));
                 }
                 if let (Some(head), Some(keep)) = (head, options.change_retention) {
                     let through = head.saturating_sub(keep);

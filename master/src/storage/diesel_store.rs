@@ -24,6 +24,9 @@ const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/po
 /// Held while migrating so that masters starting together on one PostgreSQL apply them once.
 const MIGRATION_LOCK_KEY: i64 = 0x4c45_4447_4552; // "LEDGER"
 
+/// The PostgreSQL channel on which a commit announces new changes to the other masters.
+pub const NOTIFY_CHANNEL: &str = "ledger_changes";
+
 const OP_INSERT: &str = "insert";
 const OP_DELETE: &str = "delete";
 
@@ -233,6 +236,64 @@ fn read_bounds(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
     })
 }
 
+fn set_head(c: &mut AnyConnection, head: u64) -> Result<(), StorageError> {
+    diesel::update(ledger_head::table.find(1))
+        .set(ledger_head::head_seq.eq(head as i64))
+        .execute(c)?;
+    Ok(())
+}
+
+fn insert_policy_row(
+    c: &mut AnyConnection,
+    policy: &StoredPolicy,
+    company: Option<&str>,
+    host: &str,
+    date: chrono::NaiveDateTime,
+) -> Result<(), StorageError> {
+    diesel::insert_into(ledger::table)
+        .values((
+            ledger::policy_type.eq(&policy.policy_type),
+            ledger::policy_id.eq(&policy.id),
+            ledger::company_name.eq(company),
+            ledger::date.eq(date),
+            ledger::host.eq(host),
+            ledger::policy.eq(&policy.json),
+            ledger::seq.eq(policy.seq as i64),
+        ))
+        .execute(c)?;
+    Ok(())
+}
+
+fn insert_change_row(
+    c: &mut AnyConnection,
+    change: &Change,
+    policy_type: &str,
+) -> Result<(), StorageError> {
+    let (op, id, json) = match &change.kind {
+        ChangeKind::Inserted(policy) => (OP_INSERT, &policy.id, Some(&policy.json)),
+        ChangeKind::Deleted { id } => (OP_DELETE, id, None),
+    };
+    diesel::insert_into(ledger_changes::table)
+        .values((
+            ledger_changes::seq.eq(change.seq as i64),
+            ledger_changes::op.eq(op),
+            ledger_changes::policy_id.eq(id),
+            ledger_changes::policy_type.eq(policy_type),
+            ledger_changes::policy.eq(json),
+        ))
+        .execute(c)?;
+    Ok(())
+}
+
+/// The `company` of a stored policy line, for the `company_name` column of a copied row.
+fn company_of(json: &str) -> Option<String> {
+    let (_, body) = ledger_proto::policy::parse_stored(json).ok()?;
+    body.get("company")?.as_str().map(str::to_string)
+}
+
+/// The `host` column of rows copied from upstream rather than inserted by a client.
+const REPLICATED_HOST: &str = "upstream";
+
 impl Storage for DieselStorage {
     fn apply(&self, ops: &[WriteOp]) -> Result<Vec<Result<Change, Rejection>>, StorageError> {
         let mut conn = self.conn()?;
@@ -255,35 +316,19 @@ impl Storage for DieselStorage {
                             continue;
                         }
                         head += 1;
-                        diesel::insert_into(ledger::table)
-                            .values((
-                                ledger::policy_type.eq(&p.policy_type),
-                                ledger::policy_id.eq(&p.id),
-                                ledger::company_name.eq(&p.company),
-                                ledger::date.eq(now),
-                                ledger::host.eq(&p.host),
-                                ledger::policy.eq(&p.json),
-                                ledger::seq.eq(head as i64),
-                            ))
-                            .execute(c)?;
-                        diesel::insert_into(ledger_changes::table)
-                            .values((
-                                ledger_changes::seq.eq(head as i64),
-                                ledger_changes::op.eq(OP_INSERT),
-                                ledger_changes::policy_id.eq(&p.id),
-                                ledger_changes::policy_type.eq(&p.policy_type),
-                                ledger_changes::policy.eq(&p.json),
-                            ))
-                            .execute(c)?;
-                        results.push(Ok(Change {
+                        let policy = StoredPolicy {
+                            id: p.id.clone(),
+                            policy_type: p.policy_type.clone(),
+                            json: p.json.clone(),
                             seq: head,
-                            kind: ChangeKind::Inserted(StoredPolicy {
-                                id: p.id.clone(),
-                                policy_type: p.policy_type.clone(),
-                                json: p.json.clone(),
-                                seq: head,
-                            }),
-                        }));
+                        };
+                        insert_policy_row(c, &policy, p.company.as_deref(), &p.host, now)?;
+                        let change = Change {
+                            seq: head,
+                            kind: ChangeKind::Inserted(policy),
+                        };
+                        insert_change_row(c, &change, &p.policy_type)?;
+                        results.push(Ok(change));
                     }
                     WriteOp::Delete { id } => {
                         let policy_type = ledger::table
@@ -298,26 +343,21 @@ impl Storage for DieselStorage {
                         head += 1;
                         diesel::delete(ledger::table.filter(ledger::policy_id.eq(id)))
                             .execute(c)?;
-                        diesel::insert_into(ledger_changes::table)
-                            .values((
-                                ledger_changes::seq.eq(head as i64),
-                                ledger_changes::op.eq(OP_DELETE),
-                                ledger_changes::policy_id.eq(id),
-                                ledger_changes::policy_type.eq(&policy_type),
-                                ledger_changes::policy.eq(None::<String>),
-                            ))
-                            .execute(c)?;
-                        results.push(Ok(Change {
+                        let change = Change {
                             seq: head,
                             kind: ChangeKind::Deleted { id: id.clone() },
-                        }));
+                        };
+                        insert_change_row(c, &change, &policy_type)?;
+                        results.push(Ok(change));
                     }
                 }
             }
             if head != start {
-                diesel::update(ledger_head::table.find(1))
-                    .set(ledger_head::head_seq.eq(head as i64))
-                    .execute(c)?;
+                set_head(c, head)?;
+                if matches!(&**c, AnyConnection::Postgres(_)) {
+                    // Delivered at commit: the other masters on this database publish the change.
+                    diesel::sql_query(format!("NOTIFY {NOTIFY_CHANNEL}")).execute(c)?;
+                }
             }
             Ok(results)
         })
@@ -452,6 +492,69 @@ impl Storage for DieselStorage {
                     break;
                 }
             }
+            Ok(())
+        })
+    }
+
+    fn replicate(&self, changes: &[Change]) -> Result<(), StorageError> {
+        let mut conn = self.conn()?;
+        conn.transaction(|c| {
+            let mut head = lock_head(c)?.head_seq;
+            let now = chrono::Utc::now().naive_utc();
+            for change in changes {
+                if change.seq != head + 1 {
+                    return Err(StorageError::Corrupt(format!(
+                        "replicated change {} does not follow the head {head}",
+                        change.seq
+                    )));
+                }
+                let policy_type = match &change.kind {
+                    ChangeKind::Inserted(policy) => {
+                        let company = company_of(&policy.json);
+                        insert_policy_row(c, policy, company.as_deref(), REPLICATED_HOST, now)?;
+                        policy.policy_type.clone()
+                    }
+                    ChangeKind::Deleted { id } => {
+                        let policy_type = ledger::table
+                            .filter(ledger::policy_id.eq(id))
+                            .select(ledger::policy_type)
+                            .first::<String>(c)
+                            .optional()?
+                            .ok_or_else(|| {
+                                StorageError::Corrupt(format!(
+                                    "replicated change {} deletes unknown policy {id:?}",
+                                    change.seq
+                                ))
+                            })?;
+                        diesel::delete(ledger::table.filter(ledger::policy_id.eq(id)))
+                            .execute(c)?;
+                        policy_type
+                    }
+                };
+                insert_change_row(c, change, &policy_type)?;
+                head = change.seq;
+            }
+            set_head(c, head)
+        })
+    }
+
+    fn replace(&self, seq: u64, policies: &[StoredPolicy]) -> Result<(), StorageError> {
+        let mut conn = self.conn()?;
+        conn.transaction(|c| {
+            lock_head(c)?;
+            diesel::delete(ledger::table).execute(c)?;
+            diesel::delete(ledger_changes::table).execute(c)?;
+            let now = chrono::Utc::now().naive_utc();
+            for policy in policies {
+                let company = company_of(&policy.json);
+                insert_policy_row(c, policy, company.as_deref(), REPLICATED_HOST, now)?;
+            }
+            diesel::update(ledger_head::table.find(1))
+                .set((
+                    ledger_head::head_seq.eq(seq as i64),
+                    ledger_head::pruned_seq.eq(seq as i64),
+                ))
+                .execute(c)?;
             Ok(())
         })
     }

@@ -176,6 +176,14 @@ pub trait Storage: Send + Sync + 'static {
         sink: &mut dyn FnMut(SnapshotPart) -> bool,
     ) -> Result<(), StorageError>;
 
+    /// Stores changes committed upstream with their own seqs (a relay's copy of a master's
+    /// ledger), in one transaction. The first must follow the head: `head_seq + 1`.
+    fn replicate(&self, changes: &[Change]) -> Result<(), StorageError>;
+
+    /// Replaces the whole ledger with `policies` at `seq` (a relay's copy after a reset), in one
+    /// transaction: the change log is emptied and nothing before `seq` is replayable.
+    fn replace(&self, seq: u64, policies: &[StoredPolicy]) -> Result<(), StorageError>;
+
     /// Drops the change-log entries up to `through_seq` (never beyond the head); subscribers
     /// behind it get a snapshot instead of a replay.
     fn prune_changes(&self, through_seq: u64) -> Result<(), StorageError>;
