@@ -63,6 +63,20 @@ pub struct Config {
     #[arg(long, env = "LEDGER_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
 
+    /// How long a call waits for a database connection before it is answered UNAVAILABLE.
+    #[arg(long, env = "LEDGER_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub db_timeout: Duration,
+
+    /// How often the master checks that its database answers; when it does not, the master
+    /// reports NOT_SERVING and ends its streams until it answers again.
+    #[arg(long, env = "LEDGER_DB_CHECK_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub db_check_interval: Duration,
+
+    /// PostgreSQL: how often the master reads the changes other masters committed even without
+    /// a notification (a fallback for a lost one; notifications are the main path).
+    #[arg(long, env = "LEDGER_NOTIFY_FALLBACK", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub notify_fallback: Duration,
+
     /// On SIGTERM, how long in-flight calls may take before the master exits anyway.
     #[arg(long, env = "LEDGER_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

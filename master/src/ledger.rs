@@ -83,7 +83,8 @@ impl Ledger {
         }
     }
 
-    fn storage(&self) -> &Arc<dyn Storage> {
+    /// The storage the ledger reads from.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.subscriptions.storage
     }
 
@@ -119,6 +120,7 @@ impl Ledger {
             }
         };
         let completed = policy::complete(policy_json, chrono::Utc::now())?;
+        self.require_database()?;
         let change = writer
             .submit(WriteOp::Insert(NewPolicy {
                 id: completed.id,
@@ -145,6 +147,7 @@ impl Ledger {
         require_id(id)?;
         let seq = match &self.writes {
             WritePath::Local(writer) => {
+                self.require_database()?;
                 writer
                     .submit(WriteOp::Delete { id: id.to_string() })
                     .await?
@@ -271,6 +274,18 @@ impl Ledger {
         after_seq: u64,
     ) -> impl Stream<Item = Result<Event, LedgerError>> + Send + 'static {
         subscription::subscribe(self.subscriptions.clone(), after_seq)
+    }
+}
+
+impl Ledger {
+    /// Fails fast while the database is known not to answer, instead of queueing a write that
+    /// would wait for a connection.
+    fn require_database(&self) -> Result<(), LedgerError> {
+        if self.feed().database_up() {
+            Ok(())
+        } else {
+            Err(StorageError::Unavailable("the master's database does not answer".into()).into())
+        }
     }
 }
 

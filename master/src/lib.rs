@@ -7,6 +7,8 @@
 pub mod config;
 pub mod error;
 pub mod feed;
+pub mod follower;
+pub mod health;
 pub mod ledger;
 pub mod registration;
 pub mod server;

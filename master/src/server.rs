@@ -20,9 +20,10 @@ use crate::feed::ChangeFeed;
 use crate::ledger::{Ledger, WritePath};
 use crate::registration;
 use crate::service::LedgerGrpc;
-use crate::storage::{DieselStorage, Storage};
+use crate::storage::{DatabaseUrl, DieselStorage, Storage};
 use crate::subscription::SubscriptionContext;
 use crate::writer::{Writer, WriterOptions};
+use crate::{follower, health};
 
 /// A failure that stops the master from starting or serving.
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
@@ -32,9 +33,12 @@ pub type StartError = Box<dyn std::error::Error + Send + Sync>;
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let url = config.database_url.clone();
     let pool_size = config.db_pool_size;
-    let storage = tokio::task::spawn_blocking(move || DieselStorage::open(&url, pool_size))
-        .await?
-        .map_err(|e| format!("cannot open the ledger at {}: {e}", config.database_url))?;
+    let db_timeout = config.db_timeout;
+    let storage = tokio::task::spawn_blocking(move || {
+        DieselStorage::open_with_timeout(&url, pool_size, db_timeout)
+    })
+    .await?
+    .map_err(|e| format!("cannot open the ledger at {}: {e}", config.database_url))?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     let bounds = storage.bounds()?;
     tracing::info!(database = %config.database_url, head_seq = bounds.head_seq, "ledger opened");
@@ -73,6 +77,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.external_addr.unwrap_or(internal)
     );
     let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(health::watch_database(
+        ledger.storage().clone(),
+        ledger.feed().clone(),
+        health.clone(),
+        config.db_check_interval,
+        streams_shutdown.clone(),
+    ));
+    if let DatabaseUrl::Postgres(url) = &config.database_url {
+        tokio::spawn(follower::follow(
+            url.clone(),
+            ledger.storage().clone(),
+            ledger.feed().clone(),
+            config.notify_fallback,
+            streams_shutdown.clone(),
+        ));
+    }
     let result = serve(
         ledger.clone(),
         listener,

@@ -77,6 +77,15 @@ enum Wake {
     Change(Result<Arc<Change>, broadcast::error::RecvError>),
     Idle,
     Shutdown,
+    DatabaseDown,
+}
+
+/// The error that ends a stream when the database stops answering.
+fn database_down() -> LedgerError {
+    StorageError::Unavailable(
+        "the master lost its database; resume on another master or later".into(),
+    )
+    .into()
 }
 
 /// The events of a subscription of a client that applied everything up to `after_seq`.
@@ -86,6 +95,11 @@ pub fn subscribe(
 ) -> impl Stream<Item = Result<Event, LedgerError>> + Send + 'static {
     async_stream::stream! {
         let mut live = ctx.feed.subscribe();
+        let mut database = ctx.feed.watch_database();
+        if !*database.borrow_and_update() {
+            yield Err(database_down());
+            return;
+        }
         let bounds = match blocking(&ctx.storage, |s| s.bounds()).await {
             Ok(bounds) => bounds,
             Err(e) => {
@@ -168,12 +182,17 @@ pub fn subscribe(
             let wake = tokio::select! {
                 biased;
                 _ = ctx.shutdown.cancelled() => Wake::Shutdown,
+                _ = database.wait_for(|up| !*up) => Wake::DatabaseDown,
                 received = live.recv() => Wake::Change(received),
                 _ = &mut idle => Wake::Idle,
             };
             match wake {
                 Wake::Shutdown => {
                     yield Err(LedgerError::ShuttingDown);
+                    return;
+                }
+                Wake::DatabaseDown => {
+                    yield Err(database_down());
                     return;
                 }
                 Wake::Idle => {

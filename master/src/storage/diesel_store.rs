@@ -142,8 +142,18 @@ pub struct DieselStorage {
 
 impl DieselStorage {
     /// Connects to `url`, applies the pending migrations and keeps a pool of up to `pool_size`
-    /// connections.
+    /// connections; a call waits up to 10 s for a connection.
     pub fn open(url: &DatabaseUrl, pool_size: u32) -> Result<Self, StorageError> {
+        Self::open_with_timeout(url, pool_size, Duration::from_secs(10))
+    }
+
+    /// [`DieselStorage::open`], with calls waiting up to `timeout` for a connection before they
+    /// fail as unavailable.
+    pub fn open_with_timeout(
+        url: &DatabaseUrl,
+        pool_size: u32,
+        timeout: Duration,
+    ) -> Result<Self, StorageError> {
         if let DatabaseUrl::Sqlite(path) = url {
             let mut conn = url
                 .connect()
@@ -155,7 +165,7 @@ impl DieselStorage {
         let pool = Pool::builder()
             .max_size(pool_size.max(2))
             .min_idle(Some(1))
-            .connection_timeout(Duration::from_secs(10))
+            .connection_timeout(timeout)
             .build(Manager(url.clone()))
             .map_err(|e| StorageError::Unavailable(format!("{url}: {e}")))?;
         let storage = DieselStorage {

@@ -7,7 +7,7 @@
 mod diesel_store;
 mod schema;
 
-pub use diesel_store::{DatabaseUrl, DieselStorage};
+pub use diesel_store::{DatabaseUrl, DieselStorage, NOTIFY_CHANNEL};
 
 /// A stored policy as the ledger serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,17 +130,33 @@ impl StorageError {
     /// that a statement is wrong.
     pub fn is_unavailable(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error};
-        matches!(
-            self,
-            StorageError::Unavailable(_)
-                | StorageError::Query(Error::DatabaseError(
-                    DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
-                    _,
-                ))
-                | StorageError::Query(Error::BrokenTransactionManager)
-        )
+        match self {
+            StorageError::Unavailable(_) => true,
+            StorageError::Query(Error::BrokenTransactionManager) => true,
+            StorageError::Query(Error::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                _,
+            )) => true,
+            // libpq reports a connection lost mid-statement, or ended by the server
+            // (57P01 admin shutdown), as an unclassified error: recognise it by its text.
+            StorageError::Query(Error::DatabaseError(_, info)) => {
+                let message = info.message();
+                CONNECTION_LOST.iter().any(|sign| message.contains(sign))
+            }
+            _ => false,
+        }
     }
 }
+
+/// What libpq's messages say when the connection, not the statement, failed.
+const CONNECTION_LOST: &[&str] = &[
+    "server closed the connection",
+    "terminating connection",
+    "no connection to the server",
+    "connection to server",
+    "could not receive data from server",
+    "could not send data to server",
+];
 
 /// The storage of a ledger. Methods block: async callers run them on the blocking pool.
 pub trait Storage: Send + Sync + 'static {
