@@ -4,10 +4,12 @@
 //! subcommands are the operator's tools (AnyLog's `blockchain insert`, `blockchain drop
 //! policy`, `blockchain get`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ledger_master::storage::DatabaseUrl;
 
 use crate::masters::MasterAddr;
 
@@ -70,6 +72,22 @@ pub struct DaemonArgs {
     /// The longest delay between reconnection attempts.
     #[arg(long, env = "LEDGER_RETRY_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     pub retry_max: Duration,
+
+    /// Makes the member a relay: it also serves the ledger (the master's API, same seqs) to
+    /// members below it on this address, HOST:PORT, and forwards their writes upstream.
+    #[arg(long, env = "LEDGER_SERVE", value_name = "ADDR")]
+    pub serve: Option<SocketAddr>,
+
+    /// The relay's mirror database, `sqlite://PATH` or `postgres://...`; by default a SQLite
+    /// file beside the ledger file, `<ledger file>.relay.db`.
+    #[arg(
+        long,
+        env = "LEDGER_RELAY_DATABASE_URL",
+        value_name = "URL",
+        requires = "serve",
+        value_parser = |text: &str| text.parse::<DatabaseUrl>()
+    )]
+    pub relay_database_url: Option<DatabaseUrl>,
 }
 
 /// The operator's commands. Each exits 0 on success; otherwise it prints one line on stderr

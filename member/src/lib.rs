@@ -4,7 +4,8 @@
 //!
 //! A change travels `sync` (the subscription, reconnects, backoff) → `replica` (checks the
 //! stream's order, groups a batch) → `ledger_file` (appends or rewrites the file crash-safely,
-//! with its `state` record beside it). See `member/README.md` for the file format, the
+//! with its `state` record beside it). With `--serve`, the member is also a `relay`: a `mirror`
+//! database fed from the same stream, served to members below with the master's code. See `member/README.md` for the file format, the
 //! crash-recovery protocol and the command line.
 
 #![warn(missing_docs)]
@@ -15,7 +16,9 @@ pub mod config;
 pub mod ledger_file;
 pub mod line;
 pub mod masters;
+pub mod mirror;
 pub mod paths;
+pub mod relay;
 pub mod replica;
 pub mod state;
 pub mod sync;

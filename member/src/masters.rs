@@ -48,21 +48,37 @@ impl MasterAddr {
 
     /// Connects, failing after `timeout`.
     pub async fn connect(&self, timeout: Duration) -> Result<Client, String> {
-        let endpoint = Endpoint::from_shared(self.uri.clone())
+        let endpoint = self.endpoint(timeout)?;
+        let channel = tokio::time::timeout(timeout, endpoint.connect())
+            .await
+            .map_err(|_| format!("no answer within {timeout:?}"))?
+            .map_err(|e| describe(&e))?;
+        Ok(client(channel))
+    }
+
+    /// A client that connects at its first call and reconnects after a failure, each call
+    /// bounded by `timeout`: a relay's long-lived path for forwarding writes.
+    pub fn lazy_client(&self, timeout: Duration) -> Result<Client, String> {
+        Ok(client(
+            self.endpoint(timeout)?.timeout(timeout).connect_lazy(),
+        ))
+    }
+
+    fn endpoint(&self, timeout: Duration) -> Result<Endpoint, String> {
+        Ok(Endpoint::from_shared(self.uri.clone())
             .map_err(|e| describe(&e))?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_INTERVAL)
-            .keep_alive_while_idle(true);
-        let channel = tokio::time::timeout(timeout, endpoint.connect())
-            .await
-            .map_err(|_| format!("no answer within {timeout:?}"))?
-            .map_err(|e| describe(&e))?;
-        Ok(LedgerServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+            .keep_alive_while_idle(true))
     }
+}
+
+fn client(channel: Channel) -> Client {
+    LedgerServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 impl fmt::Display for MasterAddr {

@@ -5,10 +5,14 @@
 //! batch of them is written with one commit (an append, or one rewrite when it deletes). A
 //! `reset` starts a snapshot in a temporary file that replaces the ledger only at its
 //! `caught_up`; a stream that breaks before leaves the ledger untouched.
+//!
+//! A relay also needs, for its mirror database, what the stream delivered with the seqs the
+//! file does not keep: a replica made with [`Replica::recording`] lists it as [`Delivered`].
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use ledger_master::storage::{Change, ChangeKind, StoredPolicy};
 use ledger_proto::pb;
 use ledger_proto::pb::stream_ledger_response::Event;
 
@@ -49,6 +53,23 @@ pub struct BatchReport {
     pub head: Option<u64>,
 }
 
+/// What the stream delivered that the file now holds, in stream order, with the master's seqs:
+/// what a relay's mirror is fed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// A live or replayed change that fits the file. It is listed even when the file already
+    /// held it (and skipped it): the mirror may be behind the file after a crash between the
+    /// two writes, and catches up from these.
+    Change(Change),
+    /// A snapshot the file installed at `seq`.
+    Snapshot {
+        /// The seq the snapshot shows.
+        seq: u64,
+        /// Its policies in ledger order, each with the seq that inserted it.
+        policies: Vec<StoredPolicy>,
+    },
+}
+
 /// A snapshot being received.
 struct Receiving {
     snapshot: Snapshot,
@@ -56,6 +77,8 @@ struct Receiving {
     expected: u64,
     started: Instant,
     reported: Instant,
+    /// The snapshot's policies with their seqs, kept only when recording for a relay.
+    policies: Option<Vec<StoredPolicy>>,
 }
 
 /// Changes of the current batch not yet written.
@@ -77,6 +100,8 @@ struct Pending {
 pub struct Replica {
     file: LedgerFile,
     receiving: Option<Receiving>,
+    /// What was delivered since the last [`Replica::take_delivered`]; `None` unless recording.
+    delivered: Option<Vec<Delivered>>,
 }
 
 impl Replica {
@@ -85,6 +110,32 @@ impl Replica {
         Replica {
             file,
             receiving: None,
+            delivered: None,
+        }
+    }
+
+    /// A replica writing to `file` that also lists what it was delivered (for a relay's
+    /// mirror; a snapshot is then held in memory until installed).
+    pub fn recording(file: LedgerFile) -> Replica {
+        Replica {
+            delivered: Some(Vec::new()),
+            ..Replica::new(file)
+        }
+    }
+
+    /// What was delivered since the last call, in stream order (empty unless recording).
+    /// Changes past the file's seq may be listed when a batch failed midway: the caller keeps
+    /// only those up to [`Replica::resume_seq`].
+    pub fn take_delivered(&mut self) -> Vec<Delivered> {
+        self.delivered
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn deliver(&mut self, delivered: Delivered) {
+        if let Some(list) = &mut self.delivered {
+            list.push(delivered);
         }
     }
 
@@ -180,11 +231,13 @@ impl Replica {
                     expected: reset.policy_count,
                     started: now,
                     reported: now,
+                    policies: self.delivered.as_ref().map(|_| Vec::new()),
                 });
                 report.reset = Some((reset.snapshot_seq, reset.policy_count));
             }
             Event::Inserted(policy) => {
                 let id = policy.id;
+                let policy_type = policy.r#type;
                 let line = PolicyLine::parse(policy.json).map_err(|e| {
                     ApplyError::Protocol(format!("policy {id:?} is not a valid line: {e}"))
                 })?;
@@ -194,14 +247,34 @@ impl Replica {
                         line.id
                     )));
                 }
+                let stored = |line: &PolicyLine| StoredPolicy {
+                    id: line.id.clone(),
+                    policy_type,
+                    json: line.text.clone(),
+                    seq,
+                };
                 if let Some(receiving) = &mut self.receiving {
+                    let policy = receiving.policies.as_ref().map(|_| stored(&line));
                     receiving.snapshot.push(line).map_err(|e| match e {
                         FileError::DuplicateInSnapshot(_) => ApplyError::Protocol(e.to_string()),
                         other => ApplyError::File(other),
                     })?;
-                } else if self.is_next(seq, pending)? {
-                    pending.insert(line, seq, &self.file)?;
-                    pending.advance(seq);
+                    if let (Some(policies), Some(policy)) = (&mut receiving.policies, policy) {
+                        policies.push(policy);
+                    }
+                } else {
+                    let next = self.is_next(seq, pending)?;
+                    let change = self.delivered.as_ref().map(|_| Change {
+                        seq,
+                        kind: ChangeKind::Inserted(stored(&line)),
+                    });
+                    if next {
+                        pending.insert(line, seq, &self.file)?;
+                        pending.advance(seq);
+                    }
+                    if let Some(change) = change {
+                        self.deliver(Delivered::Change(change));
+                    }
                 }
             }
             Event::DeletedId(id) => {
@@ -210,9 +283,16 @@ impl Replica {
                         "a delete (seq {seq}) inside a snapshot"
                     )));
                 }
+                let change = self.delivered.as_ref().map(|_| Change {
+                    seq,
+                    kind: ChangeKind::Deleted { id: id.clone() },
+                });
                 if self.is_next(seq, pending)? {
                     pending.delete(id, seq, &self.file)?;
                     pending.advance(seq);
+                }
+                if let Some(change) = change {
+                    self.deliver(Delivered::Change(change));
                 }
             }
             Event::CaughtUp(_) => {
@@ -236,6 +316,9 @@ impl Replica {
                         return Err(ApplyError::Protocol(problem));
                     }
                     self.file.install(receiving.snapshot, seq)?;
+                    if let Some(policies) = receiving.policies {
+                        self.deliver(Delivered::Snapshot { seq, policies });
+                    }
                     tracing::info!(
                         "installed the snapshot: {count} policies at seq {seq} (received in {:.1?})",
                         receiving.started.elapsed()

@@ -39,6 +39,24 @@ impl PostgresServer {
         })
     }
 
+    /// The URL of the server's `postgres` database, for administration.
+    pub fn admin_url(&self) -> String {
+        format!("{}/postgres", self.base_url)
+    }
+
+    /// Runs `sql` on the `postgres` database.
+    pub fn admin(&self, sql: &str) {
+        let mut admin = PgConnection::establish(&self.admin_url()).unwrap_or_else(|e| {
+            panic!(
+                "connecting to the test PostgreSQL at {}: {e}",
+                self.base_url
+            )
+        });
+        admin
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
     /// A new, empty database; returns its URL.
     pub fn create_database(&self) -> String {
         let name = format!(
