@@ -1,6 +1,7 @@
 //! The test harness: starts the real `master` (and `member`) binaries and a throwaway
 //! PostgreSQL server, and gives tests a client for them. Nothing here is a mock.
 
+pub mod client;
 pub mod member;
 pub mod postgres;
 pub mod process;

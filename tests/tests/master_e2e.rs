@@ -6,15 +6,13 @@ use std::time::Duration;
 
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
-use ledger_proto::pb::{
-    Condition, DeletePolicyRequest, GetLedgerInfoRequest, GetLedgerInfoResponse, GetPolicyRequest,
-    InsertPolicyRequest, ListPoliciesRequest, Policy, StreamLedgerRequest, StreamLedgerResponse,
+use ledger_proto::pb::{Condition, GetPolicyRequest, ListPoliciesRequest, Policy};
+use ledger_tests::client::{
+    Client, delete, info, insert, next, next_change, stream, until_caught_up,
 };
 use ledger_tests::{Master, PostgresServer, ledger_digest, within};
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Status, Streaming};
-
-type Client = LedgerServiceClient<Channel>;
 
 /// A master on a fresh database of `backend`, in its own directory.
 struct Fixture {
@@ -51,39 +49,6 @@ fn operator(n: usize) -> String {
     )
 }
 
-async fn insert(client: &mut Client, json: &str) -> Result<Policy, Status> {
-    within(30, "InsertPolicy", async {
-        client
-            .insert_policy(InsertPolicyRequest {
-                policy_json: json.to_string(),
-            })
-            .await
-            .map(|r| r.into_inner().policy.expect("a policy"))
-    })
-    .await
-}
-
-async fn delete(client: &mut Client, id: &str) -> Result<u64, Status> {
-    within(30, "DeletePolicy", async {
-        client
-            .delete_policy(DeletePolicyRequest { id: id.to_string() })
-            .await
-            .map(|r| r.into_inner().seq)
-    })
-    .await
-}
-
-async fn info(client: &mut Client) -> GetLedgerInfoResponse {
-    within(
-        30,
-        "GetLedgerInfo",
-        client.get_ledger_info(GetLedgerInfoRequest {}),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-}
-
 async fn list_all(
     client: &mut Client,
     policy_type: &str,
@@ -117,50 +82,6 @@ async fn list_all(
             return policies;
         }
         token = page.next_page_token;
-    }
-}
-
-async fn stream(client: &mut Client, after_seq: u64) -> Streaming<StreamLedgerResponse> {
-    within(
-        30,
-        "StreamLedger",
-        client.stream_ledger(StreamLedgerRequest { after_seq }),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-async fn next(
-    stream: &mut Streaming<StreamLedgerResponse>,
-) -> Result<StreamLedgerResponse, Status> {
-    within(30, "the next stream event", stream.message())
-        .await
-        .map(|m| m.expect("the stream does not end by itself"))
-}
-
-/// Reads up to `caught_up`; returns the events before it and the caught-up seq.
-async fn until_caught_up(
-    stream: &mut Streaming<StreamLedgerResponse>,
-) -> (Vec<StreamLedgerResponse>, u64) {
-    let mut events = Vec::new();
-    loop {
-        let event = next(stream).await.unwrap();
-        match event.event {
-            Some(Event::CaughtUp(_)) => return (events, event.seq),
-            Some(Event::Progress(_)) => {}
-            _ => events.push(event),
-        }
-    }
-}
-
-/// The next change (inserted or deleted), skipping progress messages.
-async fn next_change(stream: &mut Streaming<StreamLedgerResponse>) -> StreamLedgerResponse {
-    loop {
-        let event = next(stream).await.unwrap();
-        if !matches!(event.event, Some(Event::Progress(_))) {
-            return event;
-        }
     }
 }
 

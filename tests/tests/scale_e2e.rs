@@ -7,18 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
-use ledger_proto::pb::{
-    GetLedgerInfoRequest, GetPolicyRequest, InsertPolicyRequest, StreamLedgerRequest,
-    StreamLedgerResponse,
-};
+use ledger_proto::pb::{GetLedgerInfoRequest, GetPolicyRequest};
+use ledger_tests::client::{Client, next_change, stream, until_caught_up};
 use ledger_tests::{Master, Member, PostgresServer, wait_until, within};
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Streaming};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-type Client = LedgerServiceClient<Channel>;
 
 /// Masters on one fresh PostgreSQL database, each in its own directory.
 struct Cluster {
@@ -46,42 +42,9 @@ fn cluster(count: usize, args: &[&str]) -> Cluster {
 }
 
 async fn insert(client: &mut Client, json: &str) -> Result<String, tonic::Status> {
-    within(30, "InsertPolicy", async {
-        client
-            .insert_policy(InsertPolicyRequest {
-                policy_json: json.to_string(),
-            })
-            .await
-            .map(|r| r.into_inner().policy.unwrap().id)
-    })
-    .await
-}
-
-async fn stream(client: &mut Client, after_seq: u64) -> Streaming<StreamLedgerResponse> {
-    within(
-        30,
-        "StreamLedger",
-        client.stream_ledger(StreamLedgerRequest { after_seq }),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-/// The next insert or delete of a stream (progress and caught_up skipped).
-async fn next_change(events: &mut Streaming<StreamLedgerResponse>) -> StreamLedgerResponse {
-    loop {
-        let event = within(30, "the next change", events.message())
-            .await
-            .unwrap()
-            .expect("the stream goes on");
-        if matches!(
-            event.event,
-            Some(Event::Inserted(_)) | Some(Event::DeletedId(_))
-        ) {
-            return event;
-        }
-    }
+    ledger_tests::client::insert(client, json)
+        .await
+        .map(|p| p.id)
 }
 
 async fn digest(client: &mut Client) -> (u64, String) {
@@ -110,15 +73,7 @@ async fn three_masters_serve_one_ledger_live() {
     for master in &cluster.masters {
         let mut client = master.client().await;
         let mut events = stream(&mut client, 0).await;
-        loop {
-            let event = within(30, "caught_up", events.message())
-                .await
-                .unwrap()
-                .unwrap();
-            if matches!(event.event, Some(Event::CaughtUp(_))) {
-                break;
-            }
-        }
+        until_caught_up(&mut events).await;
         streams.push(events);
         clients.push(client);
     }
@@ -402,15 +357,7 @@ async fn a_master_without_its_database_is_not_serving_and_recovers_by_itself() {
     let mut client = LedgerServiceClient::new(channel.clone());
     insert(&mut client, &config(1, 1)).await.unwrap();
     let mut events = stream(&mut client, 0).await;
-    loop {
-        let event = within(30, "caught_up", events.message())
-            .await
-            .unwrap()
-            .unwrap();
-        if matches!(event.event, Some(Event::CaughtUp(_))) {
-            break;
-        }
-    }
+    until_caught_up(&mut events).await;
     assert_eq!(
         health_of(&channel).await,
         Some(ServingStatus::Serving as i32)

@@ -1,0 +1,100 @@
+//! Calls to a running master (or relay) through the generated client, each bounded in time.
+
+use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
+use ledger_proto::pb::stream_ledger_response::Event;
+use ledger_proto::pb::{
+    DeletePolicyRequest, GetLedgerInfoRequest, GetLedgerInfoResponse, InsertPolicyRequest, Policy,
+    StreamLedgerRequest, StreamLedgerResponse,
+};
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+use crate::within;
+
+/// The generated client over a tonic channel.
+pub type Client = LedgerServiceClient<Channel>;
+
+/// `InsertPolicy`: the stored policy or the status.
+pub async fn insert(client: &mut Client, json: &str) -> Result<Policy, Status> {
+    within(30, "InsertPolicy", async {
+        client
+            .insert_policy(InsertPolicyRequest {
+                policy_json: json.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner().policy.expect("a policy"))
+    })
+    .await
+}
+
+/// `DeletePolicy`: the seq of the delete or the status.
+pub async fn delete(client: &mut Client, id: &str) -> Result<u64, Status> {
+    within(30, "DeletePolicy", async {
+        client
+            .delete_policy(DeletePolicyRequest { id: id.to_string() })
+            .await
+            .map(|r| r.into_inner().seq)
+    })
+    .await
+}
+
+/// `GetLedgerInfo`, which must succeed.
+pub async fn info(client: &mut Client) -> GetLedgerInfoResponse {
+    within(
+        30,
+        "GetLedgerInfo",
+        client.get_ledger_info(GetLedgerInfoRequest {}),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Opens `StreamLedger` after `after_seq`.
+pub async fn stream(client: &mut Client, after_seq: u64) -> Streaming<StreamLedgerResponse> {
+    within(
+        30,
+        "StreamLedger",
+        client.stream_ledger(StreamLedgerRequest { after_seq }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// The next event of a stream, or the status that ended it.
+pub async fn next(
+    stream: &mut Streaming<StreamLedgerResponse>,
+) -> Result<StreamLedgerResponse, Status> {
+    within(30, "the next stream event", stream.message())
+        .await
+        .map(|m| m.expect("the stream does not end by itself"))
+}
+
+/// Reads up to `caught_up`; returns the events before it (progress left out) and its seq.
+pub async fn until_caught_up(
+    stream: &mut Streaming<StreamLedgerResponse>,
+) -> (Vec<StreamLedgerResponse>, u64) {
+    let mut events = Vec::new();
+    loop {
+        let event = next(stream).await.unwrap();
+        match event.event {
+            Some(Event::CaughtUp(_)) => return (events, event.seq),
+            Some(Event::Progress(_)) => {}
+            _ => events.push(event),
+        }
+    }
+}
+
+/// The next insert or delete of a stream; progress and caught_up are skipped.
+pub async fn next_change(stream: &mut Streaming<StreamLedgerResponse>) -> StreamLedgerResponse {
+    loop {
+        let event = next(stream).await.unwrap();
+        if matches!(
+            event.event,
+            Some(Event::Inserted(_)) | Some(Event::DeletedId(_))
+        ) {
+            return event;
+        }
+    }
+}
