@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::cli::LogFormat;
 use crate::storage::DatabaseUrl;
 
 /// The Ledger master: stores the network's policies and streams every change to the members.
@@ -41,9 +42,22 @@ pub struct Config {
     #[arg(long, env = "LEDGER_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub progress_interval: Duration,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "LEDGER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Log filter, as RUST_LOG: a level (info, debug) or per-module directives.
     #[arg(long, env = "LEDGER_LOG", default_value = "info")]
     pub log_level: String,
+
+    /// Log format: human-readable text, or one JSON object a line for collectors.
+    #[arg(long, env = "LEDGER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// A TOML file of settings named like the flags (`database-url = "sqlite://x.db"`);
+    /// flags and environment variables win over it.
+    #[arg(long, env = "LEDGER_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
 
     /// How many changes a subscriber may fall behind the live feed before it is disconnected
     /// with RESOURCE_EXHAUSTED (it then resumes from its seq).

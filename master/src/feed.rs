@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, watch};
 
-use crate::storage::{Change, Storage, StorageError};
+use crate::metrics;
+use crate::storage::{Change, ChangeKind, Storage, StorageError};
 
 /// Changes read from the storage per query when filling a gap.
 const FILL_PAGE: usize = 1000;
@@ -86,6 +87,11 @@ impl ChangeFeed {
     fn send(&self, published: &mut u64, change: Change) {
         *published = change.seq;
         let seq = change.seq;
+        metrics::head(seq);
+        metrics::policies_changed(match change.kind {
+            ChangeKind::Inserted(_) => 1.0,
+            ChangeKind::Deleted { .. } => -1.0,
+        });
         // An error only means that nobody listens right now, which is fine.
         let _ = self.changes.send(Arc::new(change));
         self.head.send_replace(seq);
@@ -109,6 +115,7 @@ impl ChangeFeed {
     /// Records whether the database answers; streams end when it stops answering, so that their
     /// subscribers move to a master that can serve them.
     pub fn set_database_up(&self, up: bool) {
+        metrics::database_up(up);
         self.database_up.send_replace(up);
     }
 

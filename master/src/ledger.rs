@@ -9,6 +9,7 @@ use tokio_stream::Stream;
 
 use crate::error::LedgerError;
 use crate::feed::ChangeFeed;
+use crate::metrics;
 use crate::storage::{
     ChangeKind, NewPolicy, SnapshotPart, Storage, StorageError, StoredPolicy, WriteOp,
 };
@@ -95,6 +96,17 @@ impl Ledger {
 
     /// Completes the policy in `policy_json` and stores it; `host` is the client's address.
     pub async fn insert(&self, policy_json: &str, host: &str) -> Result<StoredPolicy, LedgerError> {
+        let started = std::time::Instant::now();
+        let result = self.insert_policy(policy_json, host).await;
+        metrics::insert_done(&result, started.elapsed());
+        result
+    }
+
+    async fn insert_policy(
+        &self,
+        policy_json: &str,
+        host: &str,
+    ) -> Result<StoredPolicy, LedgerError> {
         let writer = match &self.writes {
             WritePath::Local(writer) => writer,
             WritePath::Upstream(client) => {
@@ -144,6 +156,12 @@ impl Ledger {
 
     /// Deletes the policy `id`; returns the seq of the delete.
     pub async fn delete(&self, id: &str, host: &str) -> Result<u64, LedgerError> {
+        let result = self.delete_policy(id, host).await;
+        metrics::delete_done(&result);
+        result
+    }
+
+    async fn delete_policy(&self, id: &str, host: &str) -> Result<u64, LedgerError> {
         require_id(id)?;
         let seq = match &self.writes {
             WritePath::Local(writer) => {

@@ -4,12 +4,14 @@
 //! commit) → `storage` (diesel: SQLite or PostgreSQL) → `feed` (fan-out) → `subscription` (one
 //! stream per member). See ARCHITECTURE.md.
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod feed;
 pub mod follower;
 pub mod health;
 pub mod ledger;
+pub mod metrics;
 pub mod registration;
 pub mod server;
 pub mod service;

@@ -1,26 +1,24 @@
 //! `master`: serves the Ledger API on a SQLite or PostgreSQL ledger.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+use ledger_master::cli;
 use ledger_master::config::Config;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let config = Config::parse();
-    let filter = match EnvFilter::try_new(&config.log_level) {
-        Ok(filter) => filter,
-        Err(e) => {
-            eprintln!("master: invalid --log-level {:?}: {e}", config.log_level);
-            return ExitCode::from(2);
-        }
+    if let Err(e) = cli::apply_config_file(&Config::command()) {
+        eprintln!("master: {e}");
+        return ExitCode::from(2);
+    }
+    let config = match Config::from_arg_matches(&Config::command().get_matches()) {
+        Ok(config) => config,
+        Err(e) => e.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    if let Err(e) = cli::init_logging(&config.log_level, config.log_format) {
+        eprintln!("master: {e}");
+        return ExitCode::from(2);
+    }
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();

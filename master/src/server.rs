@@ -23,7 +23,7 @@ use crate::service::LedgerGrpc;
 use crate::storage::{DatabaseUrl, DieselStorage, Storage};
 use crate::subscription::SubscriptionContext;
 use crate::writer::{Writer, WriterOptions};
-use crate::{follower, health};
+use crate::{follower, health, metrics};
 
 /// A failure that stops the master from starting or serving.
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,6 +31,10 @@ pub type StartError = Box<dyn std::error::Error + Send + Sync>;
 /// Runs the master described by `config` until `shutdown` completes, then stops accepting,
 /// ends the streams, finishes the in-flight calls and commits the queued writes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    if let Some(addr) = config.metrics_addr {
+        metrics::install(addr)?;
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
     let url = config.database_url.clone();
     let pool_size = config.db_pool_size;
     let db_timeout = config.db_timeout;
@@ -41,7 +45,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     .map_err(|e| format!("cannot open the ledger at {}: {e}", config.database_url))?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     let bounds = storage.bounds()?;
-    tracing::info!(database = %config.database_url, head_seq = bounds.head_seq, "ledger opened");
+    let policy_count = storage.policy_count()?;
+    metrics::head(bounds.head_seq);
+    metrics::policies(policy_count);
+    metrics::database_up(true);
+    tracing::info!(database = %config.database_url, head_seq = bounds.head_seq, policy_count, "ledger opened");
 
     let feed = ChangeFeed::new(bounds.head_seq, config.subscriber_buffer);
     let (writer, writer_thread) = Writer::start(

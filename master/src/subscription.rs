@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::LedgerError;
 use crate::feed::ChangeFeed;
+use crate::metrics;
 use crate::storage::{Change, SnapshotPart, Storage, StorageError, StoredPolicy};
 
 /// Policies or changes read from the storage per query.
@@ -72,6 +73,22 @@ where
         .map_err(LedgerError::from)
 }
 
+/// Counts a subscription in the `ledger_subscribers` gauge for as long as it lives.
+struct SubscriberGauge;
+
+impl SubscriberGauge {
+    fn new() -> Self {
+        metrics::subscribers_changed(1.0);
+        SubscriberGauge
+    }
+}
+
+impl Drop for SubscriberGauge {
+    fn drop(&mut self) {
+        metrics::subscribers_changed(-1.0);
+    }
+}
+
 /// What woke the live loop up.
 enum Wake {
     Change(Result<Arc<Change>, broadcast::error::RecvError>),
@@ -94,6 +111,7 @@ pub fn subscribe(
     after_seq: u64,
 ) -> impl Stream<Item = Result<Event, LedgerError>> + Send + 'static {
     async_stream::stream! {
+        let _counted = SubscriberGauge::new();
         let mut live = ctx.feed.subscribe();
         let mut database = ctx.feed.watch_database();
         if !*database.borrow_and_update() {
@@ -228,6 +246,8 @@ pub fn subscribe(
                     yield Ok(Event::Change(change));
                 }
                 Wake::Change(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                    metrics::subscriber_dropped();
+                    tracing::warn!(missed, resume_after = last, "disconnecting a subscriber that fell behind");
                     yield Err(LedgerError::SubscriberLagged { missed, resume_after: last });
                     return;
                 }

@@ -456,6 +456,11 @@ impl Storage for DieselStorage {
         read_bounds(&mut *self.conn()?)
     }
 
+    fn policy_count(&self) -> Result<u64, StorageError> {
+        let count: i64 = ledger::table.count().get_result(&mut *self.conn()?)?;
+        Ok(count as u64)
+    }
+
     fn snapshot(
         &self,
         page_size: usize,

@@ -184,6 +184,9 @@ pub trait Storage: Send + Sync + 'static {
     /// The head seq and the pruned prefix of the change log.
     fn bounds(&self) -> Result<Bounds, StorageError>;
 
+    /// How many policies the ledger holds (a full count: not for hot paths).
+    fn policy_count(&self) -> Result<u64, StorageError>;
+
     /// Reads the whole ledger at one consistent seq: `sink` gets a [`SnapshotPart::Start`], then
     /// pages of up to `page_size` policies. Stops early, without error, when `sink` returns false.
     fn snapshot(
