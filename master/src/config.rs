@@ -1,6 +1,7 @@
 //! The master's command line; every flag has an environment variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -94,6 +95,56 @@ pub struct Config {
     /// On SIGTERM, how long in-flight calls may take before the master exits anyway.
     #[arg(long, env = "LEDGER_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// TLS: the server certificate chain (PEM). With --tls-key, the master speaks only TLS.
+    #[arg(long, env = "LEDGER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS: the server's private key (PEM).
+    #[arg(long, env = "LEDGER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// mTLS: clients must present a certificate signed by this CA (PEM); its common name can
+    /// carry a role (see --auth-file).
+    #[arg(long, env = "LEDGER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// mTLS: accept clients without a certificate too (they then need a token).
+    #[arg(long, env = "LEDGER_TLS_CLIENT_OPTIONAL", requires = "tls_client_ca")]
+    pub tls_client_optional: bool,
+
+    /// Who may call: a TOML file of `[[token]]` (name, role, sha256 of the token) and
+    /// `[[subject]]` (cn of a client certificate, role) entries. Without it anyone may write.
+    #[arg(long, env = "LEDGER_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// The largest policy accepted, in bytes of JSON text.
+    #[arg(long, env = "LEDGER_MAX_POLICY_BYTES", default_value_t = 1 << 20)]
+    pub max_policy_bytes: usize,
+
+    /// The deepest nesting of objects and arrays accepted in a policy.
+    #[arg(long, env = "LEDGER_MAX_POLICY_DEPTH", default_value_t = 64, value_parser = clap::value_parser!(u16).range(2..=120))]
+    pub max_policy_depth: u16,
+
+    /// The largest gRPC message accepted, in bytes.
+    #[arg(long, env = "LEDGER_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
+
+    /// The most streams open at once.
+    #[arg(long, env = "LEDGER_MAX_STREAMS", default_value_t = 10_000)]
+    pub max_streams: usize,
+
+    /// The most streams open at once from one client address.
+    #[arg(long, env = "LEDGER_MAX_STREAMS_PER_CLIENT", default_value_t = 64)]
+    pub max_streams_per_client: usize,
+
+    /// HTTP/2 keepalive: ping an idle connection this often, so that NATs keep long idle streams.
+    #[arg(long, env = "LEDGER_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// HTTP/2 keepalive: drop a connection whose ping is not answered within this.
+    #[arg(long, env = "LEDGER_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
 
     /// Insert this master's own `master` policy at start unless it exists (AnyLog's step 5).
     #[arg(long, env = "LEDGER_REGISTER")]

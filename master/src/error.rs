@@ -29,6 +29,12 @@ pub enum LedgerError {
         /// The last seq it was sent, to resume from.
         resume_after: u64,
     },
+    /// The caller is not allowed.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    /// Too many streams are open.
+    #[error("too many streams: {0}")]
+    TooManyStreams(String),
     /// The master is stopping; the client should go to another master or retry.
     #[error("the master is shutting down")]
     ShuttingDown,

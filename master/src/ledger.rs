@@ -66,9 +66,28 @@ pub enum WritePath {
     Upstream(LedgerServiceClient<Channel>),
 }
 
+/// How large and how deeply nested a policy may be.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyLimits {
+    /// The largest policy text, in bytes.
+    pub max_bytes: usize,
+    /// The deepest nesting of objects and arrays.
+    pub max_depth: usize,
+}
+
+impl Default for PolicyLimits {
+    fn default() -> Self {
+        PolicyLimits {
+            max_bytes: 1 << 20,
+            max_depth: 64,
+        }
+    }
+}
+
 /// The ledger of a master (or of a relay).
 pub struct Ledger {
     writes: WritePath,
+    limits: PolicyLimits,
     subscriptions: SubscriptionContext,
     /// The digest costs a read of the whole ledger: keep the last one until the head moves.
     info_cache: Mutex<Option<LedgerInfo>>,
@@ -79,9 +98,16 @@ impl Ledger {
     pub fn new(writes: WritePath, subscriptions: SubscriptionContext) -> Self {
         Ledger {
             writes,
+            limits: PolicyLimits::default(),
             subscriptions,
             info_cache: Mutex::new(None),
         }
+    }
+
+    /// The same ledger with other policy limits.
+    pub fn with_policy_limits(mut self, limits: PolicyLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The storage the ledger reads from.
@@ -107,6 +133,11 @@ impl Ledger {
         policy_json: &str,
         host: &str,
     ) -> Result<StoredPolicy, LedgerError> {
+        crate::limits::check_policy_text(
+            policy_json,
+            self.limits.max_bytes,
+            self.limits.max_depth,
+        )?;
         let writer = match &self.writes {
             WritePath::Local(writer) => writer,
             WritePath::Upstream(client) => {

@@ -4,6 +4,7 @@
 //! commit) → `storage` (diesel: SQLite or PostgreSQL) → `feed` (fan-out) → `subscription` (one
 //! stream per member). See ARCHITECTURE.md.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod feed;
 pub mod follower;
 pub mod health;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod registration;
 pub mod server;

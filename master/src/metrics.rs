@@ -36,6 +36,7 @@ fn outcome<T>(result: &Result<T, LedgerError>) -> &'static str {
         }
         Err(LedgerError::Storage(e)) if e.is_unavailable() => "unavailable",
         Err(LedgerError::ShuttingDown) => "unavailable",
+        Err(LedgerError::Auth(_)) => "denied",
         Err(_) => "error",
     }
 }

@@ -11,15 +11,17 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 
+use crate::auth::Authorizer;
 use crate::config::Config;
 use crate::feed::ChangeFeed;
-use crate::ledger::{Ledger, WritePath};
+use crate::ledger::{Ledger, PolicyLimits, WritePath};
+use crate::limits::StreamLimiter;
 use crate::registration;
-use crate::service::LedgerGrpc;
+use crate::service::{Access, LedgerGrpc};
 use crate::storage::{DatabaseUrl, DieselStorage, Storage};
 use crate::subscription::SubscriptionContext;
 use crate::writer::{Writer, WriterOptions};
@@ -61,15 +63,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
     );
     let streams_shutdown = CancellationToken::new();
-    let ledger = Arc::new(Ledger::new(
-        WritePath::Local(writer),
-        SubscriptionContext {
-            storage,
-            feed,
-            progress_interval: config.progress_interval,
-            shutdown: streams_shutdown.clone(),
-        },
-    ));
+    let ledger = Arc::new(
+        Ledger::new(
+            WritePath::Local(writer),
+            SubscriptionContext {
+                storage,
+                feed,
+                progress_interval: config.progress_interval,
+                shutdown: streams_shutdown.clone(),
+            },
+        )
+        .with_policy_limits(PolicyLimits {
+            max_bytes: config.max_policy_bytes,
+            max_depth: config.max_policy_depth as usize,
+        }),
+    );
 
     let listener = TcpListener::bind(config.bind_addr())
         .await
@@ -101,13 +109,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             streams_shutdown.clone(),
         ));
     }
-    let result = serve(
+    let options = ServeOptions::from_config(&config)?;
+    let result = serve_with(
+        options,
         ledger.clone(),
         listener,
         (health, health_service),
         shutdown,
         streams_shutdown,
-        config.shutdown_grace,
     )
     .await;
     // The last handle to the writer goes with the ledger: the writer commits what is queued
@@ -121,17 +130,115 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
+/// How a server listens and whom it lets in.
+pub struct ServeOptions {
+    /// TLS (and mTLS) settings; plaintext without.
+    pub tls: Option<ServerTlsConfig>,
+    /// Who may call and how many streams may be open.
+    pub access: Access,
+    /// The largest gRPC message accepted.
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive ping interval and timeout.
+    pub keepalive: (Duration, Duration),
+    /// How long in-flight calls may take after the shutdown signal.
+    pub grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            tls: None,
+            access: Access::default(),
+            max_message_bytes: 4 << 20,
+            keepalive: (Duration::from_secs(30), Duration::from_secs(10)),
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServeOptions {
+    /// The options a master's command line asks for; reads the TLS and auth files.
+    pub fn from_config(config: &Config) -> Result<Self, StartError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let mut tls = ServerTlsConfig::new().identity(
+                    tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+                );
+                if let Some(ca) = &config.tls_client_ca {
+                    tls = tls
+                        .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
+                        .client_auth_optional(config.tls_client_optional);
+                }
+                Some(tls)
+            }
+            _ => None,
+        };
+        let authorizer = match &config.auth_file {
+            Some(path) => Some(Arc::new(Authorizer::load(path)?)),
+            None => {
+                tracing::warn!(
+                    "NO AUTHENTICATION CONFIGURED: anyone who reaches this master can insert and delete policies; use --auth-file (and TLS) outside a lab"
+                );
+                None
+            }
+        };
+        if tls.is_none() && authorizer.is_some() {
+            tracing::warn!(
+                "tokens are checked but travel in clear text: configure --tls-cert and --tls-key"
+            );
+        }
+        Ok(ServeOptions {
+            tls,
+            access: Access {
+                authorizer,
+                streams: StreamLimiter::new(config.max_streams, config.max_streams_per_client),
+            },
+            max_message_bytes: config.max_message_bytes,
+            keepalive: (config.keepalive_interval, config.keepalive_timeout),
+            grace: config.shutdown_grace,
+        })
+    }
+}
+
 /// Serves `ledger` on `listener` (LedgerService, grpc.health.v1, reflection v1 and v1alpha)
 /// until `shutdown` completes; then stops accepting, ends the streams through
-/// `streams_shutdown`, and waits up to `grace` for in-flight calls. Masters and relays share it.
+/// `streams_shutdown`, and waits up to `grace` for in-flight calls. Plaintext, open to anyone.
 pub async fn serve(
+    ledger: Arc<Ledger>,
+    listener: TcpListener,
+    health: (HealthReporter, HealthServer<impl Health>),
+    shutdown: impl Future<Output = ()>,
+    streams_shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), StartError> {
+    let options = ServeOptions {
+        grace,
+        ..ServeOptions::default()
+    };
+    serve_with(
+        options,
+        ledger,
+        listener,
+        health,
+        shutdown,
+        streams_shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with TLS, access control and limits. Masters and relays share it.
+pub async fn serve_with(
+    options: ServeOptions,
     ledger: Arc<Ledger>,
     listener: TcpListener,
     (health, health_service): (HealthReporter, HealthServer<impl Health>),
     shutdown: impl Future<Output = ()>,
     streams_shutdown: CancellationToken,
-    grace: Duration,
 ) -> Result<(), StartError> {
+    let grace = options.grace;
     health
         .set_serving::<LedgerServiceServer<LedgerGrpc>>()
         .await;
@@ -143,12 +250,23 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(ledger_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(options.keepalive.0))
+        .http2_keepalive_timeout(Some(options.keepalive.1))
+        .tcp_keepalive(Some(options.keepalive.0));
+    if let Some(tls) = options.tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| format!("invalid TLS settings: {e}"))?;
+    }
+    let service = LedgerServiceServer::new(LedgerGrpc::with_access(ledger, options.access))
+        .max_decoding_message_size(options.max_message_bytes);
     let mut serving = Box::pin(
-        Server::builder()
+        builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(LedgerServiceServer::new(LedgerGrpc::new(ledger)))
+            .add_service(service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 shutdown.await;
                 tracing::info!("shutting down: no new connections; ending streams");

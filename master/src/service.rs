@@ -9,20 +9,73 @@ use ledger_proto::pb::ledger_service_server::LedgerService;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{AuthError, Authorizer, Role, certificate_common_name};
 use crate::error::LedgerError;
 use crate::ledger::{Ledger, ListQuery};
+use crate::limits::StreamLimiter;
 use crate::storage::{ChangeKind, Rejection, StoredPolicy};
 use crate::subscription::Event;
 
 /// The `LedgerService` of a master.
 pub struct LedgerGrpc {
     ledger: Arc<Ledger>,
+    access: Access,
+}
+
+/// Who may call, and how many streams may be open.
+#[derive(Clone)]
+pub struct Access {
+    /// The configured callers; `None` lets anyone do anything.
+    pub authorizer: Option<Arc<Authorizer>>,
+    /// The stream limits.
+    pub streams: StreamLimiter,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access {
+            authorizer: None,
+            streams: StreamLimiter::new(usize::MAX, usize::MAX),
+        }
+    }
 }
 
 impl LedgerGrpc {
-    /// Serves `ledger`.
+    /// Serves `ledger` to anyone, without stream limits.
     pub fn new(ledger: Arc<Ledger>) -> Self {
-        LedgerGrpc { ledger }
+        Self::with_access(ledger, Access::default())
+    }
+
+    /// Serves `ledger` to the callers `access` allows.
+    pub fn with_access(ledger: Arc<Ledger>, access: Access) -> Self {
+        LedgerGrpc { ledger, access }
+    }
+
+    /// The caller's name if it may do `action` (which needs `needed`); "anonymous" without auth.
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        needed: Role,
+        action: &'static str,
+    ) -> Result<String, Status> {
+        let Some(authorizer) = &self.access.authorizer else {
+            return Ok(client_host(request));
+        };
+        let certificate_cn = request
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|c| certificate_common_name(c)));
+        match authorizer.authorize(
+            request.metadata(),
+            certificate_cn.as_deref(),
+            needed,
+            action,
+        ) {
+            Ok(identity) => Ok(format!("{}@{}", identity.name, client_host(request))),
+            Err(e) => {
+                tracing::warn!(client = %client_host(request), action, "refused: {e}");
+                Err(LedgerError::from(e).into())
+            }
+        }
     }
 }
 
@@ -38,7 +91,13 @@ impl From<LedgerError> for Status {
             LedgerError::Rejected(Rejection::NotFound(_)) | LedgerError::NotFound(_) => {
                 Status::not_found(message)
             }
-            LedgerError::SubscriberLagged { .. } => Status::resource_exhausted(message),
+            LedgerError::SubscriberLagged { .. } | LedgerError::TooManyStreams(_) => {
+                Status::resource_exhausted(message)
+            }
+            LedgerError::Auth(AuthError::Unauthenticated(_)) => Status::unauthenticated(message),
+            LedgerError::Auth(AuthError::PermissionDenied { .. }) => {
+                Status::permission_denied(message)
+            }
             LedgerError::ShuttingDown => Status::unavailable(message),
             // A relay passes its upstream's answer on unchanged.
             LedgerError::Upstream(status) => status,
@@ -102,7 +161,7 @@ impl LedgerService for LedgerGrpc {
         &self,
         request: Request<pb::InsertPolicyRequest>,
     ) -> Result<Response<pb::InsertPolicyResponse>, Status> {
-        let host = client_host(&request);
+        let host = self.authorize(&request, Role::Writer, "insert policies")?;
         let policy = self
             .ledger
             .insert(&request.get_ref().policy_json, &host)
@@ -116,7 +175,7 @@ impl LedgerService for LedgerGrpc {
         &self,
         request: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
-        let host = client_host(&request);
+        let host = self.authorize(&request, Role::Admin, "delete policies")?;
         let seq = self.ledger.delete(&request.get_ref().id, &host).await?;
         Ok(Response::new(pb::DeletePolicyResponse { seq }))
     }
@@ -125,6 +184,7 @@ impl LedgerService for LedgerGrpc {
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        self.authorize(&request, Role::Reader, "read policies")?;
         let policy = self.ledger.get(&request.get_ref().id).await?;
         Ok(Response::new(pb::GetPolicyResponse {
             policy: Some(policy_message(&policy)),
@@ -135,6 +195,7 @@ impl LedgerService for LedgerGrpc {
         &self,
         request: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        self.authorize(&request, Role::Reader, "list policies")?;
         let request = request.into_inner();
         let page = self
             .ledger
@@ -157,8 +218,9 @@ impl LedgerService for LedgerGrpc {
 
     async fn get_ledger_info(
         &self,
-        _request: Request<pb::GetLedgerInfoRequest>,
+        request: Request<pb::GetLedgerInfoRequest>,
     ) -> Result<Response<pb::GetLedgerInfoResponse>, Status> {
+        self.authorize(&request, Role::Reader, "read the ledger info")?;
         let info = self.ledger.info().await?;
         Ok(Response::new(pb::GetLedgerInfoResponse {
             head_seq: info.head_seq,
@@ -174,12 +236,18 @@ impl LedgerService for LedgerGrpc {
         &self,
         request: Request<pb::StreamLedgerRequest>,
     ) -> Result<Response<Self::StreamLedgerStream>, Status> {
+        let who = self.authorize(&request, Role::Reader, "stream the ledger")?;
+        let permit = self
+            .access
+            .streams
+            .admit(request.remote_addr().map(|addr| addr.ip()))?;
         let after_seq = request.get_ref().after_seq;
-        tracing::debug!(after_seq, client = %client_host(&request), "subscriber joined");
-        let events = self
-            .ledger
-            .subscribe(after_seq)
-            .map(|event| event.map(event_message).map_err(Status::from));
+        tracing::debug!(after_seq, client = %who, "subscriber joined");
+        let events = self.ledger.subscribe(after_seq).map(move |event| {
+            // The permit lives as long as the stream.
+            let _open = &permit;
+            event.map(event_message).map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(events)))
     }
 }
