@@ -5,8 +5,8 @@
 //! A change travels `sync` (the subscription, reconnects, backoff) → `replica` (checks the
 //! stream's order, groups a batch) → `ledger_file` (appends or rewrites the file crash-safely,
 //! with its `state` record beside it). With `--serve`, the member is also a `relay`: a `mirror`
-//! database fed from the same stream, served to members below with the master's code. See `member/README.md` for the file format, the
-//! crash-recovery protocol and the command line.
+//! database fed from the same stream, served to members below with the master's code. See
+//! `member/README.md` for the file format, the crash-recovery protocol and the command line.
 
 #![warn(missing_docs)]
 

@@ -5,8 +5,11 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ledger_master::storage::DatabaseUrl;
 use ledger_member::commands::{self, CommandError};
 use ledger_member::config::{Cli, Command};
+use ledger_member::paths::LedgerPaths;
+use ledger_member::relay::RelayOptions;
 use ledger_member::sync::{self, SyncError, SyncOptions};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -63,10 +66,17 @@ async fn daemon(cli: Cli) -> ExitCode {
     });
     let options = SyncOptions {
         masters: cli.masters,
-        ledger_file: cli.ledger_file,
+        ledger_file: cli.ledger_file.clone(),
         connect_timeout: cli.timeout,
         retry_min: cli.daemon.retry_min,
         retry_max: cli.daemon.retry_max,
+        relay: cli.daemon.serve.map(|serve| RelayOptions {
+            serve,
+            database: cli.daemon.relay_database_url.clone().unwrap_or_else(|| {
+                DatabaseUrl::Sqlite(LedgerPaths::new(&cli.ledger_file).relay_db)
+            }),
+            timeout: cli.timeout,
+        }),
     };
     match sync::run(options, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

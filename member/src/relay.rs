@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use ledger_master::feed::ChangeFeed;
 use ledger_master::ledger::{Ledger, WritePath};
-use ledger_master::storage::{DatabaseUrl, StorageError};
+use ledger_master::storage::{Change, DatabaseUrl, StorageError};
 use ledger_master::subscription::SubscriptionContext;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -101,12 +101,13 @@ impl Relay {
     /// serves at once if the mirror already holds a ledger; writes go to `upstream` until
     /// [`Relay::upstream_connected`] says otherwise.
     pub async fn start(options: RelayOptions, upstream: &MasterAddr) -> Result<Relay, RelayError> {
-        let mirror = Mirror::open(&options.database)
-            .await
-            .map_err(|source| RelayError::Mirror {
-                url: options.database.to_string(),
-                source,
-            })?;
+        let mirror =
+            Mirror::open(&options.database)
+                .await
+                .map_err(|source| RelayError::Mirror {
+                    url: options.database.to_string(),
+                    source,
+                })?;
         let listen = |source| RelayError::Listen {
             addr: options.serve,
             source,
@@ -168,12 +169,18 @@ impl Relay {
         result
     }
 
-    async fn apply(&mut self, delivered: Vec<Delivered>, file_seq: u64) -> Result<(), StorageError> {
+    async fn apply(
+        &mut self,
+        delivered: Vec<Delivered>,
+        file_seq: u64,
+    ) -> Result<(), StorageError> {
         let mut changes = Vec::new();
         for item in delivered {
             match item {
                 Delivered::Change(change) => {
-                    let last = changes.last().map_or(self.mirror.head(), |c: &ledger_master::storage::Change| c.seq);
+                    let last = changes
+                        .last()
+                        .map_or(self.mirror.head(), |c: &Change| c.seq);
                     if change.seq > last && change.seq <= file_seq {
                         changes.push(change);
                     }
@@ -192,8 +199,11 @@ impl Relay {
         self.append(changes).await
     }
 
-    async fn append(&mut self, changes: Vec<ledger_master::storage::Change>) -> Result<(), StorageError> {
-        let feed = self.serving.as_ref().map(|generation| generation.feed.clone());
+    async fn append(&mut self, changes: Vec<Change>) -> Result<(), StorageError> {
+        let feed = self
+            .serving
+            .as_ref()
+            .map(|generation| generation.feed.clone());
         self.mirror.append(changes, feed).await
     }
 
@@ -242,7 +252,8 @@ impl Relay {
         let task = tokio::spawn(async move {
             let health = tonic_health::server::health_reporter();
             if let Err(e) =
-                ledger_master::server::serve(ledger, listener, health, stopped, streams, GRACE).await
+                ledger_master::server::serve(ledger, listener, health, stopped, streams, GRACE)
+                    .await
             {
                 tracing::error!("the relay's server failed: {e}");
             }

@@ -545,6 +545,61 @@ mod tests {
     }
 
     #[test]
+    fn a_recording_replica_lists_what_the_file_holds_with_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica =
+            Replica::recording(LedgerFile::open(&dir.path().join("blockchain.json")).unwrap());
+        replica
+            .apply(vec![
+                reset(3, 2),
+                inserted(1, 1),
+                inserted(3, 3),
+                caught_up(3),
+            ])
+            .unwrap();
+        let policy = |seq: u64, n: u32| StoredPolicy {
+            id: format!("id-{n}"),
+            policy_type: "operator".into(),
+            json: json(n),
+            seq,
+        };
+        assert_eq!(
+            replica.take_delivered(),
+            vec![Delivered::Snapshot {
+                seq: 3,
+                policies: vec![policy(1, 1), policy(3, 3)],
+            }]
+        );
+        // A change the file already holds is listed too (the mirror may lack it); a gap ends
+        // the list at the last change that fits.
+        let error = replica
+            .apply(vec![
+                inserted(3, 3),
+                inserted(4, 4),
+                deleted(5, 1),
+                inserted(7, 7),
+            ])
+            .unwrap_err();
+        assert!(matches!(error, ApplyError::Protocol(_)), "{error}");
+        let change = |seq, kind| Delivered::Change(Change { seq, kind });
+        assert_eq!(
+            replica.take_delivered(),
+            vec![
+                change(3, ChangeKind::Inserted(policy(3, 3))),
+                change(4, ChangeKind::Inserted(policy(4, 4))),
+                change(5, ChangeKind::Deleted { id: "id-1".into() }),
+            ]
+        );
+        assert_eq!(replica.resume_seq(), 5);
+        assert!(replica.take_delivered().is_empty());
+        // A replica that does not record lists nothing.
+        let other = tempfile::tempdir().unwrap();
+        let mut plain = super::tests::replica(&other);
+        plain.apply(vec![reset(0, 0), caught_up(0)]).unwrap();
+        assert!(plain.take_delivered().is_empty());
+    }
+
+    #[test]
     fn a_policy_deleted_and_inserted_again_in_one_batch() {
         let dir = tempfile::tempdir().unwrap();
         let mut replica = replica(&dir);

@@ -16,6 +16,7 @@ use tonic::{Code, Streaming};
 use crate::backoff::Backoff;
 use crate::ledger_file::{FileError, LedgerFile};
 use crate::masters::{self, MasterAddr};
+use crate::relay::{Relay, RelayError, RelayOptions};
 use crate::replica::{ApplyError, BatchReport, Replica};
 
 /// The most events applied as one batch, so that memory and the time between two durable
@@ -38,6 +39,8 @@ pub struct SyncOptions {
     pub retry_min: Duration,
     /// The longest reconnection delay.
     pub retry_max: Duration,
+    /// Serve the ledger to members below (a relay).
+    pub relay: Option<RelayOptions>,
 }
 
 /// Why the daemon stopped other than by a signal.
@@ -52,6 +55,9 @@ pub enum SyncError {
     /// A blocking file task could not run.
     #[error("the file task failed: {0}")]
     Task(String),
+    /// The relay could not start.
+    #[error(transparent)]
+    Relay(#[from] RelayError),
 }
 
 /// Why a subscription ended.
@@ -68,6 +74,8 @@ enum End {
     Diverged(String),
     /// Writing the file failed: reopen it.
     File(FileError),
+    /// Writing the relay's mirror failed: subscribe again from the mirror's head.
+    Mirror(String),
 }
 
 /// Runs the daemon until `shutdown` is cancelled; a write in progress finishes first.
@@ -75,7 +83,12 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
     if options.masters.is_empty() {
         return Err(SyncError::NoMaster);
     }
-    let mut replica = Some(Replica::new(open(&options.ledger_file).await?));
+    let recording = options.relay.is_some();
+    let mut replica = Some(new_replica(open(&options.ledger_file).await?, recording));
+    let mut relay = match options.relay.clone() {
+        Some(relay) => Some(Relay::start(relay, &options.masters[0]).await?),
+        None => None,
+    };
     let mut backoff = Backoff::new(options.retry_min, options.retry_max);
     let mut link = LinkLog::default();
     let masters = &options.masters;
@@ -96,7 +109,7 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
             // A write failed: start-up repair brings the file and its record back into
             // agreement before anything else is applied.
             match open(&options.ledger_file).await {
-                Ok(file) => replica = Some(Replica::new(file)),
+                Ok(file) => replica = Some(new_replica(file, recording)),
                 Err(e) => {
                     tracing::error!("cannot reopen the ledger file: {e}");
                     continue;
@@ -106,7 +119,19 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
         let Some(copy) = replica.as_mut() else {
             continue;
         };
-        let after_seq = copy.resume_seq();
+        let after_seq = match &relay {
+            // The mirror is never ahead of the file, but is behind it after a crash between
+            // the two writes: stream from the older, and each skips what it holds.
+            Some(relay) if relay.head() < copy.resume_seq() => {
+                tracing::info!(
+                    "the relay's mirror is at seq {}, behind the file at seq {}",
+                    relay.head(),
+                    copy.resume_seq()
+                );
+                relay.head()
+            }
+            _ => copy.resume_seq(),
+        };
 
         let mut subscribed = None;
         for attempt in 0..masters.len() {
@@ -133,8 +158,19 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
         };
         let master = &masters[current];
         link.connected(master, after_seq);
+        if let Some(relay) = relay.as_mut() {
+            relay.upstream_connected(master);
+        }
 
-        let end = stream_into(copy, stream, master, &shutdown, &mut backoff).await;
+        let end = stream_into(
+            copy,
+            relay.as_mut(),
+            stream,
+            master,
+            &shutdown,
+            &mut backoff,
+        )
+        .await;
         copy.abandon_snapshot();
         match end {
             End::Shutdown => break 'run,
@@ -160,10 +196,24 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
                 tracing::error!("writing the ledger file failed: {e}; reopening it");
                 replica = None;
             }
+            End::Mirror(e) => {
+                tracing::error!("writing the relay's mirror failed: {e}; subscribing again");
+            }
         }
+    }
+    if let Some(relay) = relay {
+        relay.shutdown().await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn new_replica(file: LedgerFile, recording: bool) -> Replica {
+    if recording {
+        Replica::recording(file)
+    } else {
+        Replica::new(file)
+    }
 }
 
 /// Opens (and repairs) the ledger file off the async threads.
@@ -193,6 +243,7 @@ async fn subscribe(
 /// Applies the stream to the replica until it ends.
 async fn stream_into(
     replica: &mut Replica,
+    mut relay: Option<&mut Relay>,
     mut stream: Streaming<pb::StreamLedgerResponse>,
     master: &MasterAddr,
     shutdown: &CancellationToken,
@@ -233,6 +284,14 @@ async fn stream_into(
         // The write runs to its end even when a signal arrives meanwhile: shutdown is only
         // looked at between batches.
         let result = tokio::task::block_in_place(|| replica.apply(batch));
+        // The mirror follows what the file made durable, even when the batch failed midway.
+        let mirror = match relay.as_deref_mut() {
+            Some(relay) => {
+                let delivered = replica.take_delivered();
+                relay.follow(delivered, replica.resume_seq()).await
+            }
+            None => Ok(()),
+        };
         match result {
             Ok(report) => {
                 let first_caught_up = report.caught_up.is_some() && !caught_up_once;
@@ -247,6 +306,9 @@ async fn stream_into(
             Err(ApplyError::Protocol(reason)) => return End::Protocol(reason),
             Err(ApplyError::Diverged(reason)) => return End::Diverged(reason),
             Err(ApplyError::File(e)) => return End::File(e),
+        }
+        if let Err(e) = mirror {
+            return End::Mirror(e.to_string());
         }
         if let Some(end) = end {
             return end;
