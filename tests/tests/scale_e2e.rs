@@ -68,6 +68,14 @@ async fn three_masters_serve_one_ledger_live() {
     // With the fallback read an hour away, only notifications can deliver the other masters'
     // commits within the test's time limits.
     let cluster = cluster(3, &["--notify-fallback", "1h"]);
+    // A member process on each master as well as a stream read here.
+    let member_dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let members: Vec<Member> = cluster
+        .masters
+        .iter()
+        .zip(&member_dirs)
+        .map(|(master, dir)| Member::start(dir.path(), &[master.addr.to_string()], &[]))
+        .collect();
     let mut clients = Vec::new();
     let mut streams = Vec::new();
     for master in &cluster.masters {
@@ -114,6 +122,14 @@ async fn three_masters_serve_one_ledger_live() {
     assert_eq!(first.0, total as u64);
     for client in &mut clients[1..] {
         assert_eq!(digest(client).await, first);
+    }
+    for member in &members {
+        wait_until(60, "every member to converge to the same digest", || {
+            let md5 = member.file_md5();
+            let expected = first.1.clone();
+            async move { md5 == Some(expected) }
+        })
+        .await;
     }
 }
 
