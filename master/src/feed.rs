@@ -107,6 +107,11 @@ impl ChangeFeed {
         *self.head.borrow()
     }
 
+    /// A watch of [`ChangeFeed::head`].
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
     /// How many subscribers listen now.
     pub fn subscriber_count(&self) -> usize {
         self.changes.receiver_count()

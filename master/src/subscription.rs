@@ -118,13 +118,27 @@ pub fn subscribe(
             yield Err(database_down());
             return;
         }
-        let bounds = match blocking(&ctx.storage, |s| s.bounds()).await {
+        let mut bounds = match blocking(&ctx.storage, |s| s.bounds()).await {
             Ok(bounds) => bounds,
             Err(e) => {
                 yield Err(e);
                 return;
             }
         };
+        if after_seq > bounds.head_seq {
+            // A subscriber ahead of us: usually this server (a relay, a restarted master) is a
+            // moment behind its upstream. Wait a little for the head to get there rather than
+            // hand it an older ledger; past the wait it is another ledger and gets a reset.
+            let mut head = ctx.feed.watch_head();
+            let _ = tokio::time::timeout(ctx.progress_interval, head.wait_for(|h| *h >= after_seq)).await;
+            bounds = match blocking(&ctx.storage, |s| s.bounds()).await {
+                Ok(bounds) => bounds,
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
+        }
         let replayable = after_seq > 0 && after_seq >= bounds.pruned_seq && after_seq <= bounds.head_seq;
         let mut last;
         if replayable {
