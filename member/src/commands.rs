@@ -12,8 +12,8 @@ use ledger_proto::policy;
 use md5::{Digest, Md5};
 use tonic::{Code, Response, Status};
 
-use crate::config::InsertArgs;
-use crate::masters::{self, MasterAddr};
+use crate::config::{GetFormat, InsertArgs};
+use crate::masters::{self, ClientOptions, MasterAddr};
 use crate::paths::LedgerPaths;
 use crate::state::SyncState;
 
@@ -44,6 +44,12 @@ pub enum CommandError {
     /// The local ledger file could not be read.
     #[error("{0}")]
     LocalFile(String),
+    /// The master does not know the caller (no token, a wrong token, an unknown certificate).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller's role does not allow the call.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl CommandError {
@@ -57,12 +63,20 @@ impl CommandError {
             CommandError::AlreadyExists(_)
             | CommandError::NotFound(_)
             | CommandError::Master(_)
-            | CommandError::LocalFile(_) => 1,
+            | CommandError::LocalFile(_)
+            | CommandError::Unauthenticated(_)
+            | CommandError::PermissionDenied(_) => 1,
         }
     }
 
-    fn from_status(status: Status, master: &MasterAddr) -> CommandError {
+    fn from_status(status: Status, master: &MasterAddr, options: &ClientOptions) -> CommandError {
         let message = status.message().to_string();
+        if masters::is_transport_failure(&status) {
+            return CommandError::Unreachable(format!(
+                "{master}: {}",
+                masters::describe_call_failure(&status, options)
+            ));
+        }
         match status.code() {
             Code::AlreadyExists => CommandError::AlreadyExists(message),
             Code::NotFound => CommandError::NotFound(message),
@@ -70,6 +84,10 @@ impl CommandError {
                 Some(reason) => CommandError::InvalidPolicy(reason.to_string()),
                 None => CommandError::InvalidArgument(message),
             },
+            Code::Unauthenticated => CommandError::Unauthenticated(format!("{master}: {message}")),
+            Code::PermissionDenied => {
+                CommandError::PermissionDenied(format!("{master}: {message}"))
+            }
             Code::Unavailable => CommandError::Unreachable(format!(
                 "{master}: {}",
                 masters::describe_status(&status)
@@ -82,23 +100,25 @@ impl CommandError {
 /// Awaits one call to `master`, failing after `timeout`.
 async fn call<T>(
     master: &MasterAddr,
+    options: &ClientOptions,
     timeout: Duration,
     request: impl Future<Output = Result<Response<T>, Status>>,
 ) -> Result<T, CommandError> {
     match tokio::time::timeout(timeout, request).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(CommandError::from_status(status, master)),
+        Ok(Err(status)) => Err(CommandError::from_status(status, master, options)),
         Err(_) => Err(CommandError::Master(format!(
             "{master}: no answer within {timeout:?}"
         ))),
     }
 }
 
-async fn connect(
-    masters: &[MasterAddr],
+async fn connect<'a>(
+    masters: &'a [MasterAddr],
+    options: &ClientOptions,
     timeout: Duration,
-) -> Result<(masters::Client, &MasterAddr), CommandError> {
-    masters::connect_first(masters, timeout)
+) -> Result<(masters::Client, &'a MasterAddr), CommandError> {
+    masters::connect_first(masters, options, timeout)
         .await
         .map_err(CommandError::Unreachable)
 }
@@ -106,6 +126,7 @@ async fn connect(
 /// Inserts the policy of `args`; returns the completed policy's line.
 pub async fn insert(
     masters: &[MasterAddr],
+    options: &ClientOptions,
     timeout: Duration,
     args: &InsertArgs,
 ) -> Result<String, CommandError> {
@@ -130,9 +151,10 @@ pub async fn insert(
             ));
         }
     };
-    let (mut client, master) = connect(masters, timeout).await?;
+    let (mut client, master) = connect(masters, options, timeout).await?;
     let response = call(
         master,
+        options,
         timeout,
         client.insert_policy(pb::InsertPolicyRequest { policy_json }),
     )
@@ -146,12 +168,14 @@ pub async fn insert(
 /// Deletes the policy `id`; returns `{"id": ..., "seq": ...}`.
 pub async fn delete(
     masters: &[MasterAddr],
+    options: &ClientOptions,
     timeout: Duration,
     id: &str,
 ) -> Result<String, CommandError> {
-    let (mut client, master) = connect(masters, timeout).await?;
+    let (mut client, master) = connect(masters, options, timeout).await?;
     let response = call(
         master,
+        options,
         timeout,
         client.delete_policy(pb::DeletePolicyRequest { id: id.to_string() }),
     )
@@ -160,7 +184,8 @@ pub async fn delete(
 }
 
 /// The policies of the local file of type `policy_type` (`None` or `*`: every type) whose
-/// attributes match every condition, as a JSON array in ledger order, one policy a line.
+/// attributes match every condition, in ledger order: as a JSON array, one policy a line, or
+/// as a [`table`].
 ///
 /// Like AnyLog's readers it skips empty lines and an unfinished last line (what a member killed
 /// in the middle of an append leaves until it restarts); any other line that is not a policy
@@ -169,6 +194,7 @@ pub fn get(
     path: &Path,
     policy_type: Option<&str>,
     conditions: &[(String, String)],
+    format: GetFormat,
 ) -> Result<String, CommandError> {
     let file = std::fs::File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -214,16 +240,76 @@ pub fn get(
             matches.push(text.to_string());
         }
     }
+    if format == GetFormat::Table {
+        return Ok(table(&matches));
+    }
     if matches.is_empty() {
         return Ok("[]".into());
     }
     Ok(format!("[\n{}\n]", matches.join(",\n")))
 }
 
+/// The attributes a table shows besides type and id, when any listed policy has them: what
+/// operators look for in AnyLog's node policies.
+const TABLE_ATTRIBUTES: [&str; 4] = ["name", "company", "ip", "port"];
+
+/// `lines` (stored policies) as aligned columns under a header: `type`, `id`, then those of
+/// name, company, ip and port that any policy has. A string shows as its text, another value
+/// as its JSON text, a missing one as `-`. No policy prints the header only.
+pub fn table(lines: &[String]) -> String {
+    let rows: Vec<(String, serde_json::Map<String, serde_json::Value>)> = lines
+        .iter()
+        .filter_map(|line| policy::parse_stored(line).ok())
+        .collect();
+    let shown: Vec<&str> = TABLE_ATTRIBUTES
+        .into_iter()
+        .filter(|key| rows.iter().any(|(_, body)| body.contains_key(*key)))
+        .collect();
+    let mut cells = vec![
+        ["type", "id"]
+            .into_iter()
+            .chain(shown.iter().copied())
+            .map(str::to_string)
+            .collect::<Vec<_>>(),
+    ];
+    for (kind, body) in &rows {
+        let text = |key: &str| match body.get(key) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => "-".to_string(),
+        };
+        let mut row = vec![kind.clone(), text("id")];
+        row.extend(shown.iter().map(|key| text(key)));
+        cells.push(row);
+    }
+    let widths: Vec<usize> = (0..cells[0].len())
+        .map(|column| {
+            cells
+                .iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    cells
+        .iter()
+        .map(|row| {
+            let line: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, width)| format!("{cell:<width$}"))
+                .collect();
+            line.join("  ").trim_end().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The local file against the master, as a JSON object: `applied_seq`, `head_seq`, `lag`,
 /// `file_md5`, `master_digest`, `in_sync`, the policy counts, and which master answered.
 pub async fn status(
     masters: &[MasterAddr],
+    options: &ClientOptions,
     timeout: Duration,
     path: &Path,
 ) -> Result<String, CommandError> {
@@ -236,9 +322,10 @@ pub async fn status(
         Ok(found) => found.unzip(),
         Err(e) => return Err(CommandError::LocalFile(e)),
     };
-    let (mut client, master) = connect(masters, timeout).await?;
+    let (mut client, master) = connect(masters, options, timeout).await?;
     let info = call(
         master,
+        options,
         timeout,
         client.get_ledger_info(pb::GetLedgerInfoRequest {}),
     )
@@ -286,4 +373,24 @@ fn digest(path: &Path) -> Result<Option<(String, u64)>, String> {
         reader.consume(consumed);
     }
     Ok(Some((hex::encode(md5.finalize()), lines)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_aligns_the_columns_that_appear() {
+        let lines = [
+            r#"{"operator": {"name": "op1", "port": 32148, "id": "a1"}}"#.to_string(),
+            r#"{"table": {"name": "readings", "id": "b22"}}"#.to_string(),
+        ];
+        assert_eq!(
+            table(&lines),
+            "type      id   name      port\n\
+             operator  a1   op1       32148\n\
+             table     b22  readings  -"
+        );
+        assert_eq!(table(&[]), "type  id");
+    }
 }

@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ledger_master::cli::LogFormat;
 use ledger_master::storage::DatabaseUrl;
 
-use crate::masters::MasterAddr;
+use crate::masters::{ClientOptions, MasterAddr, TlsFiles};
 
 /// The Ledger member: keeps a local AnyLog `blockchain.json` in sync with a master by streaming
 /// its changes. Run without a subcommand for the daemon.
@@ -53,6 +54,26 @@ pub struct Cli {
     #[arg(long, env = "LEDGER_LOG", default_value = "info", global = true)]
     pub log_level: String,
 
+    /// Log format: human-readable text, or one JSON object a line for collectors.
+    #[arg(
+        long,
+        env = "LEDGER_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    /// A TOML file of settings named like the flags (`master = ["a:1", "b:2"]`,
+    /// `ledger-file = "/var/lib/ledger/blockchain.json"`); flags and environment variables win
+    /// over it.
+    #[arg(long, env = "LEDGER_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// How to reach the masters: TLS and the bearer token.
+    #[command(flatten)]
+    pub client: ClientArgs,
+
     /// Options of the daemon.
     #[command(flatten)]
     pub daemon: DaemonArgs,
@@ -60,6 +81,53 @@ pub struct Cli {
     /// An operator's command; none runs the daemon.
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// How the member and its commands reach masters.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// TLS: the CA (PEM) that signed the masters' certificates. Connections use TLS (https)
+    /// when it is given.
+    #[arg(long, env = "LEDGER_TLS_CA", value_name = "PEM", global = true)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// mTLS: this member's client certificate chain (PEM), with --tls-key.
+    #[arg(long, env = "LEDGER_TLS_CERT", value_name = "PEM", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// mTLS: the private key (PEM) of --tls-cert.
+    #[arg(long, env = "LEDGER_TLS_KEY", value_name = "PEM", global = true)]
+    pub tls_key: Option<PathBuf>,
+
+    /// TLS: the name the master's certificate must hold; by default the host of its address.
+    #[arg(long, env = "LEDGER_TLS_DOMAIN", value_name = "NAME", global = true)]
+    pub tls_domain: Option<String>,
+
+    /// A bearer token sent as `authorization: Bearer TOKEN` on every call. Prefer the
+    /// environment variable (command lines are visible to other users); never logged.
+    #[arg(
+        long,
+        env = "LEDGER_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
+}
+
+impl ClientArgs {
+    /// Reads the TLS files and prepares the token.
+    pub fn options(&self) -> Result<ClientOptions, String> {
+        ClientOptions::new(
+            &TlsFiles {
+                ca: self.tls_ca.clone(),
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+                domain: self.tls_domain.clone(),
+            },
+            self.token.as_deref(),
+        )
+    }
 }
 
 /// Options of the daemon.
@@ -88,6 +156,45 @@ pub struct DaemonArgs {
         value_parser = |text: &str| text.parse::<DatabaseUrl>()
     )]
     pub relay_database_url: Option<DatabaseUrl>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "LEDGER_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Relay TLS: the certificate chain (PEM) served to members below; with --serve-tls-key
+    /// the relay speaks only TLS, as the master's --tls-cert.
+    #[arg(long, env = "LEDGER_SERVE_TLS_CERT", value_name = "PEM", requires_all = ["serve", "serve_tls_key"])]
+    pub serve_tls_cert: Option<PathBuf>,
+
+    /// Relay TLS: the private key (PEM) of --serve-tls-cert.
+    #[arg(
+        long,
+        env = "LEDGER_SERVE_TLS_KEY",
+        value_name = "PEM",
+        requires = "serve_tls_cert"
+    )]
+    pub serve_tls_key: Option<PathBuf>,
+
+    /// Relay mTLS: members below must present a certificate signed by this CA (PEM), as the
+    /// master's --tls-client-ca.
+    #[arg(
+        long,
+        env = "LEDGER_SERVE_TLS_CLIENT_CA",
+        value_name = "PEM",
+        requires = "serve_tls_cert"
+    )]
+    pub serve_tls_client_ca: Option<PathBuf>,
+
+    /// Relay: who may call it, a file in the format of the master's --auth-file (tokens by
+    /// hash, certificate subjects, roles). Writes are then checked here before they are
+    /// forwarded.
+    #[arg(
+        long,
+        env = "LEDGER_SERVE_AUTH_FILE",
+        value_name = "FILE",
+        requires = "serve"
+    )]
+    pub serve_auth_file: Option<PathBuf>,
 }
 
 /// The operator's commands. Each exits 0 on success; otherwise it prints one line on stderr
@@ -115,10 +222,23 @@ pub enum Command {
         /// any other attribute its JSON text: `port=32148`, `enabled=true`). Repeat for more.
         #[arg(long = "where", value_name = "KEY=VALUE", value_parser = parse_condition)]
         conditions: Vec<(String, String)>,
+        /// `json` (an array, one policy a line) or `table` (aligned columns: type, id, and
+        /// those of name, company, ip and port that any listed policy has).
+        #[arg(long, value_enum, default_value = "json")]
+        format: GetFormat,
     },
     /// Prints, as JSON, the applied seq of the ledger file, the master's head seq, the lag, and
     /// the file's md5 against the master's digest.
     Status,
+}
+
+/// How `member get` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GetFormat {
+    /// A JSON array of the policy lines.
+    Json,
+    /// Aligned columns for people.
+    Table,
 }
 
 /// Where the policy to insert comes from.
@@ -170,7 +290,9 @@ mod tests {
             Some(Command::Get {
                 policy_type,
                 conditions,
+                format,
             }) => {
+                assert_eq!(format, GetFormat::Json);
                 assert_eq!(policy_type.as_deref(), Some("operator"));
                 assert_eq!(conditions.len(), 2);
                 assert_eq!(conditions[0], ("company".into(), "Acme".into()));

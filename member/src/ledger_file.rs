@@ -108,7 +108,7 @@ impl LedgerFile {
     ///   truncated back to the recorded length, whose changes the master sends again;
     /// - a file shorter than recorded, a line that is not a valid policy, a policy twice, a
     ///   damaged record, a missing file, or a file without a record: the file is kept as it is
-    ///   until a full snapshot replaces it, and [`LedgerFile::resume_seq`] is 0.
+    ///   until a full snapshot replaces it, and [`LedgerFile::seq`] is 0.
     pub fn open(path: &Path) -> Result<LedgerFile, FileError> {
         let paths = LedgerPaths::new(path);
         let lock = lock(&paths)?;
@@ -290,11 +290,14 @@ impl LedgerFile {
                 line.id
             )));
         }
-        if deleted.is_empty() {
+        let started = std::time::Instant::now();
+        let written = if deleted.is_empty() {
             self.append(seq, inserted)
         } else {
             self.rewrite(seq, deleted, inserted)
-        }
+        };
+        crate::metrics::file_write(started.elapsed());
+        written
     }
 
     fn append(&mut self, seq: u64, inserted: &[PolicyLine]) -> Result<(), FileError> {
@@ -445,19 +448,33 @@ impl LedgerFile {
     /// Replaces the file by the snapshot, which holds the ledger at `seq`.
     pub fn install(&mut self, snapshot: Snapshot, seq: u64) -> Result<(), FileError> {
         let Snapshot {
-            mut out,
+            out,
             len,
             index,
             path,
         } = snapshot;
-        out.flush()
-            .and_then(|()| out.get_ref().sync_all())
-            .map_err(io_error("write", &path))?;
-        drop(out);
-        self.swap_in(seq, len)?;
+        // Only the installation is timed: the snapshot's lines were written as they streamed.
+        let started = std::time::Instant::now();
+        let installed = self.finish_install(out, len, &path, seq);
+        crate::metrics::file_write(started.elapsed());
+        installed?;
         self.index = index;
         self.awaiting_snapshot = false;
         Ok(())
+    }
+
+    fn finish_install(
+        &mut self,
+        mut out: BufWriter<File>,
+        len: u64,
+        path: &Path,
+        seq: u64,
+    ) -> Result<(), FileError> {
+        out.flush()
+            .and_then(|()| out.get_ref().sync_all())
+            .map_err(io_error("write", path))?;
+        drop(out);
+        self.swap_in(seq, len)
     }
 
     /// Drops a snapshot that will not be installed (its stream broke): the file is untouched.

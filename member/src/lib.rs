@@ -16,6 +16,7 @@ pub mod config;
 pub mod ledger_file;
 pub mod line;
 pub mod masters;
+pub mod metrics;
 pub mod mirror;
 pub mod paths;
 pub mod relay;

@@ -1,33 +1,43 @@
 //! `member`: the daemon that keeps a local `blockchain.json` in sync with a master, and the
 //! operator's commands (`insert`, `delete`, `get`, `status`).
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+use ledger_master::auth::Authorizer;
+use ledger_master::cli;
 use ledger_master::storage::DatabaseUrl;
 use ledger_member::commands::{self, CommandError};
-use ledger_member::config::{Cli, Command};
+use ledger_member::config::{Cli, Command, DaemonArgs};
+use ledger_member::masters::ClientOptions;
 use ledger_member::paths::LedgerPaths;
 use ledger_member::relay::RelayOptions;
 use ledger_member::sync::{self, SyncError, SyncOptions};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let filter = match EnvFilter::try_new(&cli.log_level) {
-        Ok(filter) => filter,
+    // Before the runtime's threads exist: the file's settings become environment variables.
+    if let Err(e) = cli::apply_config_file(&Cli::command()) {
+        eprintln!("member: {e}");
+        return ExitCode::from(2);
+    }
+    let cli = match Cli::from_arg_matches(&Cli::command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = cli::init_logging(&cli.log_level, cli.log_format) {
+        eprintln!("member: {e}");
+        return ExitCode::from(2);
+    }
+    let client = match cli.client.options() {
+        Ok(client) => client,
         Err(e) => {
-            eprintln!("member: invalid --log-level {:?}: {e}", cli.log_level);
+            eprintln!("member: {e}");
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 
     // Two workers: the file writes block one (block_in_place) while the other keeps the
     // connection (pings, flow control) going.
@@ -43,8 +53,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.clone() {
-        None => runtime.block_on(daemon(cli)),
-        Some(command) => match runtime.block_on(operator(&cli, command)) {
+        None => runtime.block_on(daemon(cli, client)),
+        Some(command) => match runtime.block_on(operator(&cli, &client, command)) {
             Ok(output) => {
                 println!("{output}");
                 ExitCode::SUCCESS
@@ -57,7 +67,21 @@ fn main() -> ExitCode {
     }
 }
 
-async fn daemon(cli: Cli) -> ExitCode {
+async fn daemon(cli: Cli, client: ClientOptions) -> ExitCode {
+    if let Some(addr) = cli.daemon.metrics_addr {
+        if let Err(e) = ledger_member::metrics::install(addr) {
+            eprintln!("member: {e}");
+            return ExitCode::from(2);
+        }
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
+    let (serve_tls, serve_auth) = match serving_security(&cli.daemon) {
+        Ok(security) => security,
+        Err(e) => {
+            eprintln!("member: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -67,6 +91,7 @@ async fn daemon(cli: Cli) -> ExitCode {
     let options = SyncOptions {
         masters: cli.masters,
         ledger_file: cli.ledger_file.clone(),
+        client: client.clone(),
         connect_timeout: cli.timeout,
         retry_min: cli.daemon.retry_min,
         retry_max: cli.daemon.retry_max,
@@ -76,6 +101,9 @@ async fn daemon(cli: Cli) -> ExitCode {
                 DatabaseUrl::Sqlite(LedgerPaths::new(&cli.ledger_file).relay_db)
             }),
             timeout: cli.timeout,
+            client,
+            serve_tls,
+            serve_auth,
         }),
     };
     match sync::run(options, shutdown).await {
@@ -90,15 +118,66 @@ async fn daemon(cli: Cli) -> ExitCode {
     }
 }
 
-async fn operator(cli: &Cli, command: Command) -> Result<String, CommandError> {
+/// The relay's server-side TLS and callers, read from the `--serve-tls-*` and
+/// `--serve-auth-file` files, with the master's warnings when they are missing.
+fn serving_security(
+    daemon: &DaemonArgs,
+) -> Result<(Option<ServerTlsConfig>, Option<Arc<Authorizer>>), String> {
+    if daemon.serve.is_none() {
+        return Ok((None, None));
+    }
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let tls = match (&daemon.serve_tls_cert, &daemon.serve_tls_key) {
+        (Some(cert), Some(key)) => {
+            let mut tls =
+                ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+            if let Some(ca) = &daemon.serve_tls_client_ca {
+                tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+            }
+            Some(tls)
+        }
+        _ => None,
+    };
+    let auth = match &daemon.serve_auth_file {
+        Some(path) => Some(Arc::new(Authorizer::load(path)?)),
+        None => {
+            tracing::warn!(
+                "NO AUTHENTICATION CONFIGURED on the relay: anyone who reaches it can have policies inserted and deleted upstream; use --serve-auth-file (and --serve-tls-cert) outside a lab"
+            );
+            None
+        }
+    };
+    if tls.is_none() && auth.is_some() {
+        tracing::warn!(
+            "the relay checks tokens that travel in clear text: configure --serve-tls-cert and --serve-tls-key"
+        );
+    }
+    Ok((tls, auth))
+}
+
+async fn operator(
+    cli: &Cli,
+    client: &ClientOptions,
+    command: Command,
+) -> Result<String, CommandError> {
     match command {
-        Command::Insert(args) => commands::insert(&cli.masters, cli.timeout, &args).await,
-        Command::Delete { id } => commands::delete(&cli.masters, cli.timeout, &id).await,
+        Command::Insert(args) => commands::insert(&cli.masters, client, cli.timeout, &args).await,
+        Command::Delete { id } => commands::delete(&cli.masters, client, cli.timeout, &id).await,
         Command::Get {
             policy_type,
             conditions,
-        } => commands::get(&cli.ledger_file, policy_type.as_deref(), &conditions),
-        Command::Status => commands::status(&cli.masters, cli.timeout, &cli.ledger_file).await,
+            format,
+        } => commands::get(
+            &cli.ledger_file,
+            policy_type.as_deref(),
+            &conditions,
+            format,
+        ),
+        Command::Status => {
+            commands::status(&cli.masters, client, cli.timeout, &cli.ledger_file).await
+        }
     }
 }
 

@@ -3,24 +3,137 @@
 use std::fmt;
 use std::time::Duration;
 
-use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use std::path::PathBuf;
 
-/// A connected client of a master.
-pub type Client = LedgerServiceClient<Channel>;
+use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// A connected client of a master; every call carries the bearer token, if one is configured.
+pub type Client = LedgerServiceClient<InterceptedService<Channel, BearerToken>>;
 
 /// The largest message accepted from a master: far above any policy, so only a broken stream
 /// hits it.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// How often an idle connection is checked with an HTTP/2 ping, so that a master that vanished
-/// without closing the connection (a cut network) is noticed.
+/// How often an idle connection is checked with an HTTP/2 ping (also while no call is open),
+/// so that a master that vanished without closing the connection (a cut network) is noticed
+/// and NATs keep the mapping of a long idle stream. The master accepts pings this often.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Adds `authorization: Bearer TOKEN` to every call when a token is configured.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    /// The metadata for `token`; `None` sends no authorization.
+    pub fn new(token: Option<&str>) -> Result<BearerToken, String> {
+        let Some(token) = token else {
+            return Ok(BearerToken(None));
+        };
+        let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| "the token must be printable ASCII".to_string())?;
+        // Keeps the secret out of h2/hyper debug logs and header dumps.
+        value.set_sensitive(true);
+        Ok(BearerToken(Some(value)))
+    }
+}
+
+impl fmt::Debug for BearerToken {
+    // Never prints the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BearerToken(..)"
+        } else {
+            "BearerToken(None)"
+        })
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The files of the client's TLS settings, as the command line names them.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// The CA (PEM) the master's certificate must chain to; TLS is on when given.
+    pub ca: Option<PathBuf>,
+    /// The client certificate chain (PEM) for mTLS.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The name the master's certificate must hold, instead of the address's host.
+    pub domain: Option<String>,
+}
+
+/// How the member talks to masters: TLS and the bearer token. The default is plaintext
+/// without a token.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    tls: Option<ClientTlsConfig>,
+    token: BearerToken,
+}
+
+impl ClientOptions {
+    /// Reads the PEM files of `tls` and prepares `token`.
+    pub fn new(tls: &TlsFiles, token: Option<&str>) -> Result<ClientOptions, String> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let tls = match &tls.ca {
+            None => {
+                if tls.cert.is_some() || tls.domain.is_some() {
+                    return Err("--tls-cert and --tls-domain need --tls-ca (the CA that signed the master's certificate)".into());
+                }
+                None
+            }
+            Some(ca) => {
+                let mut config =
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+                match (&tls.cert, &tls.key) {
+                    (Some(cert), Some(key)) => {
+                        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+                    }
+                    (None, None) => {}
+                    _ => return Err("--tls-cert and --tls-key go together".into()),
+                }
+                if let Some(domain) = &tls.domain {
+                    config = config.domain_name(domain.clone());
+                }
+                Some(config)
+            }
+        };
+        Ok(ClientOptions {
+            tls,
+            token: BearerToken::new(token)?,
+        })
+    }
+
+    /// Whether connections use TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
 
 /// The address of a master, as the operator wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MasterAddr {
     text: String,
+    /// `http://HOST:PORT`; `https` replaces `http` when TLS is on.
     uri: String,
 }
 
@@ -31,14 +144,16 @@ impl MasterAddr {
         if text.is_empty() {
             return Err("a master address is empty".into());
         }
-        if text.starts_with("https://") {
-            return Err(format!("{text}: TLS is not supported yet; use HOST:PORT"));
+        let authority = text
+            .strip_prefix("http://")
+            .or_else(|| text.strip_prefix("https://"))
+            .unwrap_or(text);
+        if authority.contains("://") {
+            return Err(format!("{text}: the scheme must be http:// or https://"));
         }
-        let uri = if text.contains("://") {
-            text.to_string()
-        } else {
-            format!("http://{text}")
-        };
+        // The scheme is chosen at connection time from the TLS options; `https://` alone asks
+        // for TLS, which needs a CA (checked then).
+        let uri = format!("http://{authority}");
         Endpoint::from_shared(uri.clone()).map_err(|e| format!("{text}: {}", describe(&e)))?;
         Ok(MasterAddr {
             text: text.to_string(),
@@ -46,37 +161,73 @@ impl MasterAddr {
         })
     }
 
-    /// Connects, failing after `timeout`.
-    pub async fn connect(&self, timeout: Duration) -> Result<Client, String> {
-        let endpoint = self.endpoint(timeout)?;
+    /// Connects with `options` (TLS, token), failing after `timeout`.
+    pub async fn connect(
+        &self,
+        options: &ClientOptions,
+        timeout: Duration,
+    ) -> Result<Client, String> {
+        let endpoint = self.endpoint(options, timeout)?;
         let channel = tokio::time::timeout(timeout, endpoint.connect())
             .await
             .map_err(|_| format!("no answer within {timeout:?}"))?
             .map_err(|e| describe(&e))?;
-        Ok(client(channel))
+        Ok(limits(LedgerServiceClient::with_interceptor(
+            channel,
+            options.token.clone(),
+        )))
     }
 
     /// A client that connects at its first call and reconnects after a failure, each call
-    /// bounded by `timeout`: a relay's long-lived path for forwarding writes.
-    pub fn lazy_client(&self, timeout: Duration) -> Result<Client, String> {
-        Ok(client(
-            self.endpoint(timeout)?.timeout(timeout).connect_lazy(),
-        ))
+    /// bounded by `timeout`: a relay's long-lived path for forwarding writes. It uses the TLS
+    /// settings (and so the client certificate) of `options` but sends no token: the master's
+    /// forwarding path takes a plain channel.
+    pub fn lazy_client(
+        &self,
+        options: &ClientOptions,
+        timeout: Duration,
+    ) -> Result<LedgerServiceClient<Channel>, String> {
+        Ok(limits(LedgerServiceClient::new(
+            self.endpoint(options, timeout)?
+                .timeout(timeout)
+                .connect_lazy(),
+        )))
     }
 
-    fn endpoint(&self, timeout: Duration) -> Result<Endpoint, String> {
-        Ok(Endpoint::from_shared(self.uri.clone())
+    fn endpoint(&self, options: &ClientOptions, timeout: Duration) -> Result<Endpoint, String> {
+        let uri = match &options.tls {
+            Some(_) => self.uri.replacen("http://", "https://", 1),
+            None if self.text.starts_with("https://") => {
+                return Err(
+                    "https:// needs --tls-ca (the CA that signed the master's certificate)".into(),
+                );
+            }
+            None => self.uri.clone(),
+        };
+        let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| describe(&e))?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_INTERVAL)
-            .keep_alive_while_idle(true))
+            .keep_alive_while_idle(true);
+        if let Some(tls) = &options.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| format!("invalid TLS settings: {}", describe(&e)))?;
+        }
+        Ok(endpoint)
     }
 }
 
-fn client(channel: Channel) -> Client {
-    LedgerServiceClient::new(channel)
+fn limits<T>(client: LedgerServiceClient<T>) -> LedgerServiceClient<T>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    client
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
@@ -88,16 +239,17 @@ impl fmt::Display for MasterAddr {
 }
 
 /// Connects to the first of `masters` that answers, in order; the error lists why each failed.
-pub async fn connect_first(
-    masters: &[MasterAddr],
+pub async fn connect_first<'a>(
+    masters: &'a [MasterAddr],
+    options: &ClientOptions,
     timeout: Duration,
-) -> Result<(Client, &MasterAddr), String> {
+) -> Result<(Client, &'a MasterAddr), String> {
     if masters.is_empty() {
         return Err("no master address given (--master or LEDGER_MASTER)".into());
     }
     let mut failures = Vec::new();
     for master in masters {
-        match master.connect(timeout).await {
+        match master.connect(options, timeout).await {
             Ok(client) => return Ok((client, master)),
             Err(e) => failures.push(format!("{master}: {e}")),
         }
@@ -119,6 +271,30 @@ pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Whether a call failed in the transport before the master answered: what a plaintext
+/// client gets from a TLS-only server (`Unknown: transport error`, `Cancelled`, `Internal: h2
+/// protocol error`, depending on timing). Such statuses are made locally: they keep the error
+/// as their source, or carry no response headers at all, while an answer of a gRPC server
+/// always has its `content-type`.
+pub fn is_transport_failure(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
+        || (matches!(
+            status.code(),
+            tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal
+        ) && status.metadata().get("content-type").is_none())
+}
+
+/// A failed call as one line; a transport failure without TLS adds the likely reason, since
+/// the status alone (`transport error`) does not say it.
+pub fn describe_call_failure(status: &tonic::Status, options: &ClientOptions) -> String {
+    let text = describe_status(status);
+    if is_transport_failure(status) && !options.is_tls() {
+        format!("{text} (the connection failed: if the master speaks TLS, give --tls-ca)")
+    } else {
+        text
+    }
 }
 
 /// A gRPC status as one line: its message, or its code when the message is empty.
@@ -144,7 +320,11 @@ mod tests {
             "http://master:32048"
         );
         assert!(MasterAddr::parse("").is_err());
-        assert!(MasterAddr::parse("https://master:1").is_err());
+        assert_eq!(
+            MasterAddr::parse("https://master:1").unwrap().uri,
+            "http://master:1"
+        );
+        assert!(MasterAddr::parse("ftp://master:1").is_err());
         assert!(MasterAddr::parse("not an address").is_err());
     }
 }

@@ -21,14 +21,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ledger_master::auth::Authorizer;
 use ledger_master::feed::ChangeFeed;
 use ledger_master::ledger::{Ledger, WritePath};
+use ledger_master::limits::StreamLimiter;
+use ledger_master::server::ServeOptions;
+use ledger_master::service::Access;
 use ledger_master::storage::{Change, DatabaseUrl, StorageError};
 use ledger_master::subscription::SubscriptionContext;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::ServerTlsConfig;
 
-use crate::masters::MasterAddr;
+use crate::masters::{ClientOptions, MasterAddr};
 use crate::mirror::Mirror;
 use crate::replica::Delivered;
 
@@ -42,6 +47,9 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the calls in flight on a retired generation may take.
 const GRACE: Duration = Duration::from_secs(5);
 
+/// The most streams served at once, and from one client address: the master's defaults.
+const MAX_STREAMS: (usize, usize) = (10_000, 64);
+
 /// What a relay needs.
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
@@ -51,6 +59,13 @@ pub struct RelayOptions {
     pub database: DatabaseUrl,
     /// How long a forwarded write may take.
     pub timeout: Duration,
+    /// How forwarded writes reach the upstream (TLS; its client certificate is the relay's
+    /// identity there).
+    pub client: ClientOptions,
+    /// TLS (and mTLS) for the members below; plaintext without.
+    pub serve_tls: Option<ServerTlsConfig>,
+    /// Who may call the relay; anyone without.
+    pub serve_auth: Option<Arc<Authorizer>>,
 }
 
 /// Why the relay could not start.
@@ -91,6 +106,10 @@ pub struct Relay {
     /// Where forwarded writes go.
     upstream: MasterAddr,
     timeout: Duration,
+    client: ClientOptions,
+    serve_tls: Option<ServerTlsConfig>,
+    /// Who may call, and the stream counts, shared by every generation.
+    access: Access,
     serving: Option<Generation>,
     /// Generations told to stop whose in-flight calls may still run.
     retired: Vec<JoinHandle<()>>,
@@ -125,6 +144,12 @@ impl Relay {
             addr,
             upstream: upstream.clone(),
             timeout: options.timeout,
+            client: options.client.clone(),
+            serve_tls: options.serve_tls.clone(),
+            access: Access {
+                authorizer: options.serve_auth.clone(),
+                streams: StreamLimiter::new(MAX_STREAMS.0, MAX_STREAMS.1),
+            },
             serving: None,
             retired: Vec::new(),
         };
@@ -232,7 +257,7 @@ impl Relay {
         let storage = self.mirror.storage().clone();
         let feed = ChangeFeed::new(self.mirror.head(), SUBSCRIBER_BUFFER);
         let streams = CancellationToken::new();
-        let client = self.upstream.lazy_client(self.timeout)?;
+        let client = self.upstream.lazy_client(&self.client, self.timeout)?;
         let ledger = Arc::new(Ledger::new(
             WritePath::Upstream(client),
             SubscriptionContext {
@@ -249,11 +274,18 @@ impl Relay {
             .map_err(|e| e.to_string())?;
         let stop = CancellationToken::new();
         let stopped = stop.clone().cancelled_owned();
+        let options = ServeOptions {
+            tls: self.serve_tls.clone(),
+            access: self.access.clone(),
+            grace: GRACE,
+            ..ServeOptions::default()
+        };
         let task = tokio::spawn(async move {
             let health = tonic_health::server::health_reporter();
-            if let Err(e) =
-                ledger_master::server::serve(ledger, listener, health, stopped, streams, GRACE)
-                    .await
+            if let Err(e) = ledger_master::server::serve_with(
+                options, ledger, listener, health, stopped, streams,
+            )
+            .await
             {
                 tracing::error!("the relay's server failed: {e}");
             }

@@ -15,7 +15,8 @@ use tonic::{Code, Streaming};
 
 use crate::backoff::Backoff;
 use crate::ledger_file::{FileError, LedgerFile};
-use crate::masters::{self, MasterAddr};
+use crate::masters::{self, ClientOptions, MasterAddr};
+use crate::metrics;
 use crate::relay::{Relay, RelayError, RelayOptions};
 use crate::replica::{ApplyError, BatchReport, Replica};
 
@@ -33,6 +34,8 @@ pub struct SyncOptions {
     pub masters: Vec<MasterAddr>,
     /// The local ledger file.
     pub ledger_file: PathBuf,
+    /// How to reach the masters: TLS, token.
+    pub client: ClientOptions,
     /// How long connecting and subscribing may take.
     pub connect_timeout: Duration,
     /// The first reconnection delay (doubling, jittered).
@@ -85,6 +88,10 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
     }
     let recording = options.relay.is_some();
     let mut replica = Some(new_replica(open(&options.ledger_file).await?, recording));
+    metrics::connected(false);
+    if let Some(copy) = &replica {
+        metrics::applied(copy.resume_seq());
+    }
     let mut relay = match options.relay.clone() {
         Some(relay) => Some(Relay::start(relay, &options.masters[0]).await?),
         None => None,
@@ -109,7 +116,10 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
             // A write failed: start-up repair brings the file and its record back into
             // agreement before anything else is applied.
             match open(&options.ledger_file).await {
-                Ok(file) => replica = Some(new_replica(file, recording)),
+                Ok(file) => {
+                    metrics::applied(file.seq());
+                    replica = Some(new_replica(file, recording));
+                }
                 Err(e) => {
                     tracing::error!("cannot reopen the ledger file: {e}");
                     continue;
@@ -137,7 +147,8 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
         for attempt in 0..masters.len() {
             let index = (current + attempt) % masters.len();
             let master = &masters[index];
-            let subscribing = subscribe(master, after_seq, options.connect_timeout);
+            let subscribing =
+                subscribe(master, &options.client, after_seq, options.connect_timeout);
             let result = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break 'run,
@@ -171,6 +182,7 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
             &mut backoff,
         )
         .await;
+        metrics::connected(false);
         copy.abandon_snapshot();
         match end {
             End::Shutdown => break 'run,
@@ -228,14 +240,15 @@ async fn open(path: &Path) -> Result<LedgerFile, SyncError> {
 /// Connects to `master` and starts a subscription after `after_seq`.
 async fn subscribe(
     master: &MasterAddr,
+    options: &ClientOptions,
     after_seq: u64,
     timeout: Duration,
 ) -> Result<Streaming<pb::StreamLedgerResponse>, String> {
-    let mut client = master.connect(timeout).await?;
+    let mut client = master.connect(options, timeout).await?;
     let request = client.stream_ledger(pb::StreamLedgerRequest { after_seq });
     match tokio::time::timeout(timeout, request).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(masters::describe_status(&status)),
+        Ok(Err(status)) => Err(masters::describe_call_failure(&status, options)),
         Err(_) => Err(format!("no answer to the subscription within {timeout:?}")),
     }
 }
@@ -284,6 +297,12 @@ async fn stream_into(
         // The write runs to its end even when a signal arrives meanwhile: shutdown is only
         // looked at between batches.
         let result = tokio::task::block_in_place(|| replica.apply(batch));
+        metrics::applied(replica.resume_seq());
+        if let Ok(report) = &result
+            && let Some(head) = report.head.or(report.caught_up)
+        {
+            metrics::head(head);
+        }
         // The mirror follows what the file made durable, even when the batch failed midway.
         let mirror = match relay.as_deref_mut() {
             Some(relay) => {
@@ -368,6 +387,10 @@ struct LinkLog {
 impl LinkLog {
     fn connected(&mut self, master: &MasterAddr, after_seq: u64) {
         let again = if self.connected_before { "re" } else { "" };
+        metrics::connected(true);
+        if self.connected_before {
+            metrics::reconnected();
+        }
         tracing::info!(
             "{again}connected to master {master}; streaming the changes after seq {after_seq}"
         );
