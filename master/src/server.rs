@@ -159,37 +159,16 @@ impl Default for ServeOptions {
 impl ServeOptions {
     /// The options a master's command line asks for; reads the TLS and auth files.
     pub fn from_config(config: &Config) -> Result<Self, StartError> {
-        let read = |path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-        };
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => {
-                let mut tls = ServerTlsConfig::new().identity(
-                    tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
-                );
-                if let Some(ca) = &config.tls_client_ca {
-                    tls = tls
-                        .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
-                        .client_auth_optional(config.tls_client_optional);
-                }
-                Some(tls)
-            }
-            _ => None,
-        };
-        let authorizer = match &config.auth_file {
-            Some(path) => Some(Arc::new(Authorizer::load(path)?)),
-            None => {
-                tracing::warn!(
-                    "NO AUTHENTICATION CONFIGURED: anyone who reaches this master can insert and delete policies; use --auth-file (and TLS) outside a lab"
-                );
-                None
-            }
-        };
-        if tls.is_none() && authorizer.is_some() {
-            tracing::warn!(
-                "tokens are checked but travel in clear text: configure --tls-cert and --tls-key"
-            );
-        }
+        let (tls, authorizer) = load_security(
+            &SecurityFiles {
+                cert: config.tls_cert.as_deref(),
+                key: config.tls_key.as_deref(),
+                client_ca: config.tls_client_ca.as_deref(),
+                client_optional: config.tls_client_optional,
+                auth_file: config.auth_file.as_deref(),
+            },
+            "this master",
+        )?;
         Ok(ServeOptions {
             tls,
             access: Access {
@@ -201,6 +180,62 @@ impl ServeOptions {
             grace: config.shutdown_grace,
         })
     }
+}
+
+/// The files that secure a server: PEM certificate, key and client CA, and the auth file.
+#[derive(Debug, Default)]
+pub struct SecurityFiles<'a> {
+    /// The server certificate chain; TLS only with `key`.
+    pub cert: Option<&'a std::path::Path>,
+    /// The server's private key.
+    pub key: Option<&'a std::path::Path>,
+    /// The CA that signs client certificates (mTLS).
+    pub client_ca: Option<&'a std::path::Path>,
+    /// Admit clients without a certificate too.
+    pub client_optional: bool,
+    /// The auth file (roles); without it anyone may do anything.
+    pub auth_file: Option<&'a std::path::Path>,
+}
+
+/// Reads the TLS settings and the auth file, and warns loudly about what is left open.
+/// `server` names the server in the warnings ("this master", "this relay").
+pub fn load_security(
+    files: &SecurityFiles<'_>,
+    server: &str,
+) -> Result<(Option<ServerTlsConfig>, Option<Arc<Authorizer>>), String> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let tls = match (files.cert, files.key) {
+        (Some(cert), Some(key)) => {
+            let mut tls = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+            if let Some(ca) = files.client_ca {
+                tls = tls
+                    .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
+                    .client_auth_optional(files.client_optional);
+            }
+            Some(tls)
+        }
+        _ => None,
+    };
+    let authorizer = match files.auth_file {
+        Some(path) => Some(Arc::new(Authorizer::load(path)?)),
+        None => {
+            tracing::warn!(
+                "NO AUTHENTICATION CONFIGURED: anyone who reaches {server} can insert and delete policies; configure an auth file (and TLS) outside a lab"
+            );
+            None
+        }
+    };
+    if tls.is_none() && authorizer.is_some() {
+        tracing::warn!(
+            "{server} checks tokens that travel in clear text: configure a TLS certificate and key"
+        );
+    }
+    Ok((tls, authorizer))
 }
 
 /// Serves `ledger` on `listener` (LedgerService, grpc.health.v1, reflection v1 and v1alpha)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{CommandFactory, FromArgMatches};
 use ledger_master::auth::Authorizer;
 use ledger_master::cli;
+use ledger_master::server::{SecurityFiles, load_security};
 use ledger_master::storage::DatabaseUrl;
 use ledger_member::commands::{self, CommandError};
 use ledger_member::config::{Cli, Command, DaemonArgs};
@@ -15,7 +16,7 @@ use ledger_member::paths::LedgerPaths;
 use ledger_member::relay::RelayOptions;
 use ledger_member::sync::{self, SyncError, SyncOptions};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::transport::ServerTlsConfig;
 
 fn main() -> ExitCode {
     // Before the runtime's threads exist: the file's settings become environment variables.
@@ -126,35 +127,16 @@ fn serving_security(
     if daemon.serve.is_none() {
         return Ok((None, None));
     }
-    let read = |path: &std::path::PathBuf| {
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-    };
-    let tls = match (&daemon.serve_tls_cert, &daemon.serve_tls_key) {
-        (Some(cert), Some(key)) => {
-            let mut tls =
-                ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-            if let Some(ca) = &daemon.serve_tls_client_ca {
-                tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-            }
-            Some(tls)
-        }
-        _ => None,
-    };
-    let auth = match &daemon.serve_auth_file {
-        Some(path) => Some(Arc::new(Authorizer::load(path)?)),
-        None => {
-            tracing::warn!(
-                "NO AUTHENTICATION CONFIGURED on the relay: anyone who reaches it can have policies inserted and deleted upstream; use --serve-auth-file (and --serve-tls-cert) outside a lab"
-            );
-            None
-        }
-    };
-    if tls.is_none() && auth.is_some() {
-        tracing::warn!(
-            "the relay checks tokens that travel in clear text: configure --serve-tls-cert and --serve-tls-key"
-        );
-    }
-    Ok((tls, auth))
+    load_security(
+        &SecurityFiles {
+            cert: daemon.serve_tls_cert.as_deref(),
+            key: daemon.serve_tls_key.as_deref(),
+            client_ca: daemon.serve_tls_client_ca.as_deref(),
+            client_optional: false,
+            auth_file: daemon.serve_auth_file.as_deref(),
+        },
+        "this relay",
+    )
 }
 
 async fn operator(
