@@ -4,6 +4,8 @@
 //! commit) → `storage` (diesel: SQLite or PostgreSQL) → `feed` (fan-out) → `subscription` (one
 //! stream per member). See ARCHITECTURE.md.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -1,6 +1,8 @@
 //! The test harness: starts the real `master` (and `member`) binaries and a throwaway
 //! PostgreSQL server, and gives tests a client for them. Nothing here is a mock.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod member;
 pub mod postgres;
