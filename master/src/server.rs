@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use tonic::codegen::http;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
@@ -182,6 +183,29 @@ impl ServeOptions {
     }
 }
 
+/// tonic answers a request whose protobuf does not decode (invalid UTF-8 in a string field, a
+/// truncated message) with INTERNAL, which tells a client the server failed. The request is what
+/// is wrong, so say INVALID_ARGUMENT, keeping tonic's message, which names the field.
+fn undecodable_is_invalid_argument(
+    mut response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let headers = response.headers_mut();
+    let undecodable = headers.get("grpc-status").is_some_and(|s| s == "13")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.starts_with("failed%20to%20decode") || m.starts_with("failed to decode")
+            });
+    if undecodable {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from_static("3"), // INVALID_ARGUMENT
+        );
+    }
+    response
+}
+
 /// The files that secure a server: PEM certificate, key and client CA, and the auth file.
 #[derive(Debug, Default)]
 pub struct SecurityFiles<'a> {
@@ -298,6 +322,9 @@ pub async fn serve_with(
         .max_decoding_message_size(options.max_message_bytes);
     let mut serving = Box::pin(
         builder
+            .layer(tower::util::MapResponseLayer::new(
+                undecodable_is_invalid_argument,
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
