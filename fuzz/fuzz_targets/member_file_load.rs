@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use ledger_member::ledger_file::LedgerFile;
 use ledger_member::line::PolicyLine;
 use ledger_member::paths::LedgerPaths;
-use ledger_member::state::{PendingRewrite, SyncState};
+use ledger_member::state::{FileMd5, PendingRewrite, SyncState};
 use libfuzzer_sys::fuzz_target;
 
 /// One directory for the whole run (on tmpfs when there is one), emptied before each input.
@@ -73,7 +73,9 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(content.len() as u64, file.len(), "file length != recorded length");
     if let Some(state) = state {
         assert_eq!((state.seq, state.len, state.pending), (file.seq(), file.len(), None));
+        assert_eq!(state.md5, FileMd5::of(&content), "the record's md5 is the file's");
     }
+    assert_eq!(file.md5(), FileMd5::of(&content));
     let mut ids = HashSet::new();
     if !content.is_empty() {
         assert_eq!(content.last(), Some(&b'\n'), "the last line is incomplete");
@@ -101,13 +103,17 @@ fuzz_target!(|data: &[u8]| {
 /// 6. `rest` split at `b`: arbitrary record bytes, then the file;
 /// 7. no file, a record of seq `a` and length `b`.
 fn lay_out(paths: &LedgerPaths, mode: u8, a: u64, b: usize, rest: &[u8]) -> Option<u64> {
-    let store = |seq: u64, len: usize, pending: Option<(u64, usize)>| {
+    // A record of `len` bytes whose md5 is that of `content` (the file's recorded part when
+    // they agree), with an optional pending rewrite to `(seq, its content)`.
+    let store = |seq: u64, len: usize, content: &[u8], pending: Option<(u64, &[u8])>| {
         SyncState {
             seq,
             len: len as u64,
-            pending: pending.map(|(seq, len)| PendingRewrite {
+            md5: FileMd5::of(content),
+            pending: pending.map(|(seq, tmp)| PendingRewrite {
                 seq,
-                len: len as u64,
+                len: tmp.len() as u64,
+                md5: FileMd5::of(tmp),
             }),
         }
         .store(paths)
@@ -122,29 +128,30 @@ fn lay_out(paths: &LedgerPaths, mode: u8, a: u64, b: usize, rest: &[u8]) -> Opti
         }
         1 => {
             write(&paths.file, rest);
-            store(a, rest.len(), None);
+            store(a, rest.len(), rest, None);
             Some(a)
         }
         2 => {
             write(&paths.file, rest);
-            store(a, rest.len().saturating_sub(b), None);
+            let recorded = rest.len().saturating_sub(b);
+            store(a, recorded, &rest[..recorded], None);
             Some(a)
         }
         3 => {
             write(&paths.file, rest);
-            store(a, rest.len() + b, None);
+            store(a, rest.len() + b, rest, None);
             None
         }
         4 => {
             let (file, tmp) = rest.split_at(cut);
             write(&paths.file, file);
             write(&paths.tmp, tmp);
-            store(a, file.len(), Some((a + 1, tmp.len())));
+            store(a, file.len(), file, Some((a + 1, tmp)));
             Some(a + 1)
         }
         5 => {
             write(&paths.file, rest);
-            store(a, b, Some((a + 1, rest.len())));
+            store(a, b, &rest[..cut], Some((a + 1, rest)));
             Some(a + 1)
         }
         6 => {
@@ -154,7 +161,7 @@ fn lay_out(paths: &LedgerPaths, mode: u8, a: u64, b: usize, rest: &[u8]) -> Opti
             None
         }
         _ => {
-            store(a, b, None);
+            store(a, b, &[], None);
             None
         }
     }

@@ -3,7 +3,13 @@
 //!
 //! The file is JSON Lines in ledger order, each line a policy's `json` and a line break, so its
 //! md5 equals the master's digest at the same seq. Beside it, the [`SyncState`] record says
-//! which seq the file holds and how long the file is at that seq.
+//! which seq the file holds, how long the file is at that seq, and the md5 of those bytes.
+//!
+//! The md5 is what lets start-up tell a file changed outside the member (a flipped byte inside a
+//! string, an edited attribute: lines that still parse) from the one it wrote. It is kept up to
+//! date without reading the file back: an md5 hasher of the file's content lives beside the
+//! index and sees each append's bytes; a rewrite or a snapshot hashes the new file as it writes
+//! it.
 //!
 //! - Inserts are **appended**: one positioned write of the whole batch, `fdatasync`, then the
 //!   record (seq, new length) is replaced. Only an index `id -> (offset, length)` is kept in
@@ -24,9 +30,11 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+use md5::{Digest, Md5};
+
 use crate::line::PolicyLine;
 use crate::paths::LedgerPaths;
-use crate::state::{PendingRewrite, StateError, SyncState};
+use crate::state::{FileMd5, PendingRewrite, StateError, SyncState};
 
 /// Where a policy's line is in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +97,9 @@ pub struct LedgerFile {
     file: Option<File>,
     seq: u64,
     len: u64,
+    /// The md5 state of the file's first `len` bytes: an append feeds it only the new bytes to
+    /// get the digest its record needs (the hasher is cloned, then finalized).
+    md5: Md5,
     index: HashMap<String, Entry>,
     /// Set when the file cannot be trusted: only a snapshot may replace it.
     awaiting_snapshot: bool,
@@ -107,15 +118,17 @@ impl LedgerFile {
     /// - a file longer than recorded (an append cut short, torn or not, or not yet recorded):
     ///   truncated back to the recorded length, whose changes the master sends again;
     /// - a file shorter than recorded, a line that is not a valid policy, a policy twice, a
-    ///   damaged record, a missing file, or a file without a record: the file is kept as it is
-    ///   until a full snapshot replaces it, and [`LedgerFile::seq`] is 0.
+    ///   recorded part whose md5 is not the recorded one (changed outside the member), a
+    ///   damaged record or one of format 1 (which has no md5 to check against), a missing file,
+    ///   or a file without a record: the file is kept as it is until a full snapshot replaces
+    ///   it, and [`LedgerFile::seq`] is 0.
     pub fn open(path: &Path) -> Result<LedgerFile, FileError> {
         let paths = LedgerPaths::new(path);
         let lock = lock(&paths)?;
         let mut distrust: Option<String> = None;
         let state = match SyncState::load(&paths) {
             Ok(state) => state,
-            Err(e @ StateError::Damaged { .. }) => {
+            Err(e @ (StateError::Damaged { .. } | StateError::OldFormat { .. })) => {
                 distrust = Some(e.to_string());
                 None
             }
@@ -138,6 +151,9 @@ impl LedgerFile {
         let file_len = file_len(&paths.file)?;
         let mut seq = 0;
         let mut len = file_len.unwrap_or(0);
+        // What the recorded part of the file must hash to, and the tail to cut once it does.
+        let mut recorded_md5 = FileMd5::EMPTY;
+        let mut unrecorded_tail = 0;
         if distrust.is_none() {
             match (state, file_len) {
                 (None, None) => {}
@@ -147,7 +163,9 @@ impl LedgerFile {
                         paths.file.display()
                     ))
                 }
-                (Some(state), None) if state.len == 0 => seq = state.seq,
+                (Some(state), None) if state.len == 0 => {
+                    (seq, recorded_md5) = (state.seq, state.md5);
+                }
                 (Some(state), None) => {
                     distrust = Some(format!(
                         "{} is missing though seq {} was recorded",
@@ -164,25 +182,41 @@ impl LedgerFile {
                     ))
                 }
                 (Some(state), Some(actual)) => {
-                    if actual > state.len {
-                        truncate(&paths.file, state.len)?;
-                        tracing::info!(
-                            dropped_bytes = actual - state.len,
-                            "repaired {}: dropped the tail written after seq {} was recorded",
-                            paths.file.display(),
-                            state.seq
-                        );
-                    }
-                    (seq, len) = (state.seq, state.len);
+                    (seq, len, recorded_md5) = (state.seq, state.len, state.md5);
+                    unrecorded_tail = actual - state.len;
                 }
             }
         }
         let mut index = HashMap::new();
-        if distrust.is_none() && file_len.is_some() {
-            match scan(&paths.file, len) {
-                Ok(scanned) => index = scanned,
+        let mut md5 = Md5::new();
+        if distrust.is_none() {
+            let scanned = match file_len {
+                Some(_) => scan(&paths.file, len),
+                None => Ok((HashMap::new(), Md5::new())),
+            };
+            match scanned {
+                Ok((_, hasher)) if FileMd5::of_hasher(&hasher) != recorded_md5 => {
+                    distrust = Some(format!(
+                        "{} does not match its state record: the md5 of its first {len} bytes is \
+                         {}, not the {recorded_md5} recorded at seq {seq}, so it was changed \
+                         outside the member",
+                        paths.file.display(),
+                        FileMd5::of_hasher(&hasher),
+                    ))
+                }
+                Ok((scanned, hasher)) => (index, md5) = (scanned, hasher),
                 Err(reason) => distrust = Some(reason),
             }
+        }
+        // Cut only a file whose recorded part checked out: a damaged one is kept whole until
+        // a snapshot replaces it (it becomes `blockchain.old`).
+        if distrust.is_none() && unrecorded_tail > 0 {
+            truncate(&paths.file, len)?;
+            tracing::info!(
+                dropped_bytes = unrecorded_tail,
+                "repaired {}: dropped the tail written after seq {seq} was recorded",
+                paths.file.display(),
+            );
         }
         let file = match file_len {
             Some(_) => Some(open_rw(&paths.file)?),
@@ -214,6 +248,7 @@ impl LedgerFile {
             file,
             seq,
             len,
+            md5,
             index,
             awaiting_snapshot,
         })
@@ -227,6 +262,12 @@ impl LedgerFile {
     /// The file's length at [`LedgerFile::seq`].
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// The md5 of the file at [`LedgerFile::seq`]: the master's `GetLedgerInfo` digest at that
+    /// seq when the file is in sync (meaningless while it awaits a snapshot).
+    pub fn md5(&self) -> FileMd5 {
+        FileMd5::of_hasher(&self.md5)
     }
 
     /// Whether the file holds no policy.
@@ -326,9 +367,12 @@ impl LedgerFile {
             .and_then(|()| file.sync_data())
             .map_err(io_error("append to", &self.paths.file))?;
         let new_len = self.len + bytes.len() as u64;
+        let mut md5 = self.md5.clone();
+        md5.update(&bytes);
         SyncState {
             seq,
             len: new_len,
+            md5: FileMd5::of_hasher(&md5),
             pending: None,
         }
         .store(&self.paths)?;
@@ -340,6 +384,7 @@ impl LedgerFile {
         }
         self.seq = seq;
         self.len = new_len;
+        self.md5 = md5;
         Ok(())
     }
 
@@ -357,9 +402,9 @@ impl LedgerFile {
         removed.sort_by_key(|entry| entry.offset);
 
         let tmp = File::create(&self.paths.tmp).map_err(io_error("create", &self.paths.tmp))?;
-        let mut out = BufWriter::with_capacity(1 << 20, tmp);
+        let mut out = Md5Writer::new(BufWriter::with_capacity(1 << 20, tmp));
         let mut reader = BufReader::with_capacity(1 << 20, source);
-        let mut copy = |from: u64, to: u64, out: &mut BufWriter<File>| -> io::Result<()> {
+        let mut copy = |from: u64, to: u64, out: &mut Md5Writer| -> io::Result<()> {
             reader.seek(SeekFrom::Start(from))?;
             let copied = io::copy(&mut (&mut reader).take(to - from), out)?;
             if copied != to - from {
@@ -382,14 +427,14 @@ impl LedgerFile {
                 out.write_all(b"\n")?;
             }
             out.flush()?;
-            out.get_ref().sync_all()
+            out.inner.get_ref().sync_all()
         })();
         written.map_err(io_error("write", &self.paths.tmp))?;
 
         let removed_len: u64 = removed.iter().map(|entry| entry.len).sum();
         let kept_len = self.len - removed_len;
         let new_len = kept_len + inserted.iter().map(PolicyLine::file_len).sum::<u64>();
-        self.swap_in(seq, new_len)?;
+        self.swap_in(seq, new_len, out.md5)?;
 
         for id in deleted {
             self.index.remove(id);
@@ -413,24 +458,33 @@ impl LedgerFile {
         Ok(())
     }
 
-    /// Replaces the file by the fsynced `.tmp` of `new_len` bytes holding seq `seq`.
-    fn swap_in(&mut self, seq: u64, new_len: u64) -> Result<(), FileError> {
+    /// Replaces the file by the fsynced `.tmp` of `new_len` bytes holding seq `seq`, whose
+    /// content `new_md5` has hashed.
+    fn swap_in(&mut self, seq: u64, new_len: u64, new_md5: Md5) -> Result<(), FileError> {
+        let md5 = FileMd5::of_hasher(&new_md5);
         SyncState {
             seq: self.seq,
             len: self.len,
-            pending: Some(PendingRewrite { seq, len: new_len }),
+            md5: FileMd5::of_hasher(&self.md5),
+            pending: Some(PendingRewrite {
+                seq,
+                len: new_len,
+                md5,
+            }),
         }
         .store(&self.paths)?;
         replace_file(&self.paths)?;
         SyncState {
             seq,
             len: new_len,
+            md5,
             pending: None,
         }
         .store(&self.paths)?;
         self.file = Some(open_rw(&self.paths.file)?);
         self.seq = seq;
         self.len = new_len;
+        self.md5 = new_md5;
         Ok(())
     }
 
@@ -438,7 +492,7 @@ impl LedgerFile {
     pub fn begin_snapshot(&self) -> Result<Snapshot, FileError> {
         let file = File::create(&self.paths.tmp).map_err(io_error("create", &self.paths.tmp))?;
         Ok(Snapshot {
-            out: BufWriter::with_capacity(1 << 20, file),
+            out: Md5Writer::new(BufWriter::with_capacity(1 << 20, file)),
             len: 0,
             index: HashMap::new(),
             path: self.paths.tmp.clone(),
@@ -465,16 +519,17 @@ impl LedgerFile {
 
     fn finish_install(
         &mut self,
-        mut out: BufWriter<File>,
+        mut out: Md5Writer,
         len: u64,
         path: &Path,
         seq: u64,
     ) -> Result<(), FileError> {
         out.flush()
-            .and_then(|()| out.get_ref().sync_all())
+            .and_then(|()| out.inner.get_ref().sync_all())
             .map_err(io_error("write", path))?;
-        drop(out);
-        self.swap_in(seq, len)
+        let Md5Writer { inner, md5 } = out;
+        drop(inner);
+        self.swap_in(seq, len, md5)
     }
 
     /// Drops a snapshot that will not be installed (its stream broke): the file is untouched.
@@ -490,7 +545,7 @@ impl LedgerFile {
 /// A full ledger being written to `.tmp` from a snapshot stream.
 #[derive(Debug)]
 pub struct Snapshot {
-    out: BufWriter<File>,
+    out: Md5Writer,
     len: u64,
     index: HashMap<String, Entry>,
     path: std::path::PathBuf,
@@ -524,6 +579,37 @@ impl Snapshot {
     }
 }
 
+/// The writer of a new file (`.tmp`), hashing what it writes: a rewrite or a snapshot knows the
+/// md5 of the file it installs without reading it back.
+#[derive(Debug)]
+struct Md5Writer {
+    inner: BufWriter<File>,
+    /// The md5 of every byte accepted so far.
+    md5: Md5,
+}
+
+impl Md5Writer {
+    fn new(inner: BufWriter<File>) -> Md5Writer {
+        Md5Writer {
+            inner,
+            md5: Md5::new(),
+        }
+    }
+}
+
+impl Write for Md5Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        // Only what was accepted: a short write is retried with the rest by the caller.
+        self.md5.update(&buf[..written]);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Finishes or discards the rewrite a crash interrupted; returns the record that now holds.
 fn finish_rewrite(
     paths: &LedgerPaths,
@@ -534,6 +620,7 @@ fn finish_rewrite(
     let done = SyncState {
         seq: pending.seq,
         len: pending.len,
+        md5: pending.md5,
         pending: None,
     };
     let before = SyncState {
@@ -605,12 +692,13 @@ fn replace_file(paths: &LedgerPaths) -> Result<(), FileError> {
         .map_err(io_error("sync the directory of", &paths.file))
 }
 
-/// Reads the first `len` bytes of the file as policy lines and indexes them; the error says
-/// what makes the file unfit.
-fn scan(path: &Path, len: u64) -> Result<HashMap<String, Entry>, String> {
+/// Reads the first `len` bytes of the file as policy lines, indexes them and hashes them (in the
+/// same pass: the file is read once); the error says what makes the file unfit.
+fn scan(path: &Path, len: u64) -> Result<(HashMap<String, Entry>, Md5), String> {
     let file = File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut reader = BufReader::with_capacity(1 << 20, file.take(len));
     let mut index = HashMap::new();
+    let mut md5 = Md5::new();
     let mut bytes = Vec::new();
     let mut offset = 0;
     for number in 1.. {
@@ -621,6 +709,7 @@ fn scan(path: &Path, len: u64) -> Result<HashMap<String, Entry>, String> {
         if read == 0 {
             break;
         }
+        md5.update(&bytes);
         let at = || format!("{} line {number}", path.display());
         if bytes.pop() != Some(b'\n') {
             return Err(format!("{} is incomplete", at()));
@@ -638,7 +727,7 @@ fn scan(path: &Path, len: u64) -> Result<HashMap<String, Entry>, String> {
             return Err(format!("{} repeats policy {:?}", at(), line.id));
         }
     }
-    Ok(index)
+    Ok((index, md5))
 }
 
 /// Takes the daemon's lock beside the file, failing at once when another process holds it.
@@ -814,9 +903,11 @@ mod tests {
         SyncState {
             seq: 3,
             len: before.len() as u64,
+            md5: FileMd5::of(before.as_bytes()),
             pending: Some(PendingRewrite {
                 seq: 4,
                 len: after.len() as u64,
+                md5: FileMd5::of(after.as_bytes()),
             }),
         }
         .store(&f.paths)
@@ -826,6 +917,32 @@ mod tests {
         assert_eq!(read(&f.paths.file), after);
         assert_eq!(read(&f.paths.old), before);
         assert_eq!(SyncState::load(&f.paths).unwrap().unwrap().pending, None);
+        assert_eq!(file.md5(), FileMd5::of(after.as_bytes()));
+    }
+
+    #[test]
+    fn a_rewrite_finished_from_a_changed_tmp_is_not_trusted() {
+        // The `.tmp` a crash left has the pending length but not the pending content.
+        let f = fixture();
+        drop(synced(&f, 3));
+        let before = read(&f.paths.file);
+        let after = text(&[policy(1), policy(3)]);
+        std::fs::write(&f.paths.tmp, after.replacen("op3", "op4", 1)).unwrap();
+        SyncState {
+            seq: 3,
+            len: before.len() as u64,
+            md5: FileMd5::of(before.as_bytes()),
+            pending: Some(PendingRewrite {
+                seq: 4,
+                len: after.len() as u64,
+                md5: FileMd5::of(after.as_bytes()),
+            }),
+        }
+        .store(&f.paths)
+        .unwrap();
+        let file = LedgerFile::open(&f.paths.file).unwrap();
+        assert!(file.awaiting_snapshot());
+        assert_eq!(file.seq(), 0);
     }
 
     #[test]
@@ -838,9 +955,11 @@ mod tests {
         SyncState {
             seq: 3,
             len: before.len() as u64,
+            md5: FileMd5::of(before.as_bytes()),
             pending: Some(PendingRewrite {
                 seq: 5,
                 len: after.len() as u64,
+                md5: FileMd5::of(after.as_bytes()),
             }),
         }
         .store(&f.paths)
@@ -852,6 +971,7 @@ mod tests {
             SyncState {
                 seq: 5,
                 len: after.len() as u64,
+                md5: FileMd5::of(after.as_bytes()),
                 pending: None
             }
         );
@@ -859,9 +979,13 @@ mod tests {
 
     #[test]
     fn what_cannot_be_trusted_waits_for_a_snapshot() {
-        // A short file, a corrupt line, a duplicate, a damaged record, a missing record.
+        // A short file, a corrupt line, a duplicate, a damaged record, a missing record, a
+        // record of format 1; then changes that keep every line a valid policy, which only the
+        // recorded md5 reveals: a byte flipped inside a string value, a line edited to other
+        // valid JSON of the same length, two lines swapped, a recorded part changed before an
+        // unrecorded tail.
         type Damage = fn(&LedgerPaths, &str);
-        let damages: [(&str, Damage); 5] = [
+        let damages: [(&str, Damage); 10] = [
             ("short", |p, good| {
                 std::fs::write(&p.file, &good[..good.len() - 10]).unwrap()
             }),
@@ -871,9 +995,11 @@ mod tests {
             ("duplicate", |p, good| {
                 let first = good.lines().next().unwrap();
                 let doubled = good.replacen(good.lines().nth(1).unwrap(), first, 1);
-                std::fs::write(&p.file, doubled).unwrap();
+                std::fs::write(&p.file, &doubled).unwrap();
+                // Recorded as if the member had written it: the line check must catch it.
                 let mut state = SyncState::load(p).unwrap().unwrap();
-                state.len = std::fs::metadata(&p.file).unwrap().len();
+                state.len = doubled.len() as u64;
+                state.md5 = FileMd5::of(doubled.as_bytes());
                 state.store(p).unwrap();
             }),
             ("damaged record", |p, _| {
@@ -881,6 +1007,33 @@ mod tests {
                 std::fs::write(&p.state, record).unwrap()
             }),
             ("no record", |p, _| std::fs::remove_file(&p.state).unwrap()),
+            ("format 1 record", |p, _| {
+                let state = SyncState::load(p).unwrap().unwrap();
+                let body = format!(
+                    "ledger-member-state 1\nseq {}\nlen {}\n",
+                    state.seq, state.len
+                );
+                let sealed = format!("{body}md5 {}\n", FileMd5::of(body.as_bytes()));
+                std::fs::write(&p.state, sealed).unwrap();
+            }),
+            ("byte flipped in a string", |p, good| {
+                std::fs::write(&p.file, good.replacen("\"op2\"", "\"oq2\"", 1)).unwrap()
+            }),
+            ("line edited, same length", |p, good| {
+                let edited = good.replacen(r#""name": "op2""#, r#""nick": "op2""#, 1);
+                assert_eq!(edited.len(), good.len());
+                std::fs::write(&p.file, edited).unwrap()
+            }),
+            ("lines swapped", |p, good| {
+                let lines: Vec<&str> = good.lines().collect();
+                let swapped = format!("{}\n{}\n{}\n", lines[1], lines[0], lines[2]);
+                assert_eq!(swapped.len(), good.len());
+                std::fs::write(&p.file, swapped).unwrap()
+            }),
+            ("changed before a tail", |p, good| {
+                let changed = good.replacen("\"op1\"", "\"op9\"", 1);
+                std::fs::write(&p.file, format!("{changed}{{\"operator\": {{\"na")).unwrap()
+            }),
         ];
         for (what, damage) in damages {
             let f = fixture();
@@ -888,6 +1041,13 @@ mod tests {
             let good = read(&f.paths.file);
             damage(&f.paths, &good);
             let on_disk = read(&f.paths.file);
+            for line in on_disk
+                .lines()
+                .filter(|_| what.contains("string") || what.contains("edited"))
+            {
+                // These keep every line a valid policy: only the md5 can catch them.
+                PolicyLine::parse(line.to_string()).unwrap();
+            }
             let mut file = LedgerFile::open(&f.paths.file).unwrap();
             assert!(file.awaiting_snapshot(), "{what}");
             assert_eq!(file.seq(), 0, "{what}");
@@ -907,7 +1067,56 @@ mod tests {
             drop(file);
             let reopened = LedgerFile::open(&f.paths.file).unwrap();
             assert_eq!((reopened.seq(), reopened.awaiting_snapshot()), (9, false));
+            assert_eq!(reopened.md5(), FileMd5::of(text(&[policy(7)]).as_bytes()));
         }
+    }
+
+    #[test]
+    fn the_recorded_md5_follows_every_write() {
+        // After appends, a delete (rewrite), a snapshot, and each restart in between, the
+        // recorded md5 is the file's, so a normal restart passes the check.
+        let f = fixture();
+        let check = |file: &LedgerFile, seq: u64| {
+            let bytes = std::fs::read(&f.paths.file).unwrap();
+            let state = SyncState::load(&f.paths).unwrap().unwrap();
+            assert_eq!((state.seq, state.len), (seq, bytes.len() as u64));
+            assert_eq!(state.md5, FileMd5::of(&bytes));
+            assert_eq!(file.md5(), state.md5);
+        };
+        let reopen = |file: LedgerFile, seq: u64| {
+            drop(file);
+            let file = LedgerFile::open(&f.paths.file).unwrap();
+            assert!(!file.awaiting_snapshot());
+            assert_eq!(file.seq(), seq);
+            check(&file, seq);
+            file
+        };
+        let file = synced(&f, 3);
+        check(&file, 3);
+        let mut file = reopen(file, 3);
+        file.commit(5, &HashSet::new(), &[policy(4), policy(5)])
+            .unwrap();
+        let mut file = reopen(file, 5);
+        file.commit(6, &["id-2".to_string()].into(), &[policy(6)])
+            .unwrap();
+        check(&file, 6);
+        let mut file = reopen(file, 6);
+        file.commit(7, &HashSet::new(), &[policy(7)]).unwrap();
+        let mut file = reopen(file, 7);
+        let mut snapshot = file.begin_snapshot().unwrap();
+        snapshot.push(policy(8)).unwrap();
+        snapshot.push(policy(1)).unwrap();
+        file.install(snapshot, 12).unwrap();
+        check(&file, 12);
+        let file = reopen(file, 12);
+        // An unrecorded tail after an intact recorded part is still only cut.
+        let good = read(&f.paths.file);
+        drop(file);
+        std::fs::write(&f.paths.file, format!("{good}{}", text(&[policy(13)]))).unwrap();
+        let file = LedgerFile::open(&f.paths.file).unwrap();
+        assert_eq!((file.seq(), file.awaiting_snapshot()), (12, false));
+        assert_eq!(read(&f.paths.file), good);
+        check(&file, 12);
     }
 
     #[test]

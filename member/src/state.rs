@@ -1,19 +1,29 @@
 //! The state record kept beside the ledger file: which seq the file holds, how long the file is
-//! at that seq, and an interrupted rewrite's target.
+//! at that seq, the md5 of those bytes, and an interrupted rewrite's target.
 //!
 //! The record is small text, replaced as a whole (temporary file, fsync, rename, directory
 //! fsync), so a crash leaves either the old or the new record, never a mix; it also ends with
 //! the md5 of its lines, so a record damaged in any other way is recognised rather than trusted.
 //!
 //! ```text
-//! ledger-member-state 1
+//! ledger-member-state 2
 //! seq 1042
 //! len 318220
+//! file-md5 0f343b0931126a20f133d67c2b018a3b
 //! pending-seq 1043        (only while a rewrite is being swapped in)
 //! pending-len 317990
+//! pending-md5 9e107d9d372bb6826bd81d3542a419d6
 //! md5 5d41402abc4b2a76b9719d911017c592
 //! ```
+//!
+//! `file-md5` is the md5 of the file's first `len` bytes: what lets start-up recognise a file
+//! changed outside the member even when every line is still a valid policy. At `seq` it is the
+//! master's `GetLedgerInfo` digest, since the file is the same bytes.
+//!
+//! Format 1 (no `file-md5`) is not read: such a file cannot be checked against anything but its
+//! own syntax, so the member resyncs it from seq 0 once rather than trust it.
 
+use std::fmt;
 use std::io::Write;
 use std::path::Path;
 
@@ -21,8 +31,53 @@ use md5::{Digest, Md5};
 
 use crate::paths::LedgerPaths;
 
-/// The first line of every record, with the format's version.
-const MAGIC: &str = "ledger-member-state 1";
+/// The record format this member writes and reads.
+const VERSION: u32 = 2;
+
+/// The first word of every record, followed by the format's version.
+const MAGIC: &str = "ledger-member-state";
+
+/// The md5 of a ledger file's content (of its first `len` bytes).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileMd5(pub [u8; 16]);
+
+impl FileMd5 {
+    /// The md5 of no bytes: an empty or missing file.
+    pub const EMPTY: FileMd5 = FileMd5([
+        0xd4, 0x1d, 0x8c, 0xd9, 0x8f, 0x00, 0xb2, 0x04, 0xe9, 0x80, 0x09, 0x98, 0xec, 0xf8, 0x42,
+        0x7e,
+    ]);
+
+    /// The md5 of `bytes`.
+    pub fn of(bytes: &[u8]) -> FileMd5 {
+        FileMd5(Md5::digest(bytes).into())
+    }
+
+    /// The md5 of what `hasher` has seen so far; the hasher can go on (it is cloned).
+    pub fn of_hasher(hasher: &Md5) -> FileMd5 {
+        FileMd5(hasher.clone().finalize().into())
+    }
+
+    /// Reads 32 hex digits.
+    pub fn parse(hex_text: &str) -> Option<FileMd5> {
+        let mut bytes = [0; 16];
+        hex::decode_to_slice(hex_text, &mut bytes).ok()?;
+        Some(FileMd5(bytes))
+    }
+}
+
+impl fmt::Display for FileMd5 {
+    /// Lower-case hex, as the master's `GetLedgerInfo.digest`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for FileMd5 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FileMd5({self})")
+    }
+}
 
 /// A rewritten ledger file that is about to replace the current one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +86,8 @@ pub struct PendingRewrite {
     pub seq: u64,
     /// Its length in bytes.
     pub len: u64,
+    /// Its md5.
+    pub md5: FileMd5,
 }
 
 /// What the ledger file holds, as last made durable.
@@ -40,8 +97,10 @@ pub struct SyncState {
     pub seq: u64,
     /// The file's length at `seq`: anything past it was written but never recorded.
     pub len: u64,
-    /// Set while a rewritten file (`.tmp`) is swapped in; `seq` and `len` still describe the
-    /// file it replaces.
+    /// The md5 of the file's first `len` bytes.
+    pub md5: FileMd5,
+    /// Set while a rewritten file (`.tmp`) is swapped in; `seq`, `len` and `md5` still describe
+    /// the file it replaces.
     pub pending: Option<PendingRewrite>,
 }
 
@@ -56,6 +115,18 @@ pub enum StateError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The record is intact but in a format this member does not trust (format 1 has no md5
+    /// of the file, so the file cannot be checked against it).
+    #[error(
+        "the state file {path} is in format {version}, which records no md5 of the ledger file \
+         (written by an older member); this member needs format {VERSION}"
+    )]
+    OldFormat {
+        /// The state file.
+        path: String,
+        /// The format it is in.
+        version: u32,
+    },
     /// Reading or writing it failed.
     #[error("cannot {action} the state file {path}: {source}")]
     Io {
@@ -68,21 +139,46 @@ pub enum StateError {
     },
 }
 
+/// Why a record's text cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// It is not an intact record.
+    Damaged(String),
+    /// It is an intact record of an older format.
+    OldFormat(u32),
+}
+
+impl From<&str> for DecodeError {
+    fn from(reason: &str) -> DecodeError {
+        DecodeError::Damaged(reason.to_string())
+    }
+}
+
+impl From<String> for DecodeError {
+    fn from(reason: String) -> DecodeError {
+        DecodeError::Damaged(reason)
+    }
+}
+
 impl SyncState {
     /// The state of a member that holds nothing yet.
     pub const EMPTY: SyncState = SyncState {
         seq: 0,
         len: 0,
+        md5: FileMd5::EMPTY,
         pending: None,
     };
 
     /// The record's text.
     pub fn encode(&self) -> String {
-        let mut text = format!("{MAGIC}\nseq {}\nlen {}\n", self.seq, self.len);
+        let mut text = format!(
+            "{MAGIC} {VERSION}\nseq {}\nlen {}\nfile-md5 {}\n",
+            self.seq, self.len, self.md5
+        );
         if let Some(pending) = self.pending {
             text.push_str(&format!(
-                "pending-seq {}\npending-len {}\n",
-                pending.seq, pending.len
+                "pending-seq {}\npending-len {}\npending-md5 {}\n",
+                pending.seq, pending.len, pending.md5
             ));
         }
         let md5 = hex::encode(Md5::digest(text.as_bytes()));
@@ -91,7 +187,7 @@ impl SyncState {
     }
 
     /// Reads a record's text; the error says what is wrong with it.
-    pub fn decode(text: &str) -> Result<SyncState, String> {
+    pub fn decode(text: &str) -> Result<SyncState, DecodeError> {
         let body_end = text
             .trim_end_matches('\n')
             .rfind('\n')
@@ -106,36 +202,53 @@ impl SyncState {
             return Err("its checksum does not match its content".into());
         }
         let mut lines = body.lines();
-        if lines.next() != Some(MAGIC) {
-            return Err(format!("it does not start with {MAGIC:?}"));
+        let version = lines
+            .next()
+            .and_then(|first| first.strip_prefix(MAGIC)?.strip_prefix(' ')?.parse().ok())
+            .ok_or_else(|| format!("it does not start with {MAGIC:?} and a version"))?;
+        if version < VERSION {
+            return Err(DecodeError::OldFormat(version));
+        }
+        if version != VERSION {
+            return Err(
+                format!("its format {version} is newer than this member's {VERSION}").into(),
+            );
         }
         let (mut seq, mut len, mut pending_seq, mut pending_len) = (None, None, None, None);
+        let (mut md5, mut pending_md5) = (None, None);
         for line in lines {
             let (key, value) = line
                 .split_once(' ')
                 .ok_or_else(|| format!("line {line:?} is not `key value`"))?;
-            let value: u64 = value
-                .parse()
-                .map_err(|_| format!("{key} {value:?} is not a number"))?;
-            let slot = match key {
-                "seq" => &mut seq,
-                "len" => &mut len,
-                "pending-seq" => &mut pending_seq,
-                "pending-len" => &mut pending_len,
-                other => return Err(format!("unknown key {other:?}")),
+            let number = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("{key} {value:?} is not a number"))
             };
-            if slot.replace(value).is_some() {
-                return Err(format!("{key} appears twice"));
+            let digest =
+                || FileMd5::parse(value).ok_or_else(|| format!("{key} {value:?} is not an md5"));
+            let twice = match key {
+                "seq" => seq.replace(number()?).is_some(),
+                "len" => len.replace(number()?).is_some(),
+                "file-md5" => md5.replace(digest()?).is_some(),
+                "pending-seq" => pending_seq.replace(number()?).is_some(),
+                "pending-len" => pending_len.replace(number()?).is_some(),
+                "pending-md5" => pending_md5.replace(digest()?).is_some(),
+                other => return Err(format!("unknown key {other:?}").into()),
+            };
+            if twice {
+                return Err(format!("{key} appears twice").into());
             }
         }
-        let pending = match (pending_seq, pending_len) {
-            (Some(seq), Some(len)) => Some(PendingRewrite { seq, len }),
-            (None, None) => None,
-            _ => return Err("it has half of a pending rewrite".into()),
+        let pending = match (pending_seq, pending_len, pending_md5) {
+            (Some(seq), Some(len), Some(md5)) => Some(PendingRewrite { seq, len, md5 }),
+            (None, None, None) => None,
+            _ => return Err("it has part of a pending rewrite".into()),
         };
         Ok(SyncState {
             seq: seq.ok_or("it has no seq")?,
             len: len.ok_or("it has no len")?,
+            md5: md5.ok_or("it has no file-md5")?,
             pending,
         })
     }
@@ -147,12 +260,15 @@ impl SyncState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(io_error("read", &paths.state, source)),
         };
-        let damaged = |reason: String| StateError::Damaged {
-            path: paths.state.display().to_string(),
-            reason,
-        };
-        let text = String::from_utf8(text).map_err(|_| damaged("it is not text".into()))?;
-        SyncState::decode(&text).map(Some).map_err(damaged)
+        let path = paths.state.display().to_string();
+        let text = String::from_utf8(text).map_err(|_| StateError::Damaged {
+            path: path.clone(),
+            reason: "it is not text".into(),
+        })?;
+        SyncState::decode(&text).map(Some).map_err(|e| match e {
+            DecodeError::Damaged(reason) => StateError::Damaged { path, reason },
+            DecodeError::OldFormat(version) => StateError::OldFormat { path, version },
+        })
     }
 
     /// Replaces the record durably: once this returns, a crash leaves this record.
@@ -180,6 +296,15 @@ fn io_error(action: &'static str, path: &Path, source: std::io::Error) -> StateE
 mod tests {
     use super::*;
 
+    fn damaged(reason: &str) -> Result<SyncState, DecodeError> {
+        Err(DecodeError::Damaged(reason.into()))
+    }
+
+    /// A record body with a valid checksum, whatever its lines say.
+    fn sealed(body: &str) -> String {
+        format!("{body}md5 {}\n", hex::encode(Md5::digest(body.as_bytes())))
+    }
+
     #[test]
     fn a_record_reads_back() {
         for state in [
@@ -187,9 +312,11 @@ mod tests {
             SyncState {
                 seq: 1042,
                 len: 318220,
+                md5: FileMd5::of(b"the file"),
                 pending: Some(PendingRewrite {
                     seq: 1043,
                     len: 317990,
+                    md5: FileMd5::of(b"the rewritten file"),
                 }),
             },
         ] {
@@ -198,21 +325,74 @@ mod tests {
     }
 
     #[test]
+    fn the_digest_is_the_masters() {
+        // The master's digest is lower-case hex of the md5 of the file's bytes.
+        assert_eq!(
+            FileMd5::of(b"").to_string(),
+            "d41d8cd98f00b204e9800998ecf8427e"
+        );
+        assert_eq!(FileMd5::of(b""), FileMd5::EMPTY);
+        let mut hasher = Md5::new();
+        hasher.update(b"{\"a\": 1}\n");
+        let so_far = FileMd5::of_hasher(&hasher);
+        hasher.update(b"{\"b\": 2}\n");
+        assert_eq!(so_far, FileMd5::of(b"{\"a\": 1}\n"));
+        assert_eq!(
+            FileMd5::of_hasher(&hasher),
+            FileMd5::of(b"{\"a\": 1}\n{\"b\": 2}\n")
+        );
+        assert_eq!(FileMd5::parse(&so_far.to_string()), Some(so_far));
+        assert_eq!(FileMd5::parse("d41d8cd98f00b204e9800998ecf8427"), None);
+    }
+
+    #[test]
     fn any_damage_is_recognised() {
         let text = SyncState {
             seq: 7,
             len: 700,
+            md5: FileMd5::of(b"x"),
             pending: None,
         }
         .encode();
-        // A flipped digit, a torn record, an empty one, a record with a valid checksum but a
-        // field missing.
+        // A flipped digit, a torn record, an empty one, records with a valid checksum but a
+        // field missing, a bad digest, a half pending rewrite.
         assert!(SyncState::decode(&text.replace("seq 7", "seq 8")).is_err());
         assert!(SyncState::decode(&text[..text.len() / 2]).is_err());
         assert!(SyncState::decode("").is_err());
-        let body = format!("{MAGIC}\nseq 3\n");
-        let unsound = format!("{body}md5 {}\n", hex::encode(Md5::digest(body.as_bytes())));
-        assert_eq!(SyncState::decode(&unsound), Err("it has no len".into()));
+        let unsound = sealed(&format!("{MAGIC} 2\nseq 3\nfile-md5 {}\n", FileMd5::EMPTY));
+        assert_eq!(SyncState::decode(&unsound), damaged("it has no len"));
+        let unsound = sealed(&format!("{MAGIC} 2\nseq 3\nlen 0\n"));
+        assert_eq!(SyncState::decode(&unsound), damaged("it has no file-md5"));
+        let unsound = sealed(&format!("{MAGIC} 2\nseq 3\nlen 0\nfile-md5 00\n"));
+        assert_eq!(
+            SyncState::decode(&unsound),
+            damaged("file-md5 \"00\" is not an md5")
+        );
+        let unsound = sealed(&format!(
+            "{MAGIC} 2\nseq 3\nlen 0\nfile-md5 {}\npending-seq 4\npending-len 9\n",
+            FileMd5::EMPTY
+        ));
+        assert_eq!(
+            SyncState::decode(&unsound),
+            damaged("it has part of a pending rewrite")
+        );
+        let newer = sealed(&format!("{MAGIC} 3\nseq 3\n"));
+        assert!(matches!(
+            SyncState::decode(&newer),
+            Err(DecodeError::Damaged(_))
+        ));
+    }
+
+    #[test]
+    fn a_format_1_record_is_recognised_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = LedgerPaths::new(&dir.path().join("blockchain.json"));
+        let v1 = sealed(&format!("{MAGIC} 1\nseq 5\nlen 50\n"));
+        assert_eq!(SyncState::decode(&v1), Err(DecodeError::OldFormat(1)));
+        std::fs::write(&paths.state, v1).unwrap();
+        let error = SyncState::load(&paths).unwrap_err();
+        assert!(matches!(error, StateError::OldFormat { version: 1, .. }));
+        assert!(error.to_string().contains("format 1"), "{error}");
     }
 
     #[test]
@@ -223,6 +403,7 @@ mod tests {
         let state = SyncState {
             seq: 5,
             len: 50,
+            md5: FileMd5::of(b"fifty bytes"),
             pending: None,
         };
         state.store(&paths).unwrap();
