@@ -361,11 +361,21 @@ impl LedgerFile {
             bytes.extend_from_slice(line.text.as_bytes());
             bytes.push(b'\n');
         }
+        // Reserve the blocks first: a full disk then refuses the batch before any byte of it
+        // reaches the file, so readers never see a torn last line.
+        reserve(file, self.len, bytes.len() as u64)
+            .map_err(io_error("reserve space in", &self.paths.file))?;
         // One write for the whole batch keeps the window for a torn tail as small as the
         // system allows; start-up truncates whatever was not recorded.
-        file.write_all_at(&bytes, self.len)
+        if let Err(e) = file
+            .write_all_at(&bytes, self.len)
             .and_then(|()| file.sync_data())
-            .map_err(io_error("append to", &self.paths.file))?;
+        {
+            // Where reserving is not supported, cut a partial write at once rather than leave
+            // it for readers until the next start.
+            let _ = file.set_len(self.len).and_then(|()| file.sync_data());
+            return Err(io_error("append to", &self.paths.file)(e));
+        }
         let new_len = self.len + bytes.len() as u64;
         let mut md5 = self.md5.clone();
         md5.update(&bytes);
@@ -769,6 +779,32 @@ fn open_rw_create(path: &Path) -> Result<File, FileError> {
         .truncate(false)
         .open(path)
         .map_err(io_error("create", path))
+}
+
+/// Allocates the blocks for `len` bytes at `offset` without changing the file's size. A
+/// file system that cannot (EOPNOTSUPP) is left to the write itself.
+fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a file descriptor we own, with in-range sizes; it only allocates.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        _ => Err(error),
+    }
 }
 
 fn truncate(path: &Path, len: u64) -> Result<(), FileError> {
