@@ -146,6 +146,23 @@ fn event_message(event: Event) -> pb::StreamLedgerResponse {
     }
 }
 
+/// The client's deadline from the `grpc-timeout` header (`100m`, `5S`, ...), if any.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
 fn client_host<T>(request: &Request<T>) -> String {
     request
         .remote_addr()
@@ -248,6 +265,32 @@ impl LedgerService for LedgerGrpc {
             let _open = &permit;
             event.map(event_message).map_err(Status::from)
         });
-        Ok(Response::new(Box::pin(events)))
+        // tonic bounds a call's answer by the client's deadline, but a stream's answer is sent
+        // at once: end the stream itself when the deadline passes.
+        match grpc_timeout(request.metadata()) {
+            Some(timeout) => {
+                let bounded = async_stream::stream! {
+                    let deadline = tokio::time::sleep(timeout);
+                    tokio::pin!(deadline);
+                    tokio::pin!(events);
+                    loop {
+                        tokio::select! {
+                            event = events.next() => match event {
+                                Some(event) => yield event,
+                                None => return,
+                            },
+                            _ = &mut deadline => {
+                                yield Err(Status::deadline_exceeded(format!(
+                                    "the client's deadline of {timeout:?} passed"
+                                )));
+                                return;
+                            }
+                        }
+                    }
+                };
+                Ok(Response::new(Box::pin(bounded)))
+            }
+            None => Ok(Response::new(Box::pin(events))),
+        }
     }
 }

@@ -737,3 +737,29 @@ async fn health_and_reflection_are_served() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_at_the_clients_deadline() {
+    let fx = start("sqlite", &[]);
+    let mut client = fx.master.client().await;
+    insert(&mut client, &operator(1)).await.unwrap();
+    let mut request = tonic::Request::new(ledger_proto::pb::StreamLedgerRequest { after_seq: 0 });
+    request.set_timeout(Duration::from_millis(500));
+    let mut events = within(30, "StreamLedger", client.stream_ledger(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = loop {
+        match next(&mut events).await {
+            Ok(_) => {}
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("the client's deadline"),
+        "{status:?}"
+    );
+    // The master goes on serving.
+    assert_eq!(insert(&mut client, &operator(2)).await.unwrap().seq, 2);
+}
