@@ -763,3 +763,38 @@ async fn a_stream_ends_at_the_clients_deadline() {
     // The master goes on serving.
     assert_eq!(insert(&mut client, &operator(2)).await.unwrap().seq, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_survive_keepalive_pings_both_ways() {
+    // Pings from both ends every few hundred milliseconds, and no progress messages: the
+    // connection carries nothing but pings while the stream is idle.
+    let fx = start(
+        "sqlite",
+        &[
+            "--keepalive-interval",
+            "300ms",
+            "--keepalive-timeout",
+            "2s",
+            "--progress-interval",
+            "1h",
+        ],
+    );
+    let channel = tonic::transport::Endpoint::from_shared(fx.master.url())
+        .unwrap()
+        .http2_keep_alive_interval(Duration::from_millis(200))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .unwrap();
+    let mut idle = LedgerServiceClient::new(channel);
+    let mut events = stream(&mut idle, 0).await;
+    until_caught_up(&mut events).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut writer = fx.master.client().await;
+    let policy = insert(&mut writer, &operator(1)).await.unwrap();
+    let event = next_change(&mut events).await;
+    assert_eq!(event.event, Some(Event::Inserted(policy)));
+    // The pinging client is still welcome (no GOAWAY for too many pings).
+    assert_eq!(info(&mut idle).await.head_seq, 1);
+}
