@@ -100,6 +100,7 @@ on_both_backends!(
     pruning_moves_the_replay_bound,
     concurrent_writers_commit_in_seq_order,
     hostile_strings_are_stored_exactly,
+    one_batch_can_insert_delete_and_reinsert_an_id,
 );
 
 fn inserts_take_consecutive_seqs(backend: &str) {
@@ -334,4 +335,33 @@ fn hostile_strings_are_stored_exactly(backend: &str) {
     assert_eq!(got.id, nasty);
     assert_eq!(got.json, json);
     assert_eq!(snapshot(&*storage, 10).2[0].json, json);
+}
+
+fn one_batch_can_insert_delete_and_reinsert_an_id(backend: &str) {
+    let db = fresh(backend);
+    let storage = open(&db.url);
+    // Larger than one multi-row statement, with a delete of a row inserted earlier in the batch.
+    let mut ops: Vec<WriteOp> = (1..=1200).map(insert).collect();
+    ops.extend([delete(600), insert(600), insert(600), delete(9999)]);
+    let results = storage.apply(&ops).unwrap();
+    assert_eq!(results[1199].as_ref().unwrap().seq, 1200);
+    assert_eq!(results[1200].as_ref().unwrap().seq, 1201);
+    assert_eq!(results[1201].as_ref().unwrap().seq, 1202);
+    assert_eq!(
+        results[1202].as_ref().unwrap_err(),
+        &Rejection::AlreadyExists("id-600".into())
+    );
+    assert_eq!(
+        results[1203].as_ref().unwrap_err(),
+        &Rejection::NotFound("id-9999".into())
+    );
+    assert_eq!(storage.get("id-600").unwrap().unwrap().seq, 1202);
+    let (seq, count, policies) = snapshot(&*storage, 5000);
+    assert_eq!((seq, count), (1202, 1200));
+    assert_eq!(policies.last().unwrap().id, "id-600");
+    assert_eq!(
+        storage.changes_after(0, 5000).unwrap().len(),
+        1202,
+        "every change is in the log"
+    );
 }

@@ -3,6 +3,7 @@
 //! Both backends share every query through diesel's `MultiConnection`; the only backend-specific
 //! code opens connections, applies the migrations and sets the snapshot isolation.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,8 +15,8 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 use super::schema::{ledger, ledger_changes, ledger_head};
 use super::{
-    Bounds, Change, ChangeKind, Rejection, SnapshotPart, Storage, StorageError, StoredPolicy,
-    WriteOp,
+    Bounds, Change, ChangeKind, NewPolicy, Rejection, SnapshotPart, Storage, StorageError,
+    StoredPolicy, WriteOp,
 };
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
@@ -304,52 +305,130 @@ fn company_of(json: &str) -> Option<String> {
 /// The `host` column of rows copied from upstream rather than inserted by a client.
 const REPLICATED_HOST: &str = "upstream";
 
+/// The most rows one INSERT carries (7 parameters a row stays far below both backends' limits).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// Writes the `unwritten` inserts (indexes into `results`, which hold their changes) with
+/// multi-row statements, and empties the list.
+fn write_inserts(
+    c: &mut AnyConnection,
+    results: &[Result<Change, Rejection>],
+    unwritten: &mut Vec<(usize, &NewPolicy)>,
+    date: chrono::NaiveDateTime,
+) -> Result<(), StorageError> {
+    for chunk in unwritten.chunks(ROWS_PER_STATEMENT) {
+        let inserted = || {
+            chunk
+                .iter()
+                .filter_map(|(index, request)| match &results[*index] {
+                    Ok(Change {
+                        kind: ChangeKind::Inserted(policy),
+                        ..
+                    }) => Some((policy, *request)),
+                    _ => None,
+                })
+        };
+        let rows: Vec<_> = inserted()
+            .map(|(policy, request)| {
+                (
+                    ledger::policy_type.eq(&policy.policy_type),
+                    ledger::policy_id.eq(&policy.id),
+                    ledger::company_name.eq(request.company.as_deref()),
+                    ledger::date.eq(date),
+                    ledger::host.eq(&request.host),
+                    ledger::policy.eq(&policy.json),
+                    ledger::seq.eq(policy.seq as i64),
+                )
+            })
+            .collect();
+        // diesel's multi-backend connection has no multi-row INSERT: use the concrete one.
+        match &mut *c {
+            AnyConnection::Postgres(pg) => diesel::insert_into(ledger::table)
+                .values(&rows)
+                .execute(pg)?,
+            AnyConnection::Sqlite(lite) => diesel::insert_into(ledger::table)
+                .values(&rows)
+                .execute(lite)?,
+        };
+        let changes: Vec<_> = inserted()
+            .map(|(policy, _)| {
+                (
+                    ledger_changes::seq.eq(policy.seq as i64),
+                    ledger_changes::op.eq(OP_INSERT),
+                    ledger_changes::policy_id.eq(&policy.id),
+                    ledger_changes::policy_type.eq(&policy.policy_type),
+                    ledger_changes::policy.eq(Some(&policy.json)),
+                )
+            })
+            .collect();
+        match &mut *c {
+            AnyConnection::Postgres(pg) => diesel::insert_into(ledger_changes::table)
+                .values(&changes)
+                .execute(pg)?,
+            AnyConnection::Sqlite(lite) => diesel::insert_into(ledger_changes::table)
+                .values(&changes)
+                .execute(lite)?,
+        };
+    }
+    unwritten.clear();
+    Ok(())
+}
+
 impl Storage for DieselStorage {
     fn apply(&self, ops: &[WriteOp]) -> Result<Vec<Result<Change, Rejection>>, StorageError> {
         let mut conn = self.conn()?;
         conn.transaction(|c| {
             let start = lock_head(c)?.head_seq;
-            let mut head = start;
+            // One query tells which of the batch's ids are stored (and their types), rather than
+            // one query per write: on PostgreSQL every statement is a round trip.
+            let ids: Vec<&str> = ops
+                .iter()
+                .map(|op| match op {
+                    WriteOp::Insert(p) => p.id.as_str(),
+                    WriteOp::Delete { id } => id.as_str(),
+                })
+                .collect();
+            let mut stored: HashMap<String, String> = HashMap::new();
+            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+                stored.extend(
+                    ledger::table
+                        .filter(ledger::policy_id.eq_any(chunk))
+                        .select((ledger::policy_id, ledger::policy_type))
+                        .load::<(String, String)>(c)?,
+                );
+            }
             let now = chrono::Utc::now().naive_utc();
-            let mut results = Vec::with_capacity(ops.len());
+            let mut head = start;
+            let mut results: Vec<Result<Change, Rejection>> = Vec::with_capacity(ops.len());
+            // Inserts not yet written: (index in `results`, the request), written together.
+            let mut unwritten: Vec<(usize, &NewPolicy)> = Vec::new();
             for op in ops {
                 match op {
                     WriteOp::Insert(p) => {
-                        let exists = ledger::table
-                            .filter(ledger::policy_id.eq(&p.id))
-                            .select(ledger::seq)
-                            .first::<i64>(c)
-                            .optional()?
-                            .is_some();
-                        if exists {
+                        if stored.contains_key(&p.id) {
                             results.push(Err(Rejection::AlreadyExists(p.id.clone())));
                             continue;
                         }
                         head += 1;
-                        let policy = StoredPolicy {
-                            id: p.id.clone(),
-                            policy_type: p.policy_type.clone(),
-                            json: p.json.clone(),
+                        stored.insert(p.id.clone(), p.policy_type.clone());
+                        unwritten.push((results.len(), p));
+                        results.push(Ok(Change {
                             seq: head,
-                        };
-                        insert_policy_row(c, &policy, p.company.as_deref(), &p.host, now)?;
-                        let change = Change {
-                            seq: head,
-                            kind: ChangeKind::Inserted(policy),
-                        };
-                        insert_change_row(c, &change, &p.policy_type)?;
-                        results.push(Ok(change));
+                            kind: ChangeKind::Inserted(StoredPolicy {
+                                id: p.id.clone(),
+                                policy_type: p.policy_type.clone(),
+                                json: p.json.clone(),
+                                seq: head,
+                            }),
+                        }));
                     }
                     WriteOp::Delete { id } => {
-                        let policy_type = ledger::table
-                            .filter(ledger::policy_id.eq(id))
-                            .select(ledger::policy_type)
-                            .first::<String>(c)
-                            .optional()?;
-                        let Some(policy_type) = policy_type else {
+                        let Some(policy_type) = stored.remove(id) else {
                             results.push(Err(Rejection::NotFound(id.clone())));
                             continue;
                         };
+                        // The delete may remove a policy inserted earlier in this batch.
+                        write_inserts(c, &results, &mut unwritten, now)?;
                         head += 1;
                         diesel::delete(ledger::table.filter(ledger::policy_id.eq(id)))
                             .execute(c)?;
@@ -362,6 +441,7 @@ impl Storage for DieselStorage {
                     }
                 }
             }
+            write_inserts(c, &results, &mut unwritten, now)?;
             if head != start {
                 set_head(c, head)?;
                 if matches!(&**c, AnyConnection::Postgres(_)) {
