@@ -8,10 +8,10 @@ use std::sync::Arc;
 use ledger_proto::pb::ledger_service_server::LedgerServiceServer;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use tonic::codegen::http;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
@@ -311,8 +311,7 @@ pub async fn serve_with(
         .build_v1alpha()?;
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(options.keepalive.0))
-        .http2_keepalive_timeout(Some(options.keepalive.1))
-        .tcp_keepalive(Some(options.keepalive.0));
+        .http2_keepalive_timeout(Some(options.keepalive.1));
     if let Some(tls) = options.tls {
         builder = builder
             .tls_config(tls)
@@ -320,6 +319,11 @@ pub async fn serve_with(
     }
     let service = LedgerServiceServer::new(LedgerGrpc::with_access(ledger, options.access))
         .max_decoding_message_size(options.max_message_bytes);
+    // Without TCP_NODELAY a unary answer's trailers wait for the client's delayed ACK (~40 ms):
+    // tonic sets it only on listeners it binds itself.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(options.keepalive.0));
     let mut serving = Box::pin(
         builder
             .layer(tower::util::MapResponseLayer::new(
@@ -329,7 +333,7 @@ pub async fn serve_with(
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 shutdown.await;
                 tracing::info!("shutting down: no new connections; ending streams");
                 health
