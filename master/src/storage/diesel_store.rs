@@ -228,12 +228,27 @@ fn stored_policy((id, policy_type, json, seq): PolicyRow) -> Result<StoredPolicy
 }
 
 fn lock_head(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
-    // Updating the row takes the write lock (SQLite) or the row lock (PostgreSQL) until commit,
-    // so writers, even of different masters, assign seqs one transaction at a time.
-    diesel::update(ledger_head::table.find(1))
-        .set(ledger_head::head_seq.eq(ledger_head::head_seq))
-        .execute(c)?;
-    read_bounds(c)
+    // Locking the head row until commit makes writers, even of different masters, assign seqs
+    // one transaction at a time. PostgreSQL: a row lock, read in the same round trip, and no new
+    // row version (an UPDATE per transaction on one row bloats it between vacuums). SQLite: any
+    // write takes the database's write lock.
+    let (head, pruned): (i64, i64) = match c {
+        AnyConnection::Postgres(pg) => ledger_head::table
+            .find(1)
+            .select((ledger_head::head_seq, ledger_head::pruned_seq))
+            .for_update()
+            .first(pg)?,
+        AnyConnection::Sqlite(_) => {
+            diesel::update(ledger_head::table.find(1))
+                .set(ledger_head::head_seq.eq(ledger_head::head_seq))
+                .execute(c)?;
+            return read_bounds(c);
+        }
+    };
+    Ok(Bounds {
+        head_seq: head as u64,
+        pruned_seq: pruned as u64,
+    })
 }
 
 fn read_bounds(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
@@ -443,10 +458,19 @@ impl Storage for DieselStorage {
             }
             write_inserts(c, &results, &mut unwritten, now)?;
             if head != start {
-                set_head(c, head)?;
-                if matches!(&**c, AnyConnection::Postgres(_)) {
-                    // Delivered at commit: the other masters on this database publish the change.
-                    diesel::sql_query(format!("NOTIFY {NOTIFY_CHANNEL}")).execute(c)?;
+                match &mut **c {
+                    // One round trip moves the head and notifies the other masters on this
+                    // database (delivered at commit), which then publish the change.
+                    AnyConnection::Postgres(pg) => {
+                        diesel::sql_query(
+                            "WITH moved AS (UPDATE ledger_head SET head_seq = $1 WHERE id = 1 RETURNING 1) \
+                             SELECT pg_notify($2, '') FROM moved",
+                        )
+                        .bind::<diesel::sql_types::BigInt, _>(head as i64)
+                        .bind::<diesel::sql_types::Text, _>(NOTIFY_CHANNEL)
+                        .execute(pg)?;
+                    }
+                    AnyConnection::Sqlite(_) => set_head(c, head)?,
                 }
             }
             Ok(results)
