@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod member;
+pub mod metrics;
 pub mod postgres;
 pub mod process;
 pub mod tls;

@@ -192,10 +192,7 @@ impl Member {
 
     /// The md5 hex of the ledger file; `None` when it does not exist.
     pub fn file_md5(&self) -> Option<String> {
-        use md5::{Digest, Md5};
-        std::fs::read(&self.file)
-            .ok()
-            .map(|bytes| hex::encode(Md5::digest(&bytes)))
+        file_md5(&self.file)
     }
 }
 
@@ -283,4 +280,20 @@ where
         }
     })
     .await
+}
+
+/// The md5 hex of a file's content, if it can be read.
+pub fn file_md5(path: &Path) -> Option<String> {
+    use md5::{Digest, Md5};
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| hex::encode(Md5::digest(&bytes)))
+}
+
+/// The seq a member recorded beside its ledger file, if the record can be read.
+pub fn applied_seq(file: &Path) -> Option<u64> {
+    ledger_member::state::SyncState::load(&ledger_member::paths::LedgerPaths::new(file))
+        .ok()
+        .flatten()
+        .map(|state| state.seq)
 }

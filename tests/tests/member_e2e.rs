@@ -1,7 +1,6 @@
 //! The member end to end: the real `master` and `member` binaries over TCP on loopback, a
 //! SQLite ledger in a temporary directory, and the member's real `blockchain.json`.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -9,7 +8,7 @@ use ledger_member::paths::LedgerPaths;
 use ledger_member::state::SyncState;
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
-use ledger_tests::member::{member_command, member_command_with_env};
+use ledger_tests::member::{applied_seq, file_md5, member_command, member_command_with_env};
 use ledger_tests::{Master, Member, wait_until, within};
 use tonic::transport::Channel;
 
@@ -64,21 +63,6 @@ async fn ledger(client: &mut Client) -> Vec<pb::Policy> {
         }
         page_token = page.next_page_token;
     }
-}
-
-fn file_md5(path: &Path) -> Option<String> {
-    use md5::{Digest, Md5};
-    std::fs::read(path)
-        .ok()
-        .map(|bytes| hex::encode(Md5::digest(&bytes)))
-}
-
-/// The seq the member recorded beside its file.
-fn applied_seq(file: &Path) -> Option<u64> {
-    SyncState::load(&LedgerPaths::new(file))
-        .ok()
-        .flatten()
-        .map(|state| state.seq)
 }
 
 fn line_count(member: &Member) -> usize {

@@ -3,14 +3,13 @@
 //! serving TLS with its own auth file, Prometheus metrics, JSON logs, the TOML config file, and
 //! `member get --format table`. Certificates are made at test time (`ledger_tests::tls`).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 
 use ledger_master::auth::token_hash;
 use ledger_proto::pb::GetLedgerInfoRequest;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_tests::member::{CommandOutput, member_command};
+use ledger_tests::metrics::{free_port, sample, scrape_async};
 use ledger_tests::tls::{CertFiles, TestPki};
 use ledger_tests::{Master, Member, wait_until, within};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -463,45 +462,6 @@ async fn a_relay_serves_tls_with_its_own_auth_file() {
     // Plaintext to the relay's TLS port is refused.
     let out = member_command(&["status", "--master", &relay_addr], None).await;
     assert_fails(&out, 3, "cannot reach a master");
-}
-
-/// The text of `GET /metrics` on `port`.
-fn scrape(port: u16) -> String {
-    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the metrics endpoint");
-    connection
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    connection
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    connection.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    answer
-}
-
-async fn scrape_async(port: u16) -> String {
-    within(30, "scraping the member's metrics", async {
-        tokio::task::spawn_blocking(move || scrape(port))
-            .await
-            .unwrap()
-    })
-    .await
-}
-
-/// The value of the sample named exactly `series` in a scrape.
-fn sample(scraped: &str, series: &str) -> Option<f64> {
-    scraped
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

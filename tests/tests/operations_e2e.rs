@@ -1,41 +1,9 @@
 //! What operators rely on, against the real `master` binary: Prometheus metrics, JSON logs and
 //! the TOML config file with flags and environment winning over it.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
+use ledger_tests::Master;
 use ledger_tests::client::{insert, stream, until_caught_up};
-use ledger_tests::{Master, within};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The text of `GET /metrics`.
-fn scrape(port: u16) -> String {
-    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the metrics endpoint");
-    connection
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    connection
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    connection.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    answer
-}
-
-/// The value of the sample named exactly `series` (name and labels) in a scrape.
-fn sample(scraped: &str, series: &str) -> Option<f64> {
-    scraped
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
+use ledger_tests::metrics::{free_port, sample, scrape_async};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_writes_subscribers_and_the_head() {
@@ -56,12 +24,7 @@ async fn metrics_count_writes_subscribers_and_the_head() {
     let mut events = stream(&mut client, 0).await;
     until_caught_up(&mut events).await;
 
-    let scraped = within(30, "scraping", async {
-        tokio::task::spawn_blocking(move || scrape(port))
-            .await
-            .unwrap()
-    })
-    .await;
+    let scraped = scrape_async(port).await;
     let expect = |series: &str, value: f64| {
         assert_eq!(
             sample(&scraped, series),

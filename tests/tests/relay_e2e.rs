@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use ledger_member::paths::LedgerPaths;
-use ledger_member::state::SyncState;
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
+use ledger_tests::member::{applied_seq, file_md5};
 use ledger_tests::{Master, Member, wait_until, within};
 use tonic::transport::Channel;
 
@@ -55,20 +55,6 @@ async fn info(client: &mut Client) -> Option<pb::GetLedgerInfoResponse> {
             .ok()?
             .into_inner(),
     )
-}
-
-fn file_md5(path: &Path) -> Option<String> {
-    use md5::{Digest, Md5};
-    std::fs::read(path)
-        .ok()
-        .map(|bytes| hex::encode(Md5::digest(&bytes)))
-}
-
-fn applied_seq(file: &Path) -> Option<u64> {
-    SyncState::load(&LedgerPaths::new(file))
-        .ok()
-        .flatten()
-        .map(|state| state.seq)
 }
 
 /// Waits until every file (relays' and members') is the master's ledger (md5 equal to the
