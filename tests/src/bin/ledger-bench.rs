@@ -69,8 +69,8 @@ fn options() -> Options {
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// A workspace binary: beside this executable (target/<profile>/ledger-bench), else where the
-/// test harness looks (target/<profile>/ for a test in target/<profile>/deps/).
+/// A workspace binary: beside this executable (`target/<profile>/ledger-bench`), else where the
+/// test harness looks (`target/<profile>/` for a test in `target/<profile>/deps/`).
 fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the bench's path");
     let dir = exe.parent().expect("the bench's directory");
