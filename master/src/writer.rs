@@ -86,8 +86,8 @@ fn run(
             Ok(results) => {
                 let committed: Vec<_> = results.iter().flatten().cloned().collect();
                 let head = committed.last().map(|change| change.seq);
-                // Publish before answering, so that a client that saw its answer and then
-                // subscribes at the head misses nothing.
+                // Publish before answering: by the time a client holds its acknowledgement,
+                // every subscriber of this master can already receive the change.
                 if let Err(e) = feed.publish_committed(&*storage, committed) {
                     tracing::warn!(error = %e, "could not publish committed changes; streams will read them from the database");
                 }
