@@ -6,6 +6,8 @@
 //! Without either, the tests fail: PostgreSQL tests never skip.
 
 use std::path::{Path, PathBuf};
+
+use crate::metrics::free_port;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,7 +22,7 @@ pub struct PostgresServer {
 }
 
 static SERVER: OnceLock<PostgresServer> = OnceLock::new();
-static CLUSTER_DIR: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+static SHARED_CLUSTER: OnceLock<Cluster> = OnceLock::new();
 static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
 
 impl PostgresServer {
@@ -126,19 +128,91 @@ fn run(bin: &Path, args: &[&str]) {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+extern "C" fn stop_cluster() {
+    if let Some(cluster) = SHARED_CLUSTER.get() {
+        cluster.stop();
+    }
 }
 
-extern "C" fn stop_cluster() {
-    if let Some((bin, dir)) = CLUSTER_DIR.get() {
+/// A private PostgreSQL cluster in a temporary directory, stopped and removed on drop.
+pub struct Cluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    /// `postgres://ledger@127.0.0.1:PORT`, without a database.
+    pub base_url: String,
+}
+
+impl Cluster {
+    /// Starts a cluster with the server binaries installed on the machine. `durable` keeps
+    /// fsync on (for measurements); tests run without it (throwaway data, faster).
+    pub fn start(durable: bool) -> Cluster {
+        let bin = server_bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("ledger-pg-")
+            .tempdir()
+            .expect("a temporary directory")
+            .keep();
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(
+                status.success(),
+                "chown of {} to postgres failed",
+                dir.display()
+            );
+        }
         let data = dir.join("data");
+        let data_str = data.to_str().unwrap();
+        run(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                data_str,
+                "-U",
+                "ledger",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        let port = free_port();
+        let fsync = if durable { "on" } else { "off" };
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync={fsync} -c max_connections=300",
+            dir.display()
+        );
+        let log = dir.join("postgres.log");
+        let cluster = Cluster {
+            bin,
+            dir,
+            base_url: format!("postgres://ledger@127.0.0.1:{port}"),
+        };
+        run(
+            &cluster.bin.join("pg_ctl"),
+            &[
+                "-D",
+                data_str,
+                "-o",
+                &options,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        cluster
+    }
+
+    /// Stops the server and removes its directory.
+    pub fn stop(&self) {
+        let data = self.dir.join("data");
         let _ = std::panic::catch_unwind(|| {
             run(
-                &bin.join("pg_ctl"),
+                &self.bin.join("pg_ctl"),
                 &[
                     "-D",
                     data.to_str().unwrap(),
@@ -149,68 +223,23 @@ extern "C" fn stop_cluster() {
                 ],
             )
         });
-        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
 fn start_cluster() -> PostgresServer {
-    let bin = server_bin_dir();
-    let dir = tempfile::Builder::new()
-        .prefix("ledger-pg-")
-        .tempdir()
-        .expect("a temporary directory")
-        .keep();
-    if is_root() {
-        let status = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .expect("chown");
-        assert!(
-            status.success(),
-            "chown of {} to postgres failed",
-            dir.display()
-        );
+    let cluster = Cluster::start(false);
+    let base_url = cluster.base_url.clone();
+    // The shared cluster lives as long as the test process: stopped at exit.
+    if SHARED_CLUSTER.set(cluster).is_ok() {
+        // SAFETY: registering a plain extern "C" function; it runs at process exit.
+        unsafe { libc::atexit(stop_cluster) };
     }
-    let data = dir.join("data");
-    let data_str = data.to_str().unwrap();
-    run(
-        &bin.join("initdb"),
-        &[
-            "-D",
-            data_str,
-            "-U",
-            "ledger",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ],
-    );
-    let port = free_port();
-    // Throwaway data: fsync off keeps the tests fast; the server still commits before it answers.
-    let options = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
-        dir.display()
-    );
-    let log = dir.join("postgres.log");
-    CLUSTER_DIR.set((bin.clone(), dir.clone())).ok();
-    run(
-        &bin.join("pg_ctl"),
-        &[
-            "-D",
-            data_str,
-            "-o",
-            &options,
-            "-l",
-            log.to_str().unwrap(),
-            "-w",
-            "start",
-        ],
-    );
-    // SAFETY: registering a plain extern "C" function; it runs at process exit.
-    unsafe { libc::atexit(stop_cluster) };
-    PostgresServer {
-        base_url: format!("postgres://ledger@127.0.0.1:{port}"),
-    }
+    PostgresServer { base_url }
 }

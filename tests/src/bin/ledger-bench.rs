@@ -21,6 +21,9 @@ use std::time::{Duration, Instant, SystemTime};
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoRequest, InsertPolicyRequest, StreamLedgerRequest};
+use ledger_tests::member::applied_seq;
+use ledger_tests::metrics::free_port;
+use ledger_tests::postgres::Cluster;
 use ledger_tests::process::{Log, capture};
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
@@ -164,138 +167,9 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The seq recorded in a member's `blockchain.json.state` (written after the file's fdatasync).
+/// The seq a member recorded in `blockchain.json.state` (written after the file's fdatasync).
 fn state_seq(dir: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(dir.join("blockchain.json.state")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("seq "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
-}
-
-// ---------------------------------------------------------------------------------------------
-// PostgreSQL: a private cluster with fsync on
-
-struct PgCluster {
-    bin: PathBuf,
-    dir: PathBuf,
-    url: String,
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn pg_run(bin: &Path, args: &[&str]) {
-    let mut command = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin);
-        c
-    } else {
-        Command::new(bin)
-    };
-    let out = command
-        .args(args)
-        .output()
-        .expect("running a PostgreSQL binary");
-    assert!(
-        out.status.success(),
-        "{} {args:?}: {}{}",
-        bin.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl PgCluster {
-    fn start() -> PgCluster {
-        let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL server binaries under /usr/lib/postgresql")
-            .flatten()
-            .map(|e| e.path().join("bin"))
-            .filter(|b| b.join("initdb").exists())
-            .collect();
-        bins.sort();
-        let bin = bins
-            .pop()
-            .expect("an initdb under /usr/lib/postgresql/*/bin");
-        let dir = tempfile::Builder::new()
-            .prefix("ledger-bench-pg-")
-            .tempdir()
-            .unwrap()
-            .keep();
-        if is_root() {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .unwrap();
-        }
-        let data = dir.join("data");
-        pg_run(
-            &bin.join("initdb"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "ledger",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-            ],
-        );
-        let port = free_port();
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c max_connections=300 -c shared_buffers=256MB",
-            dir.display()
-        );
-        let log = dir.join("postgres.log");
-        pg_run(
-            &bin.join("pg_ctl"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-o",
-                &opts,
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "start",
-            ],
-        );
-        PgCluster {
-            bin,
-            dir,
-            url: format!("postgres://ledger@127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for PgCluster {
-    fn drop(&mut self) {
-        let data = self.dir.join("data");
-        let _ = std::panic::catch_unwind(|| {
-            pg_run(
-                &self.bin.join("pg_ctl"),
-                &[
-                    "-D",
-                    data.to_str().unwrap(),
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "stop",
-                ],
-            )
-        });
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    applied_seq(&dir.join("blockchain.json"))
 }
 
 static NEXT_DB: AtomicUsize = AtomicUsize::new(0);
@@ -1397,8 +1271,8 @@ fn main() {
                 Some(u) => Some(u.trim_end_matches('/').to_string()),
                 None => {
                     eprintln!("starting a PostgreSQL cluster (fsync=on)");
-                    let c = PgCluster::start();
-                    let url = c.url.clone();
+                    let c = Cluster::start(true);
+                    let url = c.base_url.clone();
                     pg_cluster = Some(c);
                     Some(url)
                 }
