@@ -3,8 +3,8 @@
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{
-    DeletePolicyRequest, GetLedgerInfoRequest, GetLedgerInfoResponse, InsertPolicyRequest, Policy,
-    StreamLedgerRequest, StreamLedgerResponse,
+    DeletePolicyRequest, GetLedgerInfoRequest, GetLedgerInfoResponse, GetPolicyRequest,
+    InsertPolicyRequest, Policy, StreamLedgerRequest, StreamLedgerResponse,
 };
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
@@ -25,6 +25,17 @@ pub async fn insert(client: &mut Client, json: &str) -> Result<Policy, Status> {
             .map(|r| r.into_inner().policy.expect("a policy"))
     })
     .await
+}
+
+/// `GetPolicy`: the stored policy or the status.
+pub async fn get(client: &mut Client, id: &str) -> Result<Policy, Status> {
+    within(
+        30,
+        "GetPolicy",
+        client.get_policy(GetPolicyRequest { id: id.to_string() }),
+    )
+    .await
+    .map(|r| r.into_inner().policy.expect("a policy"))
 }
 
 /// `DeletePolicy`: the seq of the delete or the status.

@@ -10,7 +10,7 @@ use ledger_proto::pb::{
     Condition, GetLedgerInfoResponse, GetPolicyRequest, InsertPolicyRequest, InsertPolicyResponse,
     ListPoliciesRequest, Policy, StreamLedgerRequest, StreamLedgerResponse,
 };
-use ledger_tests::client::{Client, info, insert, next, next_change, stream, until_caught_up};
+use ledger_tests::client::{Client, get, info, insert, next, next_change, stream, until_caught_up};
 use ledger_tests::{Master, ledger_digest, within};
 use prost::Message;
 use serde_json::{Map, Value};
@@ -431,18 +431,7 @@ async fn nasty_keys_and_values_are_stored_and_returned_exactly() {
 
     // GetPolicy returns the same json.
     for policy in &stored {
-        let got = within(
-            30,
-            "GetPolicy",
-            client.get_policy(GetPolicyRequest {
-                id: policy.id.clone(),
-            }),
-        )
-        .await
-        .unwrap()
-        .into_inner()
-        .policy
-        .unwrap();
+        let got = get(&mut client, &policy.id).await.unwrap();
         assert_eq!(&got, policy);
     }
     // A stream from 0 gives the same json; the digest is that of these lines.

@@ -8,7 +8,7 @@ use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{Condition, GetPolicyRequest, ListPoliciesRequest, Policy};
 use ledger_tests::client::{
-    Client, delete, info, insert, next, next_change, stream, until_caught_up,
+    Client, delete, get, info, insert, next, next_change, stream, until_caught_up,
 };
 use ledger_tests::{Master, PostgresServer, ledger_digest, within};
 use tonic::Code;
@@ -140,18 +140,7 @@ async fn insert_completes_the_policy_and_get_returns_it(backend: &str) {
             .starts_with(r#"{"table": {"dbms": "monitoring", "name": "rand_data""#)
     );
 
-    let got = within(
-        30,
-        "GetPolicy",
-        client.get_policy(GetPolicyRequest {
-            id: policy.id.clone(),
-        }),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-    .policy
-    .unwrap();
+    let got = get(&mut client, &policy.id).await.unwrap();
     assert_eq!(got, policy);
     let missing = within(
         30,
