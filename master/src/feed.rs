@@ -3,13 +3,17 @@
 //! One bounded broadcast ring holds the recent changes, each shared by every subscriber through
 //! an `Arc`, so memory does not grow with slow subscribers: a subscriber that falls more than the
 //! ring's capacity behind is told so by the ring and dropped (see [`crate::subscription`]).
+//! A [`SharedChange`] also keeps the change's wire encoding once a subscriber made it, so a
+//! change is encoded once, not once per subscriber.
 //!
 //! Changes reach the feed from this master's writer and, when several masters share one
 //! database, from the database's notifications; [`ChangeFeed::publish_committed`] orders both,
 //! reading from the storage whatever was committed in between, so the ring never holds a gap.
 
-use std::sync::{Arc, Mutex};
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, OnceLock};
 
+use prost::bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
 use crate::metrics;
@@ -18,10 +22,44 @@ use crate::storage::{Change, ChangeKind, Storage, StorageError};
 /// Changes read from the storage per query when filling a gap.
 const FILL_PAGE: usize = 1000;
 
+/// A committed change as the feed hands it to every subscriber, with room for its encoding.
+///
+/// It dereferences to the [`Change`]. The encoding is the gRPC edge's business: the feed only
+/// keeps the first one made, so that the other subscribers send the same bytes.
+#[derive(Debug)]
+pub struct SharedChange {
+    change: Change,
+    encoded: OnceLock<Bytes>,
+}
+
+impl SharedChange {
+    /// `change`, not encoded yet.
+    pub fn new(change: Change) -> Self {
+        SharedChange {
+            change,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// The change's encoding: made by `encode` for the first caller, and the same bytes (shared,
+    /// not copied) for every later one. Concurrent first callers wait for one encoding.
+    pub fn encoded(&self, encode: impl FnOnce(&Change) -> Bytes) -> Bytes {
+        self.encoded.get_or_init(|| encode(&self.change)).clone()
+    }
+}
+
+impl Deref for SharedChange {
+    type Target = Change;
+
+    fn deref(&self) -> &Change {
+        &self.change
+    }
+}
+
 /// The fan-out hub of committed changes. Cloning gives another handle to the same feed.
 #[derive(Clone)]
 pub struct ChangeFeed {
-    changes: broadcast::Sender<Arc<Change>>,
+    changes: broadcast::Sender<Arc<SharedChange>>,
     /// The seq of the last published change; the lock orders concurrent publishers.
     published: Arc<Mutex<u64>>,
     head: Arc<watch::Sender<u64>>,
@@ -93,12 +131,12 @@ impl ChangeFeed {
             ChangeKind::Deleted { .. } => -1.0,
         });
         // An error only means that nobody listens right now, which is fine.
-        let _ = self.changes.send(Arc::new(change));
+        let _ = self.changes.send(Arc::new(SharedChange::new(change)));
         self.head.send_replace(seq);
     }
 
     /// A receiver of every change published from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<SharedChange>> {
         self.changes.subscribe()
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ledger_proto::pb::ledger_service_server::LedgerServiceServer;
+use ledger_proto::server::ledger_service_server::LedgerServiceServer;
 use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;
 

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ledger_proto::pb::ledger_service_server::LedgerServiceServer;
+use ledger_proto::server::ledger_service_server::LedgerServiceServer;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

@@ -5,7 +5,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use ledger_proto::pb;
-use ledger_proto::pb::ledger_service_server::LedgerService;
+use ledger_proto::server::StreamLedgerFrame;
+use ledger_proto::server::ledger_service_server::LedgerService;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -13,7 +14,7 @@ use crate::auth::{AuthError, Authorizer, Role, certificate_common_name};
 use crate::error::LedgerError;
 use crate::ledger::{Ledger, ListQuery};
 use crate::limits::StreamLimiter;
-use crate::storage::{ChangeKind, Rejection, StoredPolicy};
+use crate::storage::{Change, ChangeKind, Rejection, StoredPolicy};
 use crate::subscription::Event;
 
 /// The `LedgerService` of a master.
@@ -119,9 +120,17 @@ fn policy_message(policy: &StoredPolicy) -> pb::Policy {
     }
 }
 
-fn event_message(event: Event) -> pb::StreamLedgerResponse {
+/// A change goes out as the encoding it shares with every other subscriber that sends it (made
+/// by the first one), so a change is copied and encoded once, not once per subscriber. The other
+/// events are this stream's own.
+fn event_frame(event: Event) -> StreamLedgerFrame {
     use pb::stream_ledger_response::Event as Proto;
     let (seq, event) = match event {
+        Event::Change(change) => {
+            return StreamLedgerFrame::Encoded(
+                change.encoded(|change| StreamLedgerFrame::encode(&change_message(change))),
+            );
+        }
         Event::Reset {
             snapshot_seq,
             policy_count,
@@ -133,16 +142,23 @@ fn event_message(event: Event) -> pb::StreamLedgerResponse {
             }),
         ),
         Event::Snapshot(policy) => (policy.seq, Proto::Inserted(policy_message(&policy))),
-        Event::Change(change) => match &change.kind {
-            ChangeKind::Inserted(policy) => (change.seq, Proto::Inserted(policy_message(policy))),
-            ChangeKind::Deleted { id } => (change.seq, Proto::DeletedId(id.clone())),
-        },
         Event::CaughtUp { seq } => (seq, Proto::CaughtUp(pb::CaughtUp {})),
         Event::Progress { head_seq } => (head_seq, Proto::Progress(pb::Progress { head_seq })),
     };
-    pb::StreamLedgerResponse {
+    StreamLedgerFrame::Message(pb::StreamLedgerResponse {
         seq,
         event: Some(event),
+    })
+}
+
+fn change_message(change: &Change) -> pb::StreamLedgerResponse {
+    use pb::stream_ledger_response::Event as Proto;
+    pb::StreamLedgerResponse {
+        seq: change.seq,
+        event: Some(match &change.kind {
+            ChangeKind::Inserted(policy) => Proto::Inserted(policy_message(policy)),
+            ChangeKind::Deleted { id } => Proto::DeletedId(id.clone()),
+        }),
     }
 }
 
@@ -170,7 +186,7 @@ fn client_host<T>(request: &Request<T>) -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::StreamLedgerResponse, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<StreamLedgerFrame, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl LedgerService for LedgerGrpc {
@@ -263,7 +279,7 @@ impl LedgerService for LedgerGrpc {
         let events = self.ledger.subscribe(after_seq).map(move |event| {
             // The permit lives as long as the stream.
             let _open = &permit;
-            event.map(event_message).map_err(Status::from)
+            event.map(event_frame).map_err(Status::from)
         });
         // tonic bounds a call's answer by the client's deadline, but a stream's answer is sent
         // at once: end the stream itself when the deadline passes.
@@ -291,6 +307,123 @@ impl LedgerService for LedgerGrpc {
                 Ok(Response::new(Box::pin(bounded)))
             }
             None => Ok(Response::new(Box::pin(events))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
+    use ledger_proto::pb::stream_ledger_response::Event as Proto;
+    use prost::Message;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::feed::{ChangeFeed, SharedChange};
+    use crate::ledger::WritePath;
+    use crate::storage::{DatabaseUrl, DieselStorage, Storage};
+    use crate::subscription::SubscriptionContext;
+
+    fn policy(seq: u64) -> StoredPolicy {
+        StoredPolicy {
+            id: format!("id-{seq}"),
+            policy_type: "operator".into(),
+            json: format!(r#"{{"operator": {{"name": "op{seq}", "id": "id-{seq}"}}}}"#),
+            seq,
+        }
+    }
+
+    fn encoded(frame: StreamLedgerFrame) -> prost::bytes::Bytes {
+        match frame {
+            StreamLedgerFrame::Encoded(bytes) => bytes,
+            StreamLedgerFrame::Message(message) => panic!("not shared: {message:?}"),
+        }
+    }
+
+    #[test]
+    fn a_shared_change_is_what_prost_encodes() {
+        let inserted = Change {
+            seq: 7,
+            kind: ChangeKind::Inserted(policy(7)),
+        };
+        let expected = pb::StreamLedgerResponse {
+            seq: 7,
+            event: Some(Proto::Inserted(pb::Policy {
+                id: "id-7".into(),
+                r#type: "operator".into(),
+                json: policy(7).json,
+                seq: 7,
+            })),
+        };
+        let deleted = Change {
+            seq: 8,
+            kind: ChangeKind::Deleted { id: "id-7".into() },
+        };
+        let expected_deleted = pb::StreamLedgerResponse {
+            seq: 8,
+            event: Some(Proto::DeletedId("id-7".into())),
+        };
+        for (change, expected) in [(inserted, expected), (deleted, expected_deleted)] {
+            let frame = event_frame(Event::Change(Arc::new(SharedChange::new(change))));
+            // What tonic writes into the frame, through the frame's `prost::Message`.
+            assert_eq!(frame.encode_to_vec(), expected.encode_to_vec());
+            assert_eq!(encoded(frame), expected.encode_to_vec());
+        }
+    }
+
+    /// The frames the streams of several subscribers send for one live change hold the very
+    /// same bytes: one encoding, not one per subscriber.
+    #[tokio::test]
+    async fn subscribers_send_one_shared_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let url: DatabaseUrl = format!("sqlite://{}", dir.path().join("ledger.db").display())
+            .parse()
+            .unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(DieselStorage::open(&url, 4).unwrap());
+        let feed = ChangeFeed::new(0, 16);
+        // Only streams are opened: the write path is never used.
+        let upstream = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        let ledger = Ledger::new(
+            WritePath::Upstream(LedgerServiceClient::new(upstream)),
+            SubscriptionContext {
+                storage: storage.clone(),
+                feed: feed.clone(),
+                progress_interval: Duration::from_secs(60),
+                shutdown: CancellationToken::new(),
+            },
+        );
+        let service = LedgerGrpc::new(Arc::new(ledger));
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            let request = Request::new(pb::StreamLedgerRequest { after_seq: 0 });
+            let mut stream = service.stream_ledger(request).await.unwrap().into_inner();
+            // An empty ledger: a reset, then caught up; the subscriber is live from here.
+            for _ in 0..2 {
+                let frame = stream.next().await.unwrap().unwrap();
+                assert!(matches!(frame, StreamLedgerFrame::Message(_)), "{frame:?}");
+            }
+            streams.push(stream);
+        }
+        let change = Change {
+            seq: 1,
+            kind: ChangeKind::Inserted(policy(1)),
+        };
+        let expected = StreamLedgerFrame::encode(&change_message(&change));
+        feed.publish_committed(&*storage, [change]).unwrap();
+        let mut sent = Vec::new();
+        for stream in &mut streams {
+            let frame = stream.next().await.unwrap().unwrap();
+            sent.push(encoded(frame));
+        }
+        for bytes in &sent {
+            assert_eq!(bytes, &expected);
+            assert_eq!(
+                bytes.as_ptr(),
+                sent[0].as_ptr(),
+                "each subscriber encoded its own"
+            );
         }
     }
 }

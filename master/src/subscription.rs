@@ -14,9 +14,9 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::LedgerError;
-use crate::feed::ChangeFeed;
+use crate::feed::{ChangeFeed, SharedChange};
 use crate::metrics;
-use crate::storage::{Change, SnapshotPart, Storage, StorageError, StoredPolicy};
+use crate::storage::{SnapshotPart, Storage, StorageError, StoredPolicy};
 
 /// Policies or changes read from the storage per query.
 const PAGE_SIZE: usize = 1000;
@@ -33,8 +33,8 @@ pub enum Event {
     },
     /// One policy of a snapshot.
     Snapshot(StoredPolicy),
-    /// One change, replayed or live; shared with every other subscriber.
-    Change(Arc<Change>),
+    /// One change, replayed or live; a live one is shared with every other subscriber.
+    Change(Arc<SharedChange>),
     /// Everything up to `seq` was sent; live changes follow.
     CaughtUp {
         /// The seq the subscriber is at.
@@ -91,7 +91,7 @@ impl Drop for SubscriberGauge {
 
 /// What woke the live loop up.
 enum Wake {
-    Change(Result<Arc<Change>, broadcast::error::RecvError>),
+    Change(Result<Arc<SharedChange>, broadcast::error::RecvError>),
     Idle,
     Shutdown,
     DatabaseDown,
@@ -158,7 +158,7 @@ pub fn subscribe(
                 let full = changes.len() == PAGE_SIZE;
                 for change in changes {
                     last = change.seq;
-                    yield Ok(Event::Change(Arc::new(change)));
+                    yield Ok(Event::Change(Arc::new(SharedChange::new(change))));
                 }
                 if !full {
                     break;
@@ -253,7 +253,7 @@ pub fn subscribe(
                         }
                         for missed in missing.into_iter().take_while(|c| c.seq < change.seq) {
                             last = missed.seq;
-                            yield Ok(Event::Change(Arc::new(missed)));
+                            yield Ok(Event::Change(Arc::new(SharedChange::new(missed))));
                         }
                     }
                     last = change.seq;

@@ -4,8 +4,9 @@
 
 pub mod policy;
 pub mod pyformat;
+pub mod server;
 
-/// The generated `ledger.v1` messages, client and server.
+/// The generated `ledger.v1` messages and client; the server is [`server`].
 pub mod pb {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("ledger.v1");
