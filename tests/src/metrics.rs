@@ -13,6 +13,52 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The TCP ports process `pid` is listening on (Linux): the inodes of its sockets
+/// (`/proc/PID/fd`) matched against the LISTEN entries of `/proc/PID/net/tcp` and `tcp6`.
+///
+/// With this, a child can be told to bind port 0 and its port read afterwards, instead of
+/// handing it a [`free_port`] that another process may take before the child binds it.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+        .filter_map(|target| {
+            target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(&"0A"), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            if inode
+                .parse()
+                .is_ok_and(|inode: u64| inodes.contains(&inode))
+                && let Some(port) = local
+                    .rsplit_once(':')
+                    .and_then(|(_, port)| u16::from_str_radix(port, 16).ok())
+                && !ports.contains(&port)
+            {
+                ports.push(port);
+            }
+        }
+    }
+    ports
+}
+
 /// The text of `GET /metrics` on `127.0.0.1:port`.
 pub fn scrape(port: u16) -> String {
     let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the metrics endpoint");

@@ -108,6 +108,13 @@ fn is_root() -> bool {
 
 /// Runs a server binary, as the `postgres` user when we are root (initdb refuses root).
 fn run(bin: &Path, args: &[&str]) {
+    if let Err(e) = try_run(bin, args) {
+        panic!("{e}");
+    }
+}
+
+/// [`run`], returning what the binary printed when it fails.
+fn try_run(bin: &Path, args: &[&str]) -> Result<(), String> {
     let mut command = if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(bin);
@@ -119,13 +126,15 @@ fn run(bin: &Path, args: &[&str]) {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
-    assert!(
-        output.status.success(),
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
         "{} {args:?} failed: {}\n{}",
         bin.display(),
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
-    );
+    ))
 }
 
 extern "C" fn stop_cluster() {
@@ -179,32 +188,49 @@ impl Cluster {
                 "--no-sync",
             ],
         );
-        let port = free_port();
         let fsync = if durable { "on" } else { "off" };
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync={fsync} -c max_connections=300",
-            dir.display()
-        );
         let log = dir.join("postgres.log");
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             bin,
             dir,
-            base_url: format!("postgres://ledger@127.0.0.1:{port}"),
+            base_url: String::new(),
         };
-        run(
-            &cluster.bin.join("pg_ctl"),
-            &[
-                "-D",
-                data_str,
-                "-o",
-                &options,
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "start",
-            ],
-        );
-        cluster
+        // PostgreSQL needs its port up front: one that was free a moment ago may be taken
+        // before the server binds it, so a start that fails on the bind tries another port.
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let port = free_port();
+            let options = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync={fsync} -c max_connections=300",
+                cluster.dir.display()
+            );
+            let logged_before = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
+            cluster.base_url = format!("postgres://ledger@127.0.0.1:{port}");
+            let started = try_run(
+                &cluster.bin.join("pg_ctl"),
+                &[
+                    "-D",
+                    data_str,
+                    "-o",
+                    &options,
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "start",
+                ],
+            );
+            let Err(e) = started else {
+                return cluster;
+            };
+            let logged = std::fs::read(&log).unwrap_or_default();
+            let logged = String::from_utf8_lossy(logged.get(logged_before..).unwrap_or_default());
+            if attempt == ATTEMPTS
+                || !(logged.contains("could not bind") || logged.contains("already in use"))
+            {
+                panic!("{e}\n{logged}");
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// Stops the server and removes its directory.

@@ -22,7 +22,7 @@ use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoRequest, InsertPolicyRequest, StreamLedgerRequest};
 use ledger_tests::member::applied_seq;
-use ledger_tests::metrics::free_port;
+use ledger_tests::metrics::listening_ports;
 use ledger_tests::postgres::Cluster;
 use ledger_tests::process::{Log, capture};
 use serde_json::{Value, json};
@@ -97,7 +97,34 @@ impl Proc {
     fn logs(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
+
+    /// The one TCP port this process listens on, for a member started with
+    /// `--metrics-addr 127.0.0.1:0` ([`METRICS_ANY_PORT`]): the kernel picks a free port when
+    /// the member binds, so no other process can take it first (as it could a port picked
+    /// here in advance and released before the member bound it).
+    fn listening_port(&mut self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match listening_ports(self.pid())[..] {
+                [port] => return port,
+                [] => {}
+                ref many => panic!("member listens on several ports {many:?}:\n{}", self.logs()),
+            }
+            if let Some(status) = self.child.try_wait().expect("polling member") {
+                panic!("member exited with {status}:\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member did not listen within 30s:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
+
+/// Member arguments serving its metrics on a port the kernel picks ([`Proc::listening_port`]).
+const METRICS_ANY_PORT: [&str; 2] = ["--metrics-addr", "127.0.0.1:0"];
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -960,11 +987,9 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
     let (load_s, _) = load(&addr, 100, 8).await;
     let _ = load_s;
     let small_dir = root.path().join("apply-100");
-    let small_port = free_port();
-    let small_port_s = format!("127.0.0.1:{small_port}");
     let (h, _, _) = head(&mut client).await;
-    let (_, small_member) =
-        catch_up(&addr, &small_dir, h, &["--metrics-addr", &small_port_s]).await;
+    let (_, mut small_member) = catch_up(&addr, &small_dir, h, &METRICS_ANY_PORT).await;
+    let small_port = small_member.listening_port();
     let apply_count = if quick { 100 } else { 200 };
     let apply_small = apply_cost(&addr, &small_dir, small_port, apply_count).await;
     drop(small_member);
@@ -979,11 +1004,12 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
     let mut cu = Vec::new();
     let mut last_member = None;
     let catch_runs = if quick { 1 } else { runs };
-    let big_port = free_port();
-    let big_port_s = format!("127.0.0.1:{big_port}");
     for r in 0..catch_runs {
         let dir = root.path().join("catchup-100k");
-        let (c, m) = catch_up(&addr, &dir, h, &["--metrics-addr", &big_port_s]).await;
+        // The previous run's member must be gone before its directory is removed and a new
+        // member starts: alive, it would still hold its port and share the machine.
+        drop(last_member.take());
+        let (c, m) = catch_up(&addr, &dir, h, &METRICS_ANY_PORT).await;
         eprintln!(
             "  100k catch-up run {r}: {:.2}s, VmHWM {} KiB",
             c.seconds, c.peak_rss_kib
@@ -991,7 +1017,8 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
         cu.push(c);
         last_member = Some((m, dir));
     }
-    let (big_member, big_dir) = last_member.unwrap();
+    let (mut big_member, big_dir) = last_member.unwrap();
+    let big_port = big_member.listening_port();
     let file_bytes = std::fs::metadata(big_dir.join("blockchain.json"))
         .unwrap()
         .len();
@@ -1096,6 +1123,14 @@ fn table(results: &HashMap<String, Value>, quick: bool) -> String {
             f(v, &format!("{path}.max_ms"), 1)
         )
     };
+    let mib = |v: &Value, path: &str| {
+        let kib = get(v, path);
+        if kib.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.0}", kib / 1024.0)
+        }
+    };
     let mut t = String::new();
     t += "| measure | SQLite | PostgreSQL | target (SQLite / PostgreSQL) |\n|---|---|---|---|\n";
     t += &row(
@@ -1166,8 +1201,8 @@ fn table(results: &HashMap<String, Value>, quick: bool) -> String {
     t += &row(
         "(4) member peak RSS (100,000), MiB",
         "-",
-        &format!("{:.0}", get(s, "catch_up.0.peak_rss_kib") / 1024.0),
-        &format!("{:.0}", get(p, "catch_up.0.peak_rss_kib") / 1024.0),
+        &mib(s, "catch_up.0.peak_rss_kib"),
+        &mib(p, "catch_up.0.peak_rss_kib"),
     );
     if !quick {
         t += &row(
@@ -1179,8 +1214,8 @@ fn table(results: &HashMap<String, Value>, quick: bool) -> String {
         t += &row(
             "(4) member peak RSS (1,000,000), MiB",
             "< 512",
-            &format!("{:.0}", get(s, "catch_up.1.peak_rss_kib") / 1024.0),
-            &format!("{:.0}", get(p, "catch_up.1.peak_rss_kib") / 1024.0),
+            &mib(s, "catch_up.1.peak_rss_kib"),
+            &mib(p, "catch_up.1.peak_rss_kib"),
         );
     }
     t += &row(
