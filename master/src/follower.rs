@@ -7,6 +7,7 @@
 //! fallback read catches what a notification lost while the listening connection was down.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -29,6 +30,8 @@ pub async fn follow(
     shutdown: CancellationToken,
 ) {
     let wake = Arc::new(Notify::new());
+    // The highest head seq notified since the last look.
+    let notified_head = Arc::new(AtomicU64::new(0));
     let mut delay = Duration::from_millis(100);
     let mut failing = false;
     loop {
@@ -53,10 +56,17 @@ pub async fn follow(
         };
         // The connection delivers notifications through its own polling, not through the client.
         let woken = wake.clone();
+        let notified = notified_head.clone();
         let mut driver = tokio::spawn(async move {
             while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 match message {
-                    Ok(AsyncMessage::Notification(_)) => woken.notify_one(),
+                    Ok(AsyncMessage::Notification(n)) => {
+                        // A payload that is not a seq (another version of the master) means
+                        // "read anyway".
+                        let head = n.payload().parse().unwrap_or(u64::MAX);
+                        notified.fetch_max(head, Ordering::Relaxed);
+                        woken.notify_one();
+                    }
                     Ok(_) => {}
                     Err(e) => return Some(e),
                 }
@@ -75,6 +85,7 @@ pub async fn follow(
         failing = false;
         delay = Duration::from_millis(100);
         // Commits made while not listening are read now.
+        notified_head.store(u64::MAX, Ordering::Relaxed);
         wake.notify_one();
         loop {
             tokio::select! {
@@ -82,7 +93,13 @@ pub async fn follow(
                     driver.abort();
                     return;
                 }
-                _ = wake.notified() => catch_up(&storage, &feed).await,
+                // This master's own commits are notified too; those it published already need
+                // no read (a round trip and a pooled connection per commit).
+                _ = wake.notified() => {
+                    if notified_head.swap(0, Ordering::Relaxed) > feed.head() {
+                        catch_up(&storage, &feed).await;
+                    }
+                }
                 _ = tokio::time::sleep(fallback) => catch_up(&storage, &feed).await,
                 ended = &mut driver => {
                     let reason = match ended {

@@ -153,7 +153,7 @@ impl Ledger {
                         "the upstream answered no policy",
                     ))
                 })?;
-                tracing::info!(id = %policy.id, seq = policy.seq, %host, "forwarded an insert upstream");
+                tracing::debug!(id = %policy.id, seq = policy.seq, %host, "forwarded an insert upstream");
                 return Ok(StoredPolicy {
                     id: policy.id,
                     policy_type: policy.r#type,
@@ -175,7 +175,7 @@ impl Ledger {
             .await?;
         match change.kind {
             ChangeKind::Inserted(policy) => {
-                tracing::info!(id = %policy.id, policy_type = %policy.policy_type, seq = policy.seq, %host, "inserted policy");
+                tracing::debug!(id = %policy.id, policy_type = %policy.policy_type, seq = policy.seq, %host, "inserted policy");
                 Ok(policy)
             }
             ChangeKind::Deleted { .. } => Err(StorageError::Corrupt(

@@ -365,3 +365,25 @@ fn one_batch_can_insert_delete_and_reinsert_an_id(backend: &str) {
         "every change is in the log"
     );
 }
+
+/// PostgreSQL would switch diesel's prepared statements to a generic plan after five runs, made
+/// while the ledger was nearly empty (a sequential scan for the id lookup), and keep it as the
+/// ledger grows; the storage asks for plans made with each call's values instead.
+#[test]
+fn postgres_statements_never_run_a_stale_generic_plan() {
+    let fresh = fresh("postgres");
+    let storage = DieselStorage::open(&fresh.url, 2).expect("opening the storage");
+    for n in 0..20 {
+        let results = storage.apply(&[insert(n)]).unwrap();
+        assert!(results[0].is_ok(), "insert {n}: {results:?}");
+    }
+    let (generic, custom) = storage
+        .plan_counts()
+        .unwrap()
+        .expect("PostgreSQL counts plans");
+    assert!(
+        custom >= 20,
+        "the writes ran on this connection: {custom} custom plans"
+    );
+    assert_eq!(generic, 0, "statements ran with a generic plan");
+}
