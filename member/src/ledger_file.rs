@@ -1039,7 +1039,8 @@ mod tests {
                 state.store(p).unwrap();
             }),
             ("damaged record", |p, _| {
-                let record = read(&p.state).replace("seq 3", "seq 9");
+                // Both slots: one torn slot is a crash during a write, and the other is read.
+                let record = read(&p.state).replace("len ", "lem ");
                 std::fs::write(&p.state, record).unwrap()
             }),
             ("no record", |p, _| std::fs::remove_file(&p.state).unwrap()),

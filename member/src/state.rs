@@ -1,12 +1,18 @@
 //! The state record kept beside the ledger file: which seq the file holds, how long the file is
 //! at that seq, the md5 of those bytes, and an interrupted rewrite's target.
 //!
-//! The record is small text, replaced as a whole (temporary file, fsync, rename, directory
-//! fsync), so a crash leaves either the old or the new record, never a mix; it also ends with
-//! the md5 of its lines, so a record damaged in any other way is recognised rather than trusted.
+//! The state file has two fixed-size slots, each holding one record with a generation number;
+//! the record with the highest generation among the intact ones is the state. A new record
+//! overwrites the *other* slot in place and is made durable with one `fdatasync`: a crash during
+//! the write tears at most that slot, and the previous record, still whole in its slot, is read
+//! instead (which is what a crash just before the write would have left). Writing in place costs
+//! one data flush per applied batch, where replacing a file costs a new inode, a rename and two
+//! journal commits. Each record ends with the md5 of its lines, so a torn or damaged one is
+//! recognised rather than trusted.
 //!
 //! ```text
-//! ledger-member-state 2
+//! ledger-member-state 3
+//! gen 57
 //! seq 1042
 //! len 318220
 //! file-md5 0f343b0931126a20f133d67c2b018a3b
@@ -16,15 +22,19 @@
 //! md5 5d41402abc4b2a76b9719d911017c592
 //! ```
 //!
-//! `file-md5` is the md5 of the file's first `len` bytes: what lets start-up recognise a file
-//! changed outside the member even when every line is still a valid policy. At `seq` it is the
-//! master's `GetLedgerInfo` digest, since the file is the same bytes.
+//! (then line breaks up to the slot's end). `file-md5` is the md5 of the file's first `len`
+//! bytes: what lets start-up recognise a file changed outside the member even when every line is
+//! still a valid policy. At `seq` it is the master's `GetLedgerInfo` digest, since the file is
+//! the same bytes.
 //!
-//! Format 1 (no `file-md5`) is not read: such a file cannot be checked against anything but its
-//! own syntax, so the member resyncs it from seq 0 once rather than trust it.
+//! Format 2 (one record, no `gen`, the whole file) is read, and replaced by the two slots at the
+//! next write. Format 1 (no `file-md5`) is not read: such a file cannot be checked against
+//! anything but its own syntax, so the member resyncs it from seq 0 once rather than trust it.
 
 use std::fmt;
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use md5::{Digest, Md5};
@@ -32,7 +42,13 @@ use md5::{Digest, Md5};
 use crate::paths::LedgerPaths;
 
 /// The record format this member writes and reads.
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
+
+/// The oldest format this member reads: one record, without `gen`, filling the state file.
+const WHOLE_FILE_VERSION: u32 = 2;
+
+/// The size of each of the state file's two slots; a record is at most about 300 bytes.
+const SLOT: usize = 512;
 
 /// The first word of every record, followed by the format's version.
 const MAGIC: &str = "ledger-member-state";
@@ -169,10 +185,10 @@ impl SyncState {
         pending: None,
     };
 
-    /// The record's text.
-    pub fn encode(&self) -> String {
+    /// The record's text, as generation `generation` (its `gen` line).
+    pub fn encode(&self, generation: u64) -> String {
         let mut text = format!(
-            "{MAGIC} {VERSION}\nseq {}\nlen {}\nfile-md5 {}\n",
+            "{MAGIC} {VERSION}\ngen {generation}\nseq {}\nlen {}\nfile-md5 {}\n",
             self.seq, self.len, self.md5
         );
         if let Some(pending) = self.pending {
@@ -188,6 +204,11 @@ impl SyncState {
 
     /// Reads a record's text; the error says what is wrong with it.
     pub fn decode(text: &str) -> Result<SyncState, DecodeError> {
+        Self::decode_record(text).map(|(state, _)| state)
+    }
+
+    /// Reads a record's text and its generation (0 for format 2, which has none).
+    fn decode_record(text: &str) -> Result<(SyncState, u64), DecodeError> {
         let body_end = text
             .trim_end_matches('\n')
             .rfind('\n')
@@ -206,15 +227,16 @@ impl SyncState {
             .next()
             .and_then(|first| first.strip_prefix(MAGIC)?.strip_prefix(' ')?.parse().ok())
             .ok_or_else(|| format!("it does not start with {MAGIC:?} and a version"))?;
-        if version < VERSION {
+        if version < WHOLE_FILE_VERSION {
             return Err(DecodeError::OldFormat(version));
         }
-        if version != VERSION {
+        if version > VERSION {
             return Err(
                 format!("its format {version} is newer than this member's {VERSION}").into(),
             );
         }
         let (mut seq, mut len, mut pending_seq, mut pending_len) = (None, None, None, None);
+        let mut generation = None;
         let (mut md5, mut pending_md5) = (None, None);
         for line in lines {
             let (key, value) = line
@@ -228,6 +250,7 @@ impl SyncState {
             let digest =
                 || FileMd5::parse(value).ok_or_else(|| format!("{key} {value:?} is not an md5"));
             let twice = match key {
+                "gen" if version >= 3 => generation.replace(number()?).is_some(),
                 "seq" => seq.replace(number()?).is_some(),
                 "len" => len.replace(number()?).is_some(),
                 "file-md5" => md5.replace(digest()?).is_some(),
@@ -245,43 +268,128 @@ impl SyncState {
             (None, None, None) => None,
             _ => return Err("it has part of a pending rewrite".into()),
         };
-        Ok(SyncState {
+        let generation = match (version, generation) {
+            (WHOLE_FILE_VERSION, _) => 0,
+            (_, generation) => generation.ok_or("it has no gen")?,
+        };
+        let state = SyncState {
             seq: seq.ok_or("it has no seq")?,
             len: len.ok_or("it has no len")?,
             md5: md5.ok_or("it has no file-md5")?,
             pending,
-        })
+        };
+        Ok((state, generation))
     }
 
     /// The record beside the ledger file; `None` when there is none.
     pub fn load(paths: &LedgerPaths) -> Result<Option<SyncState>, StateError> {
-        let text = match std::fs::read(&paths.state) {
+        let bytes = match std::fs::read(&paths.state) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(io_error("read", &paths.state, source)),
         };
         let path = paths.state.display().to_string();
-        let text = String::from_utf8(text).map_err(|_| StateError::Damaged {
+        let damaged = |reason: String| StateError::Damaged {
             path: path.clone(),
-            reason: "it is not text".into(),
-        })?;
-        SyncState::decode(&text).map(Some).map_err(|e| match e {
-            DecodeError::Damaged(reason) => StateError::Damaged { path, reason },
-            DecodeError::OldFormat(version) => StateError::OldFormat { path, version },
-        })
+            reason,
+        };
+        if bytes.len() == 2 * SLOT {
+            return match current_slot(&bytes) {
+                Ok((_, state, _)) => Ok(Some(state)),
+                Err(reason) => Err(damaged(reason)),
+            };
+        }
+        let text = String::from_utf8(bytes).map_err(|_| damaged("it is not text".into()))?;
+        match SyncState::decode(&text) {
+            Ok(state) => Ok(Some(state)),
+            Err(DecodeError::Damaged(reason)) => Err(damaged(reason)),
+            Err(DecodeError::OldFormat(version)) => Err(StateError::OldFormat { path, version }),
+        }
     }
 
-    /// Replaces the record durably: once this returns, a crash leaves this record.
+    /// Records this state durably: once this returns, a crash leaves this record.
     pub fn store(&self, paths: &LedgerPaths) -> Result<(), StateError> {
-        let write = || -> std::io::Result<()> {
-            let mut tmp = std::fs::File::create(&paths.state_tmp)?;
-            tmp.write_all(self.encode().as_bytes())?;
+        let in_place = || -> std::io::Result<bool> {
+            let mut file = match OpenOptions::new().read(true).write(true).open(&paths.state) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let mut bytes = Vec::with_capacity(2 * SLOT);
+            file.read_to_end(&mut bytes)?;
+            if bytes.len() != 2 * SLOT {
+                return Ok(false);
+            }
+            let Ok((slot, _, generation)) = current_slot(&bytes) else {
+                return Ok(false);
+            };
+            let other = 1 - slot;
+            file.write_all_at(&padded(&self.encode(generation + 1)), (other * SLOT) as u64)?;
+            // The slot's blocks exist already: only data is flushed, no metadata.
+            file.sync_data()?;
+            Ok(true)
+        };
+        // No slot file yet (a new member, or format 2), or no intact record in it: a new file
+        // with the record in the first slot replaces it whole.
+        let replace = || -> std::io::Result<()> {
+            let mut bytes = padded(&self.encode(1));
+            bytes.extend(std::iter::repeat_n(b'\n', SLOT));
+            let mut tmp = File::create(&paths.state_tmp)?;
+            tmp.write_all(&bytes)?;
             tmp.sync_all()?;
             std::fs::rename(&paths.state_tmp, &paths.state)?;
             paths.sync_dir()
         };
-        write().map_err(|source| io_error("write", &paths.state, source))
+        match in_place() {
+            Ok(true) => Ok(()),
+            Ok(false) => replace(),
+            Err(e) => Err(e),
+        }
+        .map_err(|source| io_error("write", &paths.state, source))
     }
+}
+
+/// A record filling one slot: its text, then line breaks.
+fn padded(record: &str) -> Vec<u8> {
+    assert!(record.len() <= SLOT, "a state record outgrew its slot");
+    let mut bytes = record.as_bytes().to_vec();
+    bytes.resize(SLOT, b'\n');
+    bytes
+}
+
+/// The slot holding the newest intact record of a two-slot state file, that record and its
+/// generation; otherwise why neither slot can be used. A blank slot (never written) is skipped.
+fn current_slot(bytes: &[u8]) -> Result<(usize, SyncState, u64), String> {
+    let mut best: Option<(usize, SyncState, u64)> = None;
+    let mut reasons = Vec::new();
+    for (slot, chunk) in bytes.chunks(SLOT).enumerate() {
+        let record = match std::str::from_utf8(chunk) {
+            Ok(text) => text.trim_end_matches('\n'),
+            Err(_) => {
+                reasons.push(format!("slot {}: it is not text", slot + 1));
+                continue;
+            }
+        };
+        if record.is_empty() {
+            continue;
+        }
+        match SyncState::decode_record(&format!("{record}\n")) {
+            Ok((state, generation)) if best.as_ref().is_none_or(|(_, _, g)| generation > *g) => {
+                best = Some((slot, state, generation))
+            }
+            Ok(_) => {}
+            Err(DecodeError::Damaged(reason)) => {
+                reasons.push(format!("slot {}: {reason}", slot + 1))
+            }
+            Err(DecodeError::OldFormat(version)) => {
+                reasons.push(format!("slot {}: a format {version} record", slot + 1))
+            }
+        }
+    }
+    best.ok_or_else(|| match reasons.is_empty() {
+        true => "both slots are blank".to_string(),
+        false => reasons.join("; "),
+    })
 }
 
 fn io_error(action: &'static str, path: &Path, source: std::io::Error) -> StateError {
@@ -320,7 +428,8 @@ mod tests {
                 }),
             },
         ] {
-            assert_eq!(SyncState::decode(&state.encode()), Ok(state));
+            assert_eq!(SyncState::decode(&state.encode(9)), Ok(state));
+            assert_eq!(SyncState::decode_record(&state.encode(9)), Ok((state, 9)));
         }
     }
 
@@ -353,7 +462,7 @@ mod tests {
             md5: FileMd5::of(b"x"),
             pending: None,
         }
-        .encode();
+        .encode(4);
         // A flipped digit, a torn record, an empty one, records with a valid checksum but a
         // field missing, a bad digest, a half pending rewrite.
         assert!(SyncState::decode(&text.replace("seq 7", "seq 8")).is_err());
@@ -376,7 +485,12 @@ mod tests {
             SyncState::decode(&unsound),
             damaged("it has part of a pending rewrite")
         );
-        let newer = sealed(&format!("{MAGIC} 3\nseq 3\n"));
+        let no_gen = sealed(&format!(
+            "{MAGIC} 3\nseq 3\nlen 0\nfile-md5 {}\n",
+            FileMd5::EMPTY
+        ));
+        assert_eq!(SyncState::decode(&no_gen), damaged("it has no gen"));
+        let newer = sealed(&format!("{MAGIC} 4\nseq 3\n"));
         assert!(matches!(
             SyncState::decode(&newer),
             Err(DecodeError::Damaged(_))
@@ -409,10 +523,78 @@ mod tests {
         state.store(&paths).unwrap();
         assert_eq!(SyncState::load(&paths).unwrap(), Some(state));
         assert!(!paths.state_tmp.exists());
+        assert_eq!(
+            std::fs::metadata(&paths.state).unwrap().len(),
+            2 * SLOT as u64
+        );
         std::fs::write(&paths.state, "seq 5\n").unwrap();
         assert!(matches!(
             SyncState::load(&paths),
             Err(StateError::Damaged { .. })
         ));
+    }
+
+    fn state(seq: u64) -> SyncState {
+        SyncState {
+            seq,
+            len: seq * 100,
+            md5: FileMd5::of(seq.to_string().as_bytes()),
+            pending: None,
+        }
+    }
+
+    #[test]
+    fn a_torn_slot_leaves_the_previous_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = LedgerPaths::new(&dir.path().join("blockchain.json"));
+        for seq in 1..=3 {
+            state(seq).store(&paths).unwrap();
+            assert_eq!(SyncState::load(&paths).unwrap(), Some(state(seq)));
+        }
+        // Records go to alternate slots, so the slot holding seq 3 is the one not holding 2.
+        let bytes = std::fs::read(&paths.state).unwrap();
+        let newest = bytes
+            .chunks(SLOT)
+            .position(|slot| String::from_utf8_lossy(slot).contains("\nseq 3\n"))
+            .unwrap();
+        let mut torn = bytes.clone();
+        let start = newest * SLOT + 40;
+        torn[start..start + 30].copy_from_slice(&[0; 30]);
+        std::fs::write(&paths.state, &torn).unwrap();
+        assert_eq!(SyncState::load(&paths).unwrap(), Some(state(2)));
+        // The next record goes over the torn slot and is the newest.
+        state(4).store(&paths).unwrap();
+        assert_eq!(SyncState::load(&paths).unwrap(), Some(state(4)));
+        let bytes = std::fs::read(&paths.state).unwrap();
+        assert!(String::from_utf8_lossy(&bytes[newest * SLOT..]).starts_with(&state(4).encode(3)));
+        // Both slots damaged: nothing is trusted.
+        let both = String::from_utf8(bytes).unwrap().replace("len ", "lem ");
+        std::fs::write(&paths.state, both).unwrap();
+        let error = SyncState::load(&paths).unwrap_err();
+        assert!(
+            error.to_string().contains("slot 1") && error.to_string().contains("slot 2"),
+            "{error}"
+        );
+        // A record written over a damaged file replaces it whole.
+        state(5).store(&paths).unwrap();
+        assert_eq!(SyncState::load(&paths).unwrap(), Some(state(5)));
+    }
+
+    #[test]
+    fn a_format_2_record_is_read_then_replaced_by_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = LedgerPaths::new(&dir.path().join("blockchain.json"));
+        let v2 = sealed(&format!(
+            "{MAGIC} 2\nseq 6\nlen 600\nfile-md5 {}\n",
+            FileMd5::of(b"6")
+        ));
+        std::fs::write(&paths.state, v2).unwrap();
+        assert_eq!(SyncState::load(&paths).unwrap(), Some(state(6)));
+        state(7).store(&paths).unwrap();
+        assert_eq!(SyncState::load(&paths).unwrap(), Some(state(7)));
+        assert_eq!(
+            std::fs::metadata(&paths.state).unwrap().len(),
+            2 * SLOT as u64
+        );
     }
 }
