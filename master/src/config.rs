@@ -43,7 +43,8 @@ pub struct Config {
     #[arg(long, env = "LEDGER_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub progress_interval: Duration,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given); with port 0 a free
+    /// port is picked, and the address bound is logged as `metrics on http://ADDR/metrics`.
     #[arg(long, env = "LEDGER_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 

@@ -35,8 +35,8 @@ pub type StartError = Box<dyn std::error::Error + Send + Sync>;
 /// ends the streams, finishes the in-flight calls and commits the queued writes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     if let Some(addr) = config.metrics_addr {
-        metrics::install(addr)?;
-        tracing::info!("metrics on http://{addr}/metrics");
+        // It logs the address bound, the one to scrape when ADDR asks for port 0.
+        metrics::install(addr).await?;
     }
     let url = config.database_url.clone();
     let pool_size = config.db_pool_size;

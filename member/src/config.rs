@@ -157,7 +157,8 @@ pub struct DaemonArgs {
     )]
     pub relay_database_url: Option<DatabaseUrl>,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given); with port 0 a free
+    /// port is picked, and the address bound is logged as `metrics on http://ADDR/metrics`.
     #[arg(long, env = "LEDGER_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 

@@ -70,11 +70,11 @@ fn main() -> ExitCode {
 
 async fn daemon(cli: Cli, client: ClientOptions) -> ExitCode {
     if let Some(addr) = cli.daemon.metrics_addr {
-        if let Err(e) = ledger_member::metrics::install(addr) {
+        // It logs the address bound, the one to scrape when ADDR asks for port 0.
+        if let Err(e) = ledger_member::metrics::install(addr).await {
             eprintln!("member: {e}");
             return ExitCode::from(2);
         }
-        tracing::info!("metrics on http://{addr}/metrics");
     }
     let (serve_tls, serve_auth) = match serving_security(&cli.daemon) {
         Ok(security) => security,

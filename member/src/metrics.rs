@@ -16,10 +16,11 @@ static HEAD: AtomicU64 = AtomicU64::new(0);
 /// The last applied seq, kept to compute the lag when the head moves.
 static APPLIED: AtomicU64 = AtomicU64::new(0);
 
-/// Serves `/metrics` on `addr`. Must run inside the tokio runtime.
-pub fn install(addr: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Serves the member's `/metrics` on `addr` and returns the address bound (port 0: a free port),
+/// through the master's endpoint ([`ledger_master::metrics::serve`]), which logs it. Must run
+/// inside the tokio runtime.
+pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
+    let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
             // File writes are fsyncs: from a fraction of a millisecond to seconds on a busy disk.
@@ -27,9 +28,8 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
             ],
         )
-        .map_err(|e| e.to_string())?
-        .install()
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))
+        .map_err(|e| e.to_string())?;
+    ledger_master::metrics::serve(addr, builder).await
 }
 
 /// Every change up to `seq` is durable in the file.

@@ -185,6 +185,18 @@ impl Member {
         .await;
     }
 
+    /// The loopback port of the current run's metrics endpoint, read from its log (up to 60 s):
+    /// start it with `--metrics-addr 127.0.0.1:0` so the kernel picks a port nobody holds.
+    pub async fn metrics_port(&self) -> u16 {
+        wait_until(60, "member to log its metrics address", || async {
+            crate::metrics::logged_metrics_addr(&self.run_logs()).is_some()
+        })
+        .await;
+        crate::metrics::logged_metrics_addr(&self.run_logs())
+            .expect("the logged metrics address")
+            .port()
+    }
+
     /// The ledger file's bytes (empty when it does not exist).
     pub fn file_bytes(&self) -> Vec<u8> {
         std::fs::read(&self.file).unwrap_or_default()

@@ -1,23 +1,28 @@
 //! Reading a Prometheus `/metrics` endpoint of a running binary.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 
 use crate::within;
 
-/// A loopback port that was free a moment ago, for a server whose address must be given up front.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .port()
+/// What `master` and `member` log once their metrics listener is bound, before its address.
+const METRICS_LINE: &str = "metrics on http://";
+
+/// The metrics address in the last `metrics on http://ADDR/metrics` line of `log` (text or JSON
+/// lines). The binaries are given `--metrics-addr 127.0.0.1:0` and this is read afterwards: a
+/// port picked in advance and released could be taken by another process before they bind it.
+/// The last line, because a restarted process binds a new port and logs it after the old one.
+pub fn logged_metrics_addr(log: &str) -> Option<SocketAddr> {
+    let at = log.rfind(METRICS_LINE)? + METRICS_LINE.len();
+    log[at..].split('/').next()?.parse().ok()
 }
 
 /// The TCP ports process `pid` is listening on (Linux): the inodes of its sockets
 /// (`/proc/PID/fd`) matched against the LISTEN entries of `/proc/PID/net/tcp` and `tcp6`.
 ///
 /// With this, a child can be told to bind port 0 and its port read afterwards, instead of
-/// handing it a [`free_port`] that another process may take before the child binds it.
+/// handing it a port picked in advance that another process may take before the child binds
+/// it. (The binaries also log their metrics address: [`logged_metrics_addr`].)
 pub fn listening_ports(pid: u32) -> Vec<u16> {
     let inodes: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .into_iter()

@@ -6,8 +6,6 @@
 //! Without either, the tests fail: PostgreSQL tests never skip.
 
 use std::path::{Path, PathBuf};
-
-use crate::metrics::free_port;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -268,4 +266,13 @@ fn start_cluster() -> PostgresServer {
         unsafe { libc::atexit(stop_cluster) };
     }
     PostgresServer { base_url }
+}
+
+/// A loopback port that was free a moment ago: PostgreSQL must be given its port up front (it
+/// does not report one it picked), so the start retries when another process took it first.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .port()
 }

@@ -156,6 +156,24 @@ impl Master {
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
+
+    /// The loopback port of the current run's metrics endpoint, read from its log: start it
+    /// with `--metrics-addr 127.0.0.1:0`. The master binds it before its gRPC port, so the line
+    /// is normally there once [`Master::start`] returns; the wait covers a slow log reader.
+    pub fn metrics_port(&self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let logs = self.logs();
+            if let Some(addr) = crate::metrics::logged_metrics_addr(&logs) {
+                return addr.port();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "master logged no metrics address within 30s:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Master {

@@ -9,7 +9,7 @@ use ledger_master::auth::token_hash;
 use ledger_proto::pb::GetLedgerInfoRequest;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_tests::member::{CommandOutput, member_command};
-use ledger_tests::metrics::{free_port, sample, scrape_async};
+use ledger_tests::metrics::{sample, scrape_async};
 use ledger_tests::tls::{CertFiles, TestPki};
 use ledger_tests::{Master, Member, wait_until, within};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -474,15 +474,14 @@ async fn metrics_follow_the_stream_the_file_and_reconnects() {
             .await
             .unwrap();
     }
-    let port = free_port();
-    let metrics_addr = format!("127.0.0.1:{port}");
     let member_dir = tempfile::tempdir().unwrap();
+    // Port 0: the kernel picks a free port, which the member logs.
     let member = Member::start(
         member_dir.path(),
         &[master.addr.to_string()],
         &[
             "--metrics-addr",
-            &metrics_addr,
+            "127.0.0.1:0",
             "--retry-min",
             "50ms",
             "--retry-max",
@@ -490,6 +489,7 @@ async fn metrics_follow_the_stream_the_file_and_reconnects() {
         ],
     );
     member.wait_for_log(60, "caught up").await;
+    let port = member.metrics_port().await;
     let expect = |scraped: &str, series: &str, value: f64| {
         assert_eq!(
             sample(scraped, series),
@@ -576,14 +576,11 @@ async fn json_logs_and_a_config_file_that_flags_and_environment_override() {
     // The file asks for JSON logs, metrics and an error-only filter; the harness sets
     // LEDGER_LOG=info in the environment, which wins, and --retry-min on the command line wins
     // over the file's value (a bad duration there would stop the member).
-    let port = free_port();
     let config = dir.path().join("member.toml");
     std::fs::write(
         &config,
-        format!(
-            "log-format = \"json\"\nlog-level = \"error\"\nmetrics-addr = \"127.0.0.1:{port}\"\n\
-             retry-min = \"not a duration\"\n"
-        ),
+        "log-format = \"json\"\nlog-level = \"error\"\nmetrics-addr = \"127.0.0.1:0\"\n\
+         retry-min = \"not a duration\"\n",
     )
     .unwrap();
     let member_dir = tempfile::tempdir().unwrap();
@@ -607,6 +604,8 @@ async fn json_logs_and_a_config_file_that_flags_and_environment_override() {
             .any(|line| line.contains("\"INFO\"") && line.contains("caught up")),
         "LEDGER_LOG=info won over the file's error level:\n{logs}"
     );
+    // The JSON line carries the address too; port 0 in the file, so it is read from there.
+    let port = member.metrics_port().await;
     assert_eq!(
         sample(&scrape_async(port).await, "ledger_member_applied_seq"),
         Some(1.0),

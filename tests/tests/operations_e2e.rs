@@ -3,14 +3,14 @@
 
 use ledger_tests::Master;
 use ledger_tests::client::{insert, stream, until_caught_up};
-use ledger_tests::metrics::{free_port, sample, scrape_async};
+use ledger_tests::metrics::{sample, scrape_async};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_writes_subscribers_and_the_head() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let master = Master::start(dir.path(), &["--metrics-addr", &addr]);
+    // Port 0: the kernel picks a free port, which the master logs.
+    let master = Master::start(dir.path(), &["--metrics-addr", "127.0.0.1:0"]);
+    let port = master.metrics_port();
     let mut client = master.client().await;
     for n in 0..3 {
         insert(&mut client, &format!(r#"{{"config": {{"n": {n}}}}}"#))
