@@ -419,9 +419,107 @@ fn write_inserts(
     Ok(())
 }
 
+/// PostgreSQL, a batch of inserts only: the whole write in one statement, committed on its own.
+///
+/// Every statement is a round trip: the general path takes six (begin, lock the head, look the
+/// ids up, write both tables, move the head, commit), this one. Locking the head, skipping the
+/// ids already stored or repeated in the batch, numbering the rest from the head, writing them
+/// to both tables, moving the head and notifying the other masters all happen in it.
+///
+/// Returns `None` when another master stored one of the ids while this statement waited for
+/// the head (its snapshot predates that commit, so the unique index refuses the row and
+/// nothing is written): the general path then rejects that id properly.
+fn apply_inserts_pg(
+    pg: &mut PgConnection,
+    inserts: &[&NewPolicy],
+    date: chrono::NaiveDateTime,
+) -> Result<Option<Vec<Result<Change, Rejection>>>, StorageError> {
+    use diesel::result::{DatabaseErrorKind, Error};
+    use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamp};
+
+    #[derive(QueryableByName)]
+    struct Numbered {
+        /// The insert's position in the batch, from 1; 0 for the row that reports the new head.
+        #[diesel(sql_type = BigInt)]
+        ord: i64,
+        #[diesel(sql_type = BigInt)]
+        seq: i64,
+    }
+    let column = |f: fn(&NewPolicy) -> &str| inserts.iter().map(|p| f(p)).collect::<Vec<_>>();
+    let companies: Vec<Option<&str>> = inserts.iter().map(|p| p.company.as_deref()).collect();
+    let numbered = diesel::sql_query(
+        "WITH head AS (SELECT head_seq FROM ledger_head WHERE id = 1 FOR UPDATE), \
+         input AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+             WITH ORDINALITY AS r(policy_id, policy_type, company_name, host, policy, ord)), \
+         fresh AS (SELECT DISTINCT ON (policy_id) * FROM input \
+             WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.policy_id = input.policy_id) \
+             ORDER BY policy_id, ord), \
+         numbered AS (SELECT fresh.*, head.head_seq + row_number() OVER (ORDER BY ord) AS seq \
+             FROM fresh, head), \
+         policies AS (INSERT INTO ledger (policy_type, policy_id, company_name, date, host, policy, seq) \
+             SELECT policy_type, policy_id, company_name, $6, host, policy, seq FROM numbered), \
+         changes AS (INSERT INTO ledger_changes (seq, op, policy_id, policy_type, policy) \
+             SELECT seq, $7, policy_id, policy_type, policy FROM numbered), \
+         moved AS (UPDATE ledger_head SET head_seq = (SELECT max(seq) FROM numbered) \
+             WHERE id = 1 AND EXISTS (SELECT 1 FROM numbered) RETURNING head_seq) \
+         SELECT ord, seq FROM numbered \
+         UNION ALL SELECT 0, head_seq FROM moved, LATERAL (SELECT pg_notify($8, head_seq::text)) AS n",
+    )
+    .bind::<Array<Text>, _>(column(|p| &p.id))
+    .bind::<Array<Text>, _>(column(|p| &p.policy_type))
+    .bind::<Array<Nullable<Text>>, _>(companies)
+    .bind::<Array<Text>, _>(column(|p| &p.host))
+    .bind::<Array<Text>, _>(column(|p| &p.json))
+    .bind::<Timestamp, _>(date)
+    .bind::<Text, _>(OP_INSERT)
+    .bind::<Text, _>(NOTIFY_CHANNEL)
+    .load::<Numbered>(pg);
+    let numbered = match numbered {
+        Ok(rows) => rows,
+        Err(Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut seqs: Vec<Option<u64>> = vec![None; inserts.len()];
+    for row in numbered.iter().filter(|row| row.ord > 0) {
+        seqs[row.ord as usize - 1] = Some(row.seq as u64);
+    }
+    let results = inserts
+        .iter()
+        .zip(seqs)
+        .map(|(p, seq)| match seq {
+            Some(seq) => Ok(Change {
+                seq,
+                kind: ChangeKind::Inserted(StoredPolicy {
+                    id: p.id.clone(),
+                    policy_type: p.policy_type.clone(),
+                    json: p.json.clone(),
+                    seq,
+                }),
+            }),
+            None => Err(Rejection::AlreadyExists(p.id.clone())),
+        })
+        .collect();
+    Ok(Some(results))
+}
+
 impl Storage for DieselStorage {
     fn apply(&self, ops: &[WriteOp]) -> Result<Vec<Result<Change, Rejection>>, StorageError> {
         let mut conn = self.conn()?;
+        if let AnyConnection::Postgres(pg) = &mut *conn {
+            let inserts: Option<Vec<&NewPolicy>> = ops
+                .iter()
+                .map(|op| match op {
+                    WriteOp::Insert(p) => Some(p),
+                    WriteOp::Delete { .. } => None,
+                })
+                .collect();
+            if let Some(inserts) = inserts
+                && let Some(results) =
+                    apply_inserts_pg(pg, &inserts, chrono::Utc::now().naive_utc())?
+            {
+                return Ok(results);
+            }
+        }
         conn.transaction(|c| {
             let start = lock_head(c)?.head_seq;
             // One query tells which of the batch's ids are stored (and their types), rather than
