@@ -1088,10 +1088,6 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
 // ---------------------------------------------------------------------------------------------
 // The table
 
-fn row(name: &str, target: &str, s: &str, p: &str) -> String {
-    format!("| {name} | {s} | {p} | {target} |\n")
-}
-
 fn get(v: &Value, path: &str) -> f64 {
     let mut cur = v;
     for part in path.split('.') {
@@ -1103,188 +1099,148 @@ fn get(v: &Value, path: &str) -> f64 {
     cur.as_f64().unwrap_or(f64::NAN)
 }
 
+/// A number of the results at `path`, with `digits` decimals; `-` when it was not measured.
+fn number(v: &Value, path: &str, digits: usize) -> String {
+    let x = get(v, path);
+    if x.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{x:.digits$}")
+    }
+}
+
+/// A latency distribution at `path`: p50 / p99 / max in ms.
+fn dist3(v: &Value, path: &str) -> String {
+    format!(
+        "{} / {} / {}",
+        number(v, &format!("{path}.p50_ms"), 2),
+        number(v, &format!("{path}.p99_ms"), 2),
+        number(v, &format!("{path}.max_ms"), 1)
+    )
+}
+
+/// KiB at `path`, shown in MiB.
+fn mib(v: &Value, path: &str) -> String {
+    let kib = get(v, path);
+    if kib.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{:.0}", kib / 1024.0)
+    }
+}
+
 fn table(results: &HashMap<String, Value>, quick: bool) -> String {
     let e = Value::Null;
     let s = results.get("sqlite").unwrap_or(&e);
     let p = results.get("postgres").unwrap_or(&e);
-    let f = |v: &Value, path: &str, digits: usize| {
-        let x = get(v, path);
-        if x.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{x:.digits$}")
-        }
-    };
-    let dist3 = |v: &Value, path: &str| {
-        format!(
-            "{} / {} / {}",
-            f(v, &format!("{path}.p50_ms"), 2),
-            f(v, &format!("{path}.p99_ms"), 2),
-            f(v, &format!("{path}.max_ms"), 1)
-        )
-    };
-    let mib = |v: &Value, path: &str| {
-        let kib = get(v, path);
-        if kib.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{:.0}", kib / 1024.0)
-        }
-    };
     let mut t = String::new();
     t += "| measure | SQLite | PostgreSQL | target (SQLite / PostgreSQL) |\n|---|---|---|---|\n";
-    t += &row(
+    // One row: the same cell of each backend's results.
+    let mut row = |name: &str, target: &str, cell: &dyn Fn(&Value) -> String| {
+        t += &format!("| {name} | {} | {} | {target} |\n", cell(s), cell(p));
+    };
+    row(
         "(1) inserts/s, 1 client, durable",
         ">= 2,000 / 1,000",
-        &f(s, "insert_throughput.one_client_per_s", 0),
-        &f(p, "insert_throughput.one_client_per_s", 0),
+        &|v| number(v, "insert_throughput.one_client_per_s", 0),
     );
-    t += &row(
+    row(
         "(1) inserts/s, 64 clients, durable",
         ">= 20,000 / 10,000",
-        &f(s, "insert_throughput.clients_64_per_s", 0),
-        &f(p, "insert_throughput.clients_64_per_s", 0),
+        &|v| number(v, "insert_throughput.clients_64_per_s", 0),
     );
     for m in ["1", "10"] {
         let target = if m == "10" { "p50 < 2, p99 < 10" } else { "-" };
-        t += &row(
+        let at = format!("propagation_200_per_s.members_{m}");
+        row(
             &format!("(2) propagation at 200/s, {m} member(s): ms after the ack, p50 / p99 / max"),
             target,
-            &dist3(s, &format!("propagation_200_per_s.members_{m}.from_ack")),
-            &dist3(p, &format!("propagation_200_per_s.members_{m}.from_ack")),
+            &|v| dist3(v, &format!("{at}.from_ack")),
         );
-        t += &row(
+        row(
             "(2) same, ms after the insert was sent, p50 / p99 / max",
             "-",
-            &dist3(s, &format!("propagation_200_per_s.members_{m}.from_send")),
-            &dist3(p, &format!("propagation_200_per_s.members_{m}.from_send")),
+            &|v| dist3(v, &format!("{at}.from_send")),
         );
-        t += &row(
+        row(
             "(2) same, share durable in the member before the ack arrived",
             "-",
-            &f(
-                s,
-                &format!("propagation_200_per_s.members_{m}.share_durable_before_ack"),
-                3,
-            ),
-            &f(
-                p,
-                &format!("propagation_200_per_s.members_{m}.share_durable_before_ack"),
-                3,
-            ),
+            &|v| number(v, &format!("{at}.share_durable_before_ack"), 3),
         );
     }
-    t += &row(
+    row(
         "(3) 1,000 subscribers: delivery ms after the ack, p50 / p99 / max",
         "p99 < 50",
-        &dist3(s, "fan_out.delivery_from_ack"),
-        &dist3(p, "fan_out.delivery_from_ack"),
+        &|v| dist3(v, "fan_out.delivery_from_ack"),
     );
-    t += &row(
-        "(3) same, ms after the insert was sent",
-        "-",
-        &dist3(s, "fan_out.delivery_from_send"),
-        &dist3(p, "fan_out.delivery_from_send"),
-    );
-    t += &row(
-        "(3) master KiB per idle subscriber",
-        "< 32",
-        &f(s, "fan_out.master_kib_per_idle_subscriber", 1),
-        &f(p, "fan_out.master_kib_per_idle_subscriber", 1),
-    );
-    t += &row(
-        "(4) catch-up 100,000 policies, s",
-        "< 1.5",
-        &f(s, "catch_up.0.seconds", 2),
-        &f(p, "catch_up.0.seconds", 2),
-    );
-    t += &row(
-        "(4) member peak RSS (100,000), MiB",
-        "-",
-        &mib(s, "catch_up.0.peak_rss_kib"),
-        &mib(p, "catch_up.0.peak_rss_kib"),
-    );
+    row("(3) same, ms after the insert was sent", "-", &|v| {
+        dist3(v, "fan_out.delivery_from_send")
+    });
+    row("(3) master KiB per idle subscriber", "< 32", &|v| {
+        number(v, "fan_out.master_kib_per_idle_subscriber", 1)
+    });
+    row("(4) catch-up 100,000 policies, s", "< 1.5", &|v| {
+        number(v, "catch_up.0.seconds", 2)
+    });
+    row("(4) member peak RSS (100,000), MiB", "-", &|v| {
+        mib(v, "catch_up.0.peak_rss_kib")
+    });
     if !quick {
-        t += &row(
-            "(4) catch-up 1,000,000 policies, s",
-            "< 15",
-            &f(s, "catch_up.1.seconds", 2),
-            &f(p, "catch_up.1.seconds", 2),
-        );
-        t += &row(
-            "(4) member peak RSS (1,000,000), MiB",
-            "< 512",
-            &mib(s, "catch_up.1.peak_rss_kib"),
-            &mib(p, "catch_up.1.peak_rss_kib"),
-        );
+        row("(4) catch-up 1,000,000 policies, s", "< 15", &|v| {
+            number(v, "catch_up.1.seconds", 2)
+        });
+        row("(4) member peak RSS (1,000,000), MiB", "< 512", &|v| {
+            mib(v, "catch_up.1.peak_rss_kib")
+        });
     }
-    t += &row(
+    row(
         "(5) member file write per insert, ms: 100 / 100,000 policies",
         "-",
-        &format!(
-            "{} / {}",
-            f(s, "apply_cost.file_100.write_ms", 3),
-            f(s, "apply_cost.file_100000.write_ms", 3)
-        ),
-        &format!(
-            "{} / {}",
-            f(p, "apply_cost.file_100.write_ms", 3),
-            f(p, "apply_cost.file_100000.write_ms", 3)
-        ),
+        &|v| {
+            format!(
+                "{} / {}",
+                number(v, "apply_cost.file_100.write_ms", 3),
+                number(v, "apply_cost.file_100000.write_ms", 3)
+            )
+        },
     );
-    t += &row(
+    row(
         "(5) apply cost ratio 100,000 / 100 (file write)",
         "< 1.5",
-        &f(s, "apply_cost.ratio_write", 2),
-        &f(p, "apply_cost.ratio_write", 2),
+        &|v| number(v, "apply_cost.ratio_write", 2),
     );
-    t += &row(
+    row(
         "(5) apply cost ratio 100,000 / 100 (send-to-durable p50)",
         "< 1.5",
-        &f(s, "apply_cost.ratio_propagation_p50", 2),
-        &f(p, "apply_cost.ratio_propagation_p50", 2),
+        &|v| number(v, "apply_cost.ratio_propagation_p50", 2),
     );
-    t += &row(
+    row(
         "(6) bytes to a member per new policy: stream message (+gRPC/HTTP2 framing)",
         "-",
-        &format!(
-            "{} ({})",
-            f(s, "bytes_per_policy.stream_message_bytes", 0),
-            f(s, "bytes_per_policy.stream_message_plus_framing_bytes", 0)
-        ),
-        &format!(
-            "{} ({})",
-            f(p, "bytes_per_policy.stream_message_bytes", 0),
-            f(p, "bytes_per_policy.stream_message_plus_framing_bytes", 0)
-        ),
+        &|v| {
+            format!(
+                "{} ({})",
+                number(v, "bytes_per_policy.stream_message_bytes", 0),
+                number(v, "bytes_per_policy.stream_message_plus_framing_bytes", 0)
+            )
+        },
     );
-    t += &row(
+    let model = "bytes_per_policy.model_anylog_30s_full_copy";
+    row(
         "(6) MODEL AnyLog 30 s full copy, 100,000-policy ledger: bytes per member per new policy at 200/s",
         "-",
-        &f(
-            s,
-            "bytes_per_policy.model_anylog_30s_full_copy.bytes_per_member_per_new_policy_at_200_per_s",
-            0,
-        ),
-        &f(
-            p,
-            "bytes_per_policy.model_anylog_30s_full_copy.bytes_per_member_per_new_policy_at_200_per_s",
-            0,
-        ),
+        &|v| {
+            number(
+                v,
+                &format!("{model}.bytes_per_member_per_new_policy_at_200_per_s"),
+                0,
+            )
+        },
     );
-    t += &row(
+    row(
         "(6) MODEL AnyLog 30 s full copy: bytes per member every 30 s",
         "-",
-        &f(
-            s,
-            "bytes_per_policy.model_anylog_30s_full_copy.bytes_per_member_per_30s",
-            0,
-        ),
-        &f(
-            p,
-            "bytes_per_policy.model_anylog_30s_full_copy.bytes_per_member_per_30s",
-            0,
-        ),
+        &|v| number(v, &format!("{model}.bytes_per_member_per_30s"), 0),
     );
     t
 }
