@@ -487,15 +487,7 @@ fn apply_inserts_pg(
         .iter()
         .zip(seqs)
         .map(|(p, seq)| match seq {
-            Some(seq) => Ok(Change {
-                seq,
-                kind: ChangeKind::Inserted(StoredPolicy {
-                    id: p.id.clone(),
-                    policy_type: p.policy_type.clone(),
-                    json: p.json.clone(),
-                    seq,
-                }),
-            }),
+            Some(seq) => Ok(p.inserted_at(seq)),
             None => Err(Rejection::AlreadyExists(p.id.clone())),
         })
         .collect();
@@ -555,15 +547,7 @@ impl Storage for DieselStorage {
                         head += 1;
                         stored.insert(p.id.clone(), p.policy_type.clone());
                         unwritten.push((results.len(), p));
-                        results.push(Ok(Change {
-                            seq: head,
-                            kind: ChangeKind::Inserted(StoredPolicy {
-                                id: p.id.clone(),
-                                policy_type: p.policy_type.clone(),
-                                json: p.json.clone(),
-                                seq: head,
-                            }),
-                        }));
+                        results.push(Ok(p.inserted_at(head)));
                     }
                     WriteOp::Delete { id } => {
                         let Some(policy_type) = stored.remove(id) else {

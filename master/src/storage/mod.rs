@@ -58,6 +58,21 @@ pub struct NewPolicy {
     pub host: String,
 }
 
+impl NewPolicy {
+    /// The change that inserts this policy as `seq`.
+    pub fn inserted_at(&self, seq: u64) -> Change {
+        Change {
+            seq,
+            kind: ChangeKind::Inserted(StoredPolicy {
+                id: self.id.clone(),
+                policy_type: self.policy_type.clone(),
+                json: self.json.clone(),
+                seq,
+            }),
+        }
+    }
+}
+
 /// One write of a batch handed to [`Storage::apply`].
 #[derive(Debug, Clone)]
 pub enum WriteOp {
