@@ -27,6 +27,20 @@ pub async fn insert(client: &mut Client, json: &str) -> Result<Policy, Status> {
     .await
 }
 
+/// `InsertPolicy`, which must succeed: the stored policy.
+pub async fn insert_ok(client: &mut Client, json: &str) -> Policy {
+    insert(client, json)
+        .await
+        .unwrap_or_else(|e| panic!("inserting {json}: {e}"))
+}
+
+/// `DeletePolicy`, which must succeed: the seq of the delete.
+pub async fn delete_ok(client: &mut Client, id: &str) -> u64 {
+    delete(client, id)
+        .await
+        .unwrap_or_else(|e| panic!("deleting {id}: {e}"))
+}
+
 /// `GetPolicy`: the stored policy or the status.
 pub async fn get(client: &mut Client, id: &str) -> Result<Policy, Status> {
     within(

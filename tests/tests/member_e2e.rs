@@ -8,6 +8,7 @@ use ledger_member::paths::LedgerPaths;
 use ledger_member::state::SyncState;
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
+use ledger_tests::client::{delete_ok as delete, insert_ok as insert};
 use ledger_tests::member::{applied_seq, file_md5, member_command, member_command_with_env};
 use ledger_tests::{Master, Member, wait_until, within};
 use tonic::transport::Channel;
@@ -23,25 +24,6 @@ fn operator(n: usize, company: &str) -> String {
         n % 250 + 1,
         32148 + n
     )
-}
-
-async fn insert(client: &mut Client, json: &str) -> pb::Policy {
-    client
-        .insert_policy(pb::InsertPolicyRequest {
-            policy_json: json.to_string(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("inserting {json}: {e}"))
-        .into_inner()
-        .policy
-        .expect("the inserted policy")
-}
-
-async fn delete(client: &mut Client, id: &str) {
-    client
-        .delete_policy(pb::DeletePolicyRequest { id: id.to_string() })
-        .await
-        .unwrap_or_else(|e| panic!("deleting {id}: {e}"));
 }
 
 /// Every policy of the master, in ledger order.

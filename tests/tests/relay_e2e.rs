@@ -7,6 +7,7 @@ use ledger_member::paths::LedgerPaths;
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
+use ledger_tests::client::{delete_ok as delete, insert_ok as insert};
 use ledger_tests::member::{applied_seq, file_md5};
 use ledger_tests::{Master, Member, wait_until, within};
 use tonic::transport::Channel;
@@ -24,27 +25,6 @@ fn operator(n: usize) -> String {
         r#"{{"operator": {{"name": "op{n}", "company": "Acme", "port": {}}}}}"#,
         32148 + n
     )
-}
-
-async fn insert(client: &mut Client, json: &str) -> pb::Policy {
-    client
-        .insert_policy(pb::InsertPolicyRequest {
-            policy_json: json.to_string(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("inserting {json}: {e}"))
-        .into_inner()
-        .policy
-        .expect("the inserted policy")
-}
-
-async fn delete(client: &mut Client, id: &str) -> u64 {
-    client
-        .delete_policy(pb::DeletePolicyRequest { id: id.to_string() })
-        .await
-        .unwrap_or_else(|e| panic!("deleting {id}: {e}"))
-        .into_inner()
-        .seq
 }
 
 async fn info(client: &mut Client) -> Option<pb::GetLedgerInfoResponse> {
