@@ -929,6 +929,23 @@ mod tests {
         assert!(!f.paths.tmp.exists());
     }
 
+    /// Records, as a rewrite would before its rename, that the file holds `before` at `seq` and
+    /// is being replaced by `after` at `pending_seq`.
+    fn record_pending(f: &Fixture, seq: u64, before: &str, pending_seq: u64, after: &str) {
+        SyncState {
+            seq,
+            len: before.len() as u64,
+            md5: FileMd5::of(before.as_bytes()),
+            pending: Some(PendingRewrite {
+                seq: pending_seq,
+                len: after.len() as u64,
+                md5: FileMd5::of(after.as_bytes()),
+            }),
+        }
+        .store(&f.paths)
+        .unwrap();
+    }
+
     #[test]
     fn a_rewrite_cut_after_its_marker_is_finished() {
         let f = fixture();
@@ -936,18 +953,7 @@ mod tests {
         let before = read(&f.paths.file);
         let after = text(&[policy(1), policy(3)]);
         std::fs::write(&f.paths.tmp, &after).unwrap();
-        SyncState {
-            seq: 3,
-            len: before.len() as u64,
-            md5: FileMd5::of(before.as_bytes()),
-            pending: Some(PendingRewrite {
-                seq: 4,
-                len: after.len() as u64,
-                md5: FileMd5::of(after.as_bytes()),
-            }),
-        }
-        .store(&f.paths)
-        .unwrap();
+        record_pending(&f, 3, &before, 4, &after);
         let file = LedgerFile::open(&f.paths.file).unwrap();
         assert_eq!((file.seq(), file.policy_count()), (4, 2));
         assert_eq!(read(&f.paths.file), after);
@@ -964,18 +970,7 @@ mod tests {
         let before = read(&f.paths.file);
         let after = text(&[policy(1), policy(3)]);
         std::fs::write(&f.paths.tmp, after.replacen("op3", "op4", 1)).unwrap();
-        SyncState {
-            seq: 3,
-            len: before.len() as u64,
-            md5: FileMd5::of(before.as_bytes()),
-            pending: Some(PendingRewrite {
-                seq: 4,
-                len: after.len() as u64,
-                md5: FileMd5::of(after.as_bytes()),
-            }),
-        }
-        .store(&f.paths)
-        .unwrap();
+        record_pending(&f, 3, &before, 4, &after);
         let file = LedgerFile::open(&f.paths.file).unwrap();
         assert!(file.awaiting_snapshot());
         assert_eq!(file.seq(), 0);
@@ -988,18 +983,7 @@ mod tests {
         let before = read(&f.paths.file);
         let after = text(&[policy(2)]);
         std::fs::write(&f.paths.file, &after).unwrap();
-        SyncState {
-            seq: 3,
-            len: before.len() as u64,
-            md5: FileMd5::of(before.as_bytes()),
-            pending: Some(PendingRewrite {
-                seq: 5,
-                len: after.len() as u64,
-                md5: FileMd5::of(after.as_bytes()),
-            }),
-        }
-        .store(&f.paths)
-        .unwrap();
+        record_pending(&f, 3, &before, 5, &after);
         let file = LedgerFile::open(&f.paths.file).unwrap();
         assert_eq!((file.seq(), file.policy_count()), (5, 1));
         assert_eq!(
