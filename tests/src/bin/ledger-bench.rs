@@ -38,7 +38,10 @@ struct Options {
     json: Option<PathBuf>,
     pg_url: Option<String>,
     backends: Vec<String>,
+    /// Item (1) only.
     only_inserts: bool,
+    /// Item (3) only.
+    only_fanout: bool,
 }
 
 fn options() -> Options {
@@ -48,18 +51,20 @@ fn options() -> Options {
         pg_url: None,
         backends: vec!["sqlite".into(), "postgres".into()],
         only_inserts: false,
+        only_fanout: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => o.quick = true,
             "--only-inserts" => o.only_inserts = true,
+            "--only-fanout" => o.only_fanout = true,
             "--json" => o.json = Some(args.next().expect("--json FILE").into()),
             "--pg-url" => o.pg_url = Some(args.next().expect("--pg-url URL")),
             "--backend" => o.backends = vec![args.next().expect("--backend sqlite|postgres")],
             "-h" | "--help" => {
                 println!(
-                    "ledger-bench [--quick] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]"
+                    "ledger-bench [--quick] [--only-inserts | --only-fanout] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]"
                 );
                 std::process::exit(0);
             }
@@ -719,7 +724,10 @@ async fn fan_out(
     }
     let last = sent_rounds.last().unwrap().last().unwrap().0;
     stop_at.store(last, Ordering::Relaxed);
-    // a last insert wakes subscribers that are already past `last` (none should be)
+    // Subscribers that already received `last` before `stop_at` was set wait for one more insert.
+    insert(&mut client)
+        .await
+        .expect("the insert that ends the fan-out");
     let mut all = Vec::new();
     for t in tasks {
         all.push(t.await.unwrap());
@@ -898,49 +906,51 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
     let runs = 3;
     let secs = if quick { 2.0 } else { 4.0 };
 
-    // (1) throughput
-    eprintln!("[{backend}] (1) insert throughput");
-    let (master, addr) = start_master(root.path(), &url_for("throughput"), &[]);
-    {
-        let mut c = connect(&addr).await;
-        for _ in 0..50 {
-            insert(&mut c).await.unwrap();
+    if !opts.only_fanout {
+        // (1) throughput
+        eprintln!("[{backend}] (1) insert throughput");
+        let (master, addr) = start_master(root.path(), &url_for("throughput"), &[]);
+        {
+            let mut c = connect(&addr).await;
+            for _ in 0..50 {
+                insert(&mut c).await.unwrap();
+            }
         }
-    }
-    let mut one = Vec::new();
-    let mut many = Vec::new();
-    for _ in 0..runs {
-        one.push(throughput(&addr, 1, secs).await);
-        many.push(throughput(&addr, 64, secs).await);
-    }
-    eprintln!("  1 client {one:?}\n  64 clients {many:?}");
-    out.insert(
-        "insert_throughput".into(),
-        json!({"one_client_per_s": median(&one), "one_client_runs": one,
-               "clients_64_per_s": median(&many), "clients_64_runs": many, "run_seconds": secs}),
-    );
+        let mut one = Vec::new();
+        let mut many = Vec::new();
+        for _ in 0..runs {
+            one.push(throughput(&addr, 1, secs).await);
+            many.push(throughput(&addr, 64, secs).await);
+        }
+        eprintln!("  1 client {one:?}\n  64 clients {many:?}");
+        out.insert(
+            "insert_throughput".into(),
+            json!({"one_client_per_s": median(&one), "one_client_runs": one,
+                   "clients_64_per_s": median(&many), "clients_64_runs": many, "run_seconds": secs}),
+        );
 
-    if opts.only_inserts {
-        return Value::Object(out);
+        if opts.only_inserts {
+            return Value::Object(out);
+        }
+        // (2) propagation, on the same master
+        eprintln!("[{backend}] (2) propagation");
+        let inserts = if quick { 400 } else { 1000 };
+        let p1 = propagation(&addr, root.path(), 1, inserts, runs).await;
+        let p10 = propagation(&addr, root.path(), 10, inserts, runs).await;
+        let prop_json = |p: &[Propagation]| {
+            json!({
+                "from_ack": dist_json(&median_dist(&p.iter().map(|x| x.from_ack).collect::<Vec<_>>())),
+                "from_send": dist_json(&median_dist(&p.iter().map(|x| x.from_send).collect::<Vec<_>>())),
+                "share_durable_before_ack": median(&p.iter().map(|x| x.ahead_of_ack).collect::<Vec<_>>()),
+                "runs_from_ack": p.iter().map(|x| dist_json(&x.from_ack)).collect::<Vec<_>>(),
+            })
+        };
+        out.insert(
+            "propagation_200_per_s".into(),
+            json!({"inserts_per_run": inserts, "runs": runs, "members_1": prop_json(&p1), "members_10": prop_json(&p10)}),
+        );
+        drop(master);
     }
-    // (2) propagation, on the same master
-    eprintln!("[{backend}] (2) propagation");
-    let inserts = if quick { 400 } else { 1000 };
-    let p1 = propagation(&addr, root.path(), 1, inserts, runs).await;
-    let p10 = propagation(&addr, root.path(), 10, inserts, runs).await;
-    let prop_json = |p: &[Propagation]| {
-        json!({
-            "from_ack": dist_json(&median_dist(&p.iter().map(|x| x.from_ack).collect::<Vec<_>>())),
-            "from_send": dist_json(&median_dist(&p.iter().map(|x| x.from_send).collect::<Vec<_>>())),
-            "share_durable_before_ack": median(&p.iter().map(|x| x.ahead_of_ack).collect::<Vec<_>>()),
-            "runs_from_ack": p.iter().map(|x| dist_json(&x.from_ack)).collect::<Vec<_>>(),
-        })
-    };
-    out.insert(
-        "propagation_200_per_s".into(),
-        json!({"inserts_per_run": inserts, "runs": runs, "members_1": prop_json(&p1), "members_10": prop_json(&p10)}),
-    );
-    drop(master);
 
     // (3) fan-out: a fresh master that allows 1,000 streams from one address
     eprintln!("[{backend}] (3) fan-out");
@@ -977,6 +987,9 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
                "stream_message_bytes_per_policy": f.message_bytes}),
     );
     drop(master);
+    if opts.only_fanout {
+        return Value::Object(out);
+    }
 
     // (4) catch-up and (5) apply cost
     eprintln!("[{backend}] (4) catch-up, (5) apply cost");
