@@ -6,6 +6,14 @@ use clap::{CommandFactory, FromArgMatches};
 use ledger_master::cli;
 use ledger_master::config::Config;
 
+// Every request allocates (HTTP/2 frames, JSON, SQL rows) on several threads; with glibc's
+// malloc that was ~8% of the master's CPU at 64 concurrent clients (free-list consolidation),
+// and mimalloc raised SQLite's 64-client throughput by ~10% in side-by-side bench runs. Built
+// without transparent huge pages: with them the master's RSS per idle subscriber was 92 KiB
+// (SQLite) and 316 KiB (PostgreSQL) instead of ~13 KiB.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     if let Err(e) = cli::apply_config_file(&Config::command()) {
         eprintln!("master: {e}");
