@@ -852,7 +852,10 @@ async fn write_metric(port: u16) -> (f64, f64) {
 
 struct Apply {
     write_ms: f64,
+    /// From the insert being sent: includes the master's commit.
     propagation_p50_ms: f64,
+    /// From the acknowledgement: delivery and the member's apply only.
+    from_ack_p50_ms: f64,
 }
 
 /// Mean file-write time (append + fdatasync + state record, from the member's histogram) and
@@ -868,19 +871,23 @@ async fn apply_cost(addr: &str, dir: &Path, metrics_port: u16, count: usize) -> 
     assert!(wait_members(&[dir.to_path_buf()], last, 60).await);
     let events = watcher.finish();
     let after = write_metric(metrics_port).await;
-    let lat: Vec<f64> = sent
-        .iter()
-        .map(|(s, _, t)| {
-            arrival(&events[0], *s)
-                .unwrap()
-                .saturating_duration_since(*t)
-                .as_secs_f64()
-                * 1e3
-        })
-        .collect();
+    let since = |pick: fn(&(u64, Instant, Instant)) -> Instant| -> Vec<f64> {
+        sent.iter()
+            .map(|x| {
+                arrival(&events[0], x.0)
+                    .unwrap()
+                    .saturating_duration_since(pick(x))
+                    .as_secs_f64()
+                    * 1e3
+            })
+            .collect()
+    };
+    let from_send = since(|x| x.2);
+    let from_ack = since(|x| x.1);
     Apply {
         write_ms: (after.0 - before.0) / (after.1 - before.1).max(1.0) * 1e3,
-        propagation_p50_ms: dist(lat).p50,
+        propagation_p50_ms: dist(from_send).p50,
+        from_ack_p50_ms: dist(from_ack).p50,
     }
 }
 
@@ -1072,9 +1079,10 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
     out.insert(
         "apply_cost".into(),
         json!({"inserts": apply_count,
-               "file_100": {"write_ms": apply_small.write_ms, "propagation_p50_ms": apply_small.propagation_p50_ms},
-               "file_100000": {"write_ms": apply_big.write_ms, "propagation_p50_ms": apply_big.propagation_p50_ms},
+               "file_100": {"write_ms": apply_small.write_ms, "propagation_p50_ms": apply_small.propagation_p50_ms, "from_ack_p50_ms": apply_small.from_ack_p50_ms},
+               "file_100000": {"write_ms": apply_big.write_ms, "propagation_p50_ms": apply_big.propagation_p50_ms, "from_ack_p50_ms": apply_big.from_ack_p50_ms},
                "ratio_write": apply_big.write_ms / apply_small.write_ms,
+               "ratio_from_ack_p50": apply_big.from_ack_p50_ms / apply_small.from_ack_p50_ms,
                "ratio_propagation_p50": apply_big.propagation_p50_ms / apply_small.propagation_p50_ms}),
     );
 
@@ -1223,8 +1231,15 @@ fn table(results: &HashMap<String, Value>, quick: bool) -> String {
         &|v| number(v, "apply_cost.ratio_write", 2),
     );
     row(
-        "(5) apply cost ratio 100,000 / 100 (send-to-durable p50)",
+        "(5) apply cost ratio 100,000 / 100 (ack-to-durable p50)",
         "< 1.5",
+        &|v| number(v, "apply_cost.ratio_from_ack_p50", 2),
+    );
+    // Not the member's cost alone: it includes the master's commit, on a database that has just
+    // taken 100,000 inserts.
+    row(
+        "(5) ratio 100,000 / 100, send-to-durable p50 (includes the master's commit)",
+        "-",
         &|v| number(v, "apply_cost.ratio_propagation_p50", 2),
     );
     row(
