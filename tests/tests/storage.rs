@@ -437,3 +437,60 @@ fn postgres_an_id_stored_while_waiting_for_the_head_is_refused() {
     assert_eq!(storage.bounds().unwrap().head_seq, 4);
     assert_eq!(storage.changes_after(0, 10).unwrap().len(), 4);
 }
+
+/// The connection kept for writes is cut (as by a database restart or a proxy): writes go on
+/// on a new connection, and a write that failed on the dead one left nothing behind.
+#[test]
+fn postgres_writes_go_on_after_their_connection_is_cut() {
+    use diesel::connection::SimpleConnection;
+    use diesel::{Connection, PgConnection};
+
+    let fresh = fresh("postgres");
+    let DatabaseUrl::Postgres(url) = &fresh.url else {
+        unreachable!("a PostgreSQL database")
+    };
+    let storage = DieselStorage::open(&fresh.url, 2).expect("opening the storage");
+    let cut_every_other_connection = || {
+        let mut admin = PgConnection::establish(url).unwrap();
+        admin
+            .batch_execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .unwrap();
+    };
+    assert!(storage.apply(&[insert(1)]).unwrap()[0].is_ok());
+
+    // Idle past the trust window: the connection is checked, found dead and replaced.
+    cut_every_other_connection();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let after_idle = storage
+        .apply(&[insert(2)])
+        .expect("a write after an idle cut");
+    assert!(after_idle[0].is_ok(), "{after_idle:?}");
+
+    // At once: the trusted connection may fail this write; the next one opens a new connection.
+    assert!(storage.apply(&[insert(3)]).unwrap()[0].is_ok());
+    cut_every_other_connection();
+    let first = storage.apply(&[insert(4)]);
+    let second = storage
+        .apply(&[insert(5)])
+        .expect("the write after a failed one");
+    assert!(second[0].is_ok(), "{second:?}");
+
+    for n in [1, 2, 3, 5] {
+        assert!(storage.get(&format!("id-{n}")).unwrap().is_some(), "id-{n}");
+    }
+    let stored_4 = storage.get("id-4").unwrap().is_some();
+    assert_eq!(
+        stored_4,
+        first.is_ok(),
+        "id-4 is stored exactly when its write was acknowledged: {first:?}"
+    );
+    let (head, _, policies) = snapshot(&*open(&fresh.url), 10);
+    assert_eq!(
+        policies.len() as u64,
+        head,
+        "seqs without gaps: {policies:?}"
+    );
+}

@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -144,8 +145,7 @@ impl ManageConnection for Manager {
     }
 
     fn is_valid(&self, conn: &mut AnyConnection) -> Result<(), Self::Error> {
-        conn.batch_execute("SELECT 1")
-            .map_err(diesel::r2d2::Error::QueryError)
+        check_alive(conn).map_err(diesel::r2d2::Error::QueryError)
     }
 
     fn has_broken(&self, conn: &mut AnyConnection) -> bool {
@@ -153,10 +153,29 @@ impl ManageConnection for Manager {
     }
 }
 
+/// diesel cannot tell a connection whose socket died until a query fails on it: ask.
+fn check_alive(conn: &mut AnyConnection) -> Result<(), diesel::result::Error> {
+    conn.batch_execute("SELECT 1")
+}
+
+/// The pool's connection that writes keep between calls, and when it last served one.
+struct WriteConnection {
+    conn: PooledConnection<Manager>,
+    used: Instant,
+}
+
+/// A write connection that served a write this recently is used without the liveness query
+/// that the pool runs on every checkout: on PostgreSQL that query is a round trip, beside the
+/// one statement of an insert. An older one is checked first, as the database may have
+/// restarted meanwhile (HikariCP skips its check for 500 ms the same way).
+const WRITE_CONNECTION_TRUSTED_FOR: Duration = Duration::from_millis(500);
+
 /// The ledger in SQLite or PostgreSQL.
 pub struct DieselStorage {
     pool: Pool<Manager>,
     url: DatabaseUrl,
+    /// Kept for [`Storage::apply`]: one writer thread makes every write, one after the other.
+    writes: Mutex<Option<WriteConnection>>,
 }
 
 impl DieselStorage {
@@ -190,6 +209,7 @@ impl DieselStorage {
         let storage = DieselStorage {
             pool,
             url: url.clone(),
+            writes: Mutex::new(None),
         };
         storage.migrate()?;
         Ok(storage)
@@ -200,9 +220,10 @@ impl DieselStorage {
         &self.url
     }
 
-    /// On PostgreSQL, how often the prepared statements of the connection the next call would
-    /// use ran with a generic plan and with a custom plan (`pg_prepared_statements`; statements
-    /// without parameters, which always run one plan, are left out); `None` on SQLite.
+    /// On PostgreSQL, how often the prepared statements of the connection kept for writes and of
+    /// the one the next read would use ran with a generic plan and with a custom plan
+    /// (`pg_prepared_statements`; statements without parameters, which always run one plan, are
+    /// left out); `None` on SQLite.
     /// A diagnostic: a generic plan made while the ledger was small would stay cached.
     pub fn plan_counts(&self) -> Result<Option<(u64, u64)>, StorageError> {
         #[derive(QueryableByName)]
@@ -212,16 +233,51 @@ impl DieselStorage {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             custom: i64,
         }
-        let mut conn = self.conn()?;
-        let AnyConnection::Postgres(pg) = &mut *conn else {
-            return Ok(None);
+        fn counts(conn: &mut AnyConnection) -> Result<Option<(u64, u64)>, StorageError> {
+            let AnyConnection::Postgres(pg) = conn else {
+                return Ok(None);
+            };
+            let counts: Counts = diesel::sql_query(
+                "SELECT COALESCE(sum(generic_plans) FILTER (WHERE cardinality(parameter_types) > 0), 0)::bigint AS generic, \
+                        COALESCE(sum(custom_plans), 0)::bigint AS custom FROM pg_prepared_statements",
+            )
+            .get_result(pg)?;
+            Ok(Some((counts.generic as u64, counts.custom as u64)))
+        }
+        let mut kept = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
+        let writes = match kept.as_mut() {
+            Some(w) => counts(&mut w.conn)?,
+            None => Some((0, 0)),
         };
-        let counts: Counts = diesel::sql_query(
-            "SELECT COALESCE(sum(generic_plans) FILTER (WHERE cardinality(parameter_types) > 0), 0)::bigint AS generic, \
-                    COALESCE(sum(custom_plans), 0)::bigint AS custom FROM pg_prepared_statements",
-        )
-        .get_result(pg)?;
-        Ok(Some((counts.generic as u64, counts.custom as u64)))
+        drop(kept);
+        let reads = counts(&mut *self.conn()?)?;
+        Ok(writes.zip(reads).map(|(w, r)| (w.0 + r.0, w.1 + r.1)))
+    }
+
+    /// Runs `write` on the connection kept for writes: reused while it keeps succeeding,
+    /// given back to the pool after an error (the pool checks it before anyone reuses it).
+    fn with_write_connection<T>(
+        &self,
+        write: impl FnOnce(&mut AnyConnection) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let mut kept = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
+        let reusable = kept.take().and_then(|mut w| {
+            let alive =
+                w.used.elapsed() < WRITE_CONNECTION_TRUSTED_FOR || check_alive(&mut w.conn).is_ok();
+            alive.then_some(w.conn)
+        });
+        let mut conn = match reusable {
+            Some(conn) => conn,
+            None => self.conn()?,
+        };
+        let result = write(&mut conn);
+        if result.is_ok() {
+            *kept = Some(WriteConnection {
+                conn,
+                used: Instant::now(),
+            });
+        }
+        result
     }
 
     fn conn(&self) -> Result<PooledConnection<Manager>, StorageError> {
@@ -506,100 +562,106 @@ fn apply_inserts_pg(
     Ok(Some(results))
 }
 
-impl Storage for DieselStorage {
-    fn apply(&self, ops: &[WriteOp]) -> Result<Vec<Result<Change, Rejection>>, StorageError> {
-        let mut conn = self.conn()?;
-        if let AnyConnection::Postgres(pg) = &mut *conn {
-            let inserts: Option<Vec<&NewPolicy>> = ops
-                .iter()
-                .map(|op| match op {
-                    WriteOp::Insert(p) => Some(p),
-                    WriteOp::Delete { .. } => None,
-                })
-                .collect();
-            if let Some(inserts) = inserts
-                && let Some(results) =
-                    apply_inserts_pg(pg, &inserts, chrono::Utc::now().naive_utc())?
-            {
-                return Ok(results);
+/// [`Storage::apply`] on one connection.
+fn apply_on(
+    conn: &mut AnyConnection,
+    ops: &[WriteOp],
+) -> Result<Vec<Result<Change, Rejection>>, StorageError> {
+    if let AnyConnection::Postgres(pg) = &mut *conn {
+        let inserts: Option<Vec<&NewPolicy>> = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Insert(p) => Some(p),
+                WriteOp::Delete { .. } => None,
+            })
+            .collect();
+        if let Some(inserts) = inserts
+            && let Some(results) = apply_inserts_pg(pg, &inserts, chrono::Utc::now().naive_utc())?
+        {
+            return Ok(results);
+        }
+    }
+    conn.transaction(|c| {
+        let start = lock_head(c)?.head_seq;
+        // One query tells which of the batch's ids are stored (and their types), rather than
+        // one query per write: on PostgreSQL every statement is a round trip.
+        let ids: Vec<&str> = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Insert(p) => p.id.as_str(),
+                WriteOp::Delete { id } => id.as_str(),
+            })
+            .collect();
+        let mut stored: HashMap<String, String> = HashMap::new();
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            stored.extend(
+                ledger::table
+                    .filter(ledger::policy_id.eq_any(chunk))
+                    .select((ledger::policy_id, ledger::policy_type))
+                    .load::<(String, String)>(c)?,
+            );
+        }
+        let now = chrono::Utc::now().naive_utc();
+        let mut head = start;
+        let mut results: Vec<Result<Change, Rejection>> = Vec::with_capacity(ops.len());
+        // Inserts not yet written: (index in `results`, the request), written together.
+        let mut unwritten: Vec<(usize, &NewPolicy)> = Vec::new();
+        for op in ops {
+            match op {
+                WriteOp::Insert(p) => {
+                    if stored.contains_key(&p.id) {
+                        results.push(Err(Rejection::AlreadyExists(p.id.clone())));
+                        continue;
+                    }
+                    head += 1;
+                    stored.insert(p.id.clone(), p.policy_type.clone());
+                    unwritten.push((results.len(), p));
+                    results.push(Ok(p.inserted_at(head)));
+                }
+                WriteOp::Delete { id } => {
+                    let Some(policy_type) = stored.remove(id) else {
+                        results.push(Err(Rejection::NotFound(id.clone())));
+                        continue;
+                    };
+                    // The delete may remove a policy inserted earlier in this batch.
+                    write_inserts(c, &results, &mut unwritten, now)?;
+                    head += 1;
+                    diesel::delete(ledger::table.filter(ledger::policy_id.eq(id)))
+                        .execute(c)?;
+                    let change = Change {
+                        seq: head,
+                        kind: ChangeKind::Deleted { id: id.clone() },
+                    };
+                    insert_change_row(c, &change, &policy_type)?;
+                    results.push(Ok(change));
+                }
             }
         }
-        conn.transaction(|c| {
-            let start = lock_head(c)?.head_seq;
-            // One query tells which of the batch's ids are stored (and their types), rather than
-            // one query per write: on PostgreSQL every statement is a round trip.
-            let ids: Vec<&str> = ops
-                .iter()
-                .map(|op| match op {
-                    WriteOp::Insert(p) => p.id.as_str(),
-                    WriteOp::Delete { id } => id.as_str(),
-                })
-                .collect();
-            let mut stored: HashMap<String, String> = HashMap::new();
-            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-                stored.extend(
-                    ledger::table
-                        .filter(ledger::policy_id.eq_any(chunk))
-                        .select((ledger::policy_id, ledger::policy_type))
-                        .load::<(String, String)>(c)?,
-                );
-            }
-            let now = chrono::Utc::now().naive_utc();
-            let mut head = start;
-            let mut results: Vec<Result<Change, Rejection>> = Vec::with_capacity(ops.len());
-            // Inserts not yet written: (index in `results`, the request), written together.
-            let mut unwritten: Vec<(usize, &NewPolicy)> = Vec::new();
-            for op in ops {
-                match op {
-                    WriteOp::Insert(p) => {
-                        if stored.contains_key(&p.id) {
-                            results.push(Err(Rejection::AlreadyExists(p.id.clone())));
-                            continue;
-                        }
-                        head += 1;
-                        stored.insert(p.id.clone(), p.policy_type.clone());
-                        unwritten.push((results.len(), p));
-                        results.push(Ok(p.inserted_at(head)));
-                    }
-                    WriteOp::Delete { id } => {
-                        let Some(policy_type) = stored.remove(id) else {
-                            results.push(Err(Rejection::NotFound(id.clone())));
-                            continue;
-                        };
-                        // The delete may remove a policy inserted earlier in this batch.
-                        write_inserts(c, &results, &mut unwritten, now)?;
-                        head += 1;
-                        diesel::delete(ledger::table.filter(ledger::policy_id.eq(id)))
-                            .execute(c)?;
-                        let change = Change {
-                            seq: head,
-                            kind: ChangeKind::Deleted { id: id.clone() },
-                        };
-                        insert_change_row(c, &change, &policy_type)?;
-                        results.push(Ok(change));
-                    }
+        write_inserts(c, &results, &mut unwritten, now)?;
+        if head != start {
+            match &mut *c {
+                // One round trip moves the head and notifies the other masters on this
+                // database (delivered at commit), which then publish the change. The payload
+                // is the new head: a master that already published it skips the read.
+                AnyConnection::Postgres(pg) => {
+                    diesel::sql_query(
+                        "WITH moved AS (UPDATE ledger_head SET head_seq = $1 WHERE id = 1 RETURNING 1) \
+                         SELECT pg_notify($2, $1::text) FROM moved",
+                    )
+                    .bind::<diesel::sql_types::BigInt, _>(head as i64)
+                    .bind::<diesel::sql_types::Text, _>(NOTIFY_CHANNEL)
+                    .execute(pg)?;
                 }
+                AnyConnection::Sqlite(_) => set_head(c, head)?,
             }
-            write_inserts(c, &results, &mut unwritten, now)?;
-            if head != start {
-                match &mut **c {
-                    // One round trip moves the head and notifies the other masters on this
-                    // database (delivered at commit), which then publish the change. The payload
-                    // is the new head: a master that already published it skips the read.
-                    AnyConnection::Postgres(pg) => {
-                        diesel::sql_query(
-                            "WITH moved AS (UPDATE ledger_head SET head_seq = $1 WHERE id = 1 RETURNING 1) \
-                             SELECT pg_notify($2, $1::text) FROM moved",
-                        )
-                        .bind::<diesel::sql_types::BigInt, _>(head as i64)
-                        .bind::<diesel::sql_types::Text, _>(NOTIFY_CHANNEL)
-                        .execute(pg)?;
-                    }
-                    AnyConnection::Sqlite(_) => set_head(c, head)?,
-                }
-            }
-            Ok(results)
-        })
+        }
+        Ok(results)
+    })
+}
+
+impl Storage for DieselStorage {
+    fn apply(&self, ops: &[WriteOp]) -> Result<Vec<Result<Change, Rejection>>, StorageError> {
+        self.with_write_connection(|conn| apply_on(conn, ops))
     }
 
     fn get(&self, id: &str) -> Result<Option<StoredPolicy>, StorageError> {
