@@ -180,7 +180,7 @@ pub struct DieselStorage {
 
 impl DieselStorage {
     /// Connects to `url`, applies the pending migrations and keeps a pool of up to `pool_size`
-    /// connections; a call waits up to 10 s for a connection.
+    /// connections for reads, plus the one writes keep; a call waits up to 10 s for a connection.
     pub fn open(url: &DatabaseUrl, pool_size: u32) -> Result<Self, StorageError> {
         Self::open_with_timeout(url, pool_size, Duration::from_secs(10))
     }
@@ -201,7 +201,9 @@ impl DieselStorage {
             conn.batch_execute("PRAGMA journal_mode = WAL;")?;
         }
         let pool = Pool::builder()
-            .max_size(pool_size.max(2))
+            // One more than asked: writes keep theirs, and a slow snapshot holding a read
+            // connection must still leave one for the other reads (and the health check).
+            .max_size(pool_size.max(2) + 1)
             .min_idle(Some(1))
             .connection_timeout(timeout)
             .build(Manager(url.clone()))
