@@ -235,25 +235,32 @@ impl DieselStorage {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             custom: i64,
         }
-        fn counts(conn: &mut AnyConnection) -> Result<Option<(u64, u64)>, StorageError> {
-            let AnyConnection::Postgres(pg) = conn else {
-                return Ok(None);
-            };
+        fn counts(pg: &mut PgConnection) -> Result<(u64, u64), StorageError> {
             let counts: Counts = diesel::sql_query(
                 "SELECT COALESCE(sum(generic_plans) FILTER (WHERE cardinality(parameter_types) > 0), 0)::bigint AS generic, \
                         COALESCE(sum(custom_plans), 0)::bigint AS custom FROM pg_prepared_statements",
             )
             .get_result(pg)?;
-            Ok(Some((counts.generic as u64, counts.custom as u64)))
+            Ok((counts.generic as u64, counts.custom as u64))
         }
-        let mut kept = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
-        let writes = match kept.as_mut() {
-            Some(w) => counts(&mut w.conn)?,
-            None => Some((0, 0)),
+        // The read connection goes back before the write one is locked: writes take that lock
+        // first and a pool connection second.
+        let (mut generic, mut custom) = {
+            let mut read = self.conn()?;
+            let AnyConnection::Postgres(pg) = &mut *read else {
+                return Ok(None);
+            };
+            counts(pg)?
         };
-        drop(kept);
-        let reads = counts(&mut *self.conn()?)?;
-        Ok(writes.zip(reads).map(|(w, r)| (w.0 + r.0, w.1 + r.1)))
+        let mut kept = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(WriteConnection { conn, .. }) = kept.as_mut()
+            && let AnyConnection::Postgres(pg) = &mut **conn
+        {
+            let (g, c) = counts(pg)?;
+            generic += g;
+            custom += c;
+        }
+        Ok(Some((generic, custom)))
     }
 
     /// Runs `write` on the connection kept for writes: reused while it keeps succeeding,

@@ -859,6 +859,11 @@ struct Apply {
 }
 
 impl Apply {
+    fn json(&self) -> Value {
+        json!({"write_ms": self.write_ms, "propagation_p50_ms": self.propagation_p50_ms,
+               "from_ack_p50_ms": self.from_ack_p50_ms})
+    }
+
     /// Each figure's median over `rounds`.
     fn median(rounds: &[Apply]) -> Apply {
         let of = |f: fn(&Apply) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
@@ -1103,8 +1108,7 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
     out.insert(
         "apply_cost".into(),
         json!({"inserts": apply_count, "rounds": rounds,
-               "file_100": {"write_ms": apply_small.write_ms, "propagation_p50_ms": apply_small.propagation_p50_ms, "from_ack_p50_ms": apply_small.from_ack_p50_ms},
-               "file_100000": {"write_ms": apply_big.write_ms, "propagation_p50_ms": apply_big.propagation_p50_ms, "from_ack_p50_ms": apply_big.from_ack_p50_ms},
+               "file_100": apply_small.json(), "file_100000": apply_big.json(),
                "ratio_write": apply_big.write_ms / apply_small.write_ms,
                "ratio_from_ack_p50": apply_big.from_ack_p50_ms / apply_small.from_ack_p50_ms,
                "ratio_propagation_p50": apply_big.propagation_p50_ms / apply_small.propagation_p50_ms}),
