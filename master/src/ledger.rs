@@ -162,13 +162,16 @@ impl Ledger {
                 });
             }
         };
-        let completed = policy::complete(policy_json, chrono::Utc::now())?;
+        let now = chrono::Utc::now();
+        let completed = policy::complete(policy_json, now)?;
         self.require_database()?;
         let change = writer
             .submit(WriteOp::Insert(NewPolicy {
                 id: completed.id,
                 policy_type: completed.policy_type,
                 company: completed.company,
+                status: completed.status,
+                date: completed.date.unwrap_or(now.naive_utc()),
                 json: completed.json,
                 host: host.to_string(),
             }))

@@ -7,7 +7,7 @@
 //! same way (a number it would turn into `inf`, an integer longer than 4300 digits) is refused.
 
 use crate::pyformat::{json_dumps, py_repr, py_repr_str, py_str};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use md5::{Digest, Md5};
 use serde_json::{Map, Value};
 
@@ -26,6 +26,11 @@ pub struct CompletedPolicy {
     pub policy_type: String,
     /// The body's `company` attribute when it is a string.
     pub company: Option<String>,
+    /// The body's `status` attribute when it is a string (the `ledger` table's `status`).
+    pub status: Option<String>,
+    /// The body's `date` read as a time, when it is one ([`parse_date`]): the `ledger` table's
+    /// `date`, as EdgeLake's master fills it.
+    pub date: Option<NaiveDateTime>,
     /// The completed body: the user's keys in order, then `id` (when computed), `date`, `ledger`.
     pub body: Map<String, Value>,
     /// `json.dumps({policy_type: body})`: one `blockchain.json` line, without the newline.
@@ -81,10 +86,14 @@ pub enum PolicyError {
 
 /// Validates and completes a policy as the master does on insert.
 ///
-/// `id` is kept (in its place) when present, else computed with [`policy_id`]; `date` keeps
-/// its value when present, else becomes [`format_date`]`(now)`; `ledger` becomes `"global"`.
-/// A user `date` or `ledger` leaves its place: the body ends with `id` (when computed), `date`,
-/// `ledger`.
+/// A body that has both `id` and `date` is already complete: it is kept exactly as it is, key
+/// order and `ledger` included, as EdgeLake's own completion keeps it (a node completes a policy
+/// before it pushes it, then adds attributes such as a cluster's `status` after `date`).
+///
+/// Otherwise `id` is kept (in its place) when present, else computed with [`policy_id`]; `date`
+/// keeps its value when present, else becomes [`format_date`]`(now)`; `ledger` becomes
+/// `"global"`. A user `date` or `ledger` leaves its place: the body ends with `id` (when
+/// computed), `date`, `ledger`.
 pub fn complete(text: &str, now: DateTime<Utc>) -> Result<CompletedPolicy, PolicyError> {
     let (policy_type, mut body) = parse_policy(text)?;
     let user_id = match body.get("id") {
@@ -92,6 +101,11 @@ pub fn complete(text: &str, now: DateTime<Utc>) -> Result<CompletedPolicy, Polic
         Some(_) => return Err(PolicyError::InvalidId),
         None => None,
     };
+    if let Some(id) = &user_id
+        && body.contains_key("date")
+    {
+        return Ok(completed(id.clone(), policy_type, body));
+    }
     // `shift_remove`, not `remove`: with preserve_order `remove` moves the last key into the gap.
     let date = body
         .shift_remove("date")
@@ -107,18 +121,38 @@ pub fn complete(text: &str, now: DateTime<Utc>) -> Result<CompletedPolicy, Polic
     };
     body.insert("date".to_owned(), date);
     body.insert("ledger".to_owned(), Value::String(LEDGER_GLOBAL.to_owned()));
-    let company = match body.get("company") {
-        Some(Value::String(company)) => Some(company.clone()),
+    Ok(completed(id, policy_type, body))
+}
+
+/// The policy `{policy_type: body}`, complete, with the `ledger` table's columns read from it.
+fn completed(id: String, policy_type: String, body: Map<String, Value>) -> CompletedPolicy {
+    let text = |key: &str| match body.get(key) {
+        Some(Value::String(value)) => Some(value.clone()),
         _ => None,
     };
+    let company = text("company");
+    let status = text("status");
+    let date = text("date").as_deref().and_then(parse_date);
     let json = stored_line(&policy_type, &body);
-    Ok(CompletedPolicy {
+    CompletedPolicy {
         id,
         policy_type,
         company,
+        status,
+        date,
         body,
         json,
-    })
+    }
+}
+
+/// A policy `date` as a time: EdgeLake's own form ([`format_date`]), or the same with fewer
+/// fraction digits, without the `Z`, or with a space instead of the `T`. `None` for any other
+/// text: such a date is kept in the policy, and the `ledger` table gets the insert time.
+pub fn parse_date(date: &str) -> Option<NaiveDateTime> {
+    let date = date.strip_suffix('Z').unwrap_or(date);
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|format| NaiveDateTime::parse_from_str(date, format).ok())
 }
 
 /// The AnyLog id of a policy: an md5 hex digest. `date` and `ledger` keys of `body` are ignored,
@@ -458,6 +492,62 @@ mod tests {
         assert_eq!(p.body["date"], 5);
         assert_eq!(p.company, None);
         assert_eq!(p.id, "b14898eec6d1134e55718f0cd5c274f4");
+    }
+
+    /// A body with both `id` and `date` arrives complete from a node: it is stored as it came,
+    /// `ledger` (or its absence) and attributes after `date` included.
+    #[test]
+    fn complete_policies_keep_their_bytes() {
+        let cases = [
+            r#"{"cluster": {"company": "Acme", "name": "c1", "table": [{"dbms": "d", "name": "t", "status": "active"}], "id": "c1id", "date": "2026-07-18T19:49:43.020405Z", "status": "active"}}"#,
+            r#"{"operator": {"name": "op1", "id": "x", "date": "2026-07-18T19:49:43.020405Z", "ledger": "local", "member": 77}}"#,
+            r#"{"config": {"date": "d0", "ledger": "global", "id": "i0", "name": "c"}}"#,
+            r#"{"operator": {"id": "x", "date": 5}}"#,
+        ];
+        for text in cases {
+            let p = complete(text, now()).unwrap();
+            assert_eq!(p.json, text, "stored as sent");
+            let (_, body) = parse_stored(text).unwrap();
+            assert_eq!(p.body, body);
+        }
+        let p = complete(cases[0], now()).unwrap();
+        assert_eq!(p.id, "c1id");
+        assert_eq!(p.status.as_deref(), Some("active"));
+        assert_eq!(p.date, parse_date("2026-07-18T19:49:43.020405Z"));
+        assert_eq!(p.company.as_deref(), Some("Acme"));
+        // Python's form, whatever the spacing of the text that came.
+        let p = complete(r#"{"config":{"id":"i","date":"d","x":[1,2]}}"#, now()).unwrap();
+        assert_eq!(
+            p.json,
+            r#"{"config": {"id": "i", "date": "d", "x": [1, 2]}}"#
+        );
+        // With only one of the two, the policy is completed as before.
+        let p = complete(r#"{"config": {"id": "i", "x": 1}}"#, now()).unwrap();
+        assert_eq!(keys(&p.body), ["id", "x", "date", "ledger"]);
+        let p = complete(r#"{"config": {"date": "d", "status": 1}}"#, now()).unwrap();
+        assert_eq!(keys(&p.body), ["status", "id", "date", "ledger"]);
+        assert_eq!((p.status, p.date), (None, None));
+    }
+
+    #[test]
+    fn dates_read_as_times() {
+        let at = |s: &str| parse_date(s).map(|d| d.to_string());
+        assert_eq!(
+            at("2026-07-20T18:40:12.114402Z").as_deref(),
+            Some("2026-07-20 18:40:12.114402")
+        );
+        assert_eq!(
+            at("2026-07-20 18:40:12").as_deref(),
+            Some("2026-07-20 18:40:12")
+        );
+        assert_eq!(
+            at("2026-07-20T18:40:12.5").as_deref(),
+            Some("2026-07-20 18:40:12.500")
+        );
+        assert_eq!(at(&format_date(now())), Some(now().naive_utc().to_string()));
+        for bad in ["", "d0", "2026-13-01T00:00:00Z", "yesterday", "2026-07-20"] {
+            assert_eq!(at(bad), None, "{bad}");
+        }
     }
 
     #[test]

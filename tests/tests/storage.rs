@@ -41,6 +41,10 @@ fn policy(n: usize, policy_type: &str) -> NewPolicy {
         id: format!("id-{n}"),
         policy_type: policy_type.to_string(),
         company: Some("Acme".to_string()),
+        status: None,
+        date: chrono::DateTime::from_timestamp(1_780_000_000 + n as i64, 0)
+            .unwrap()
+            .naive_utc(),
         json: format!("{{\"{policy_type}\": {{\"name\": \"p{n}\", \"id\": \"id-{n}\"}}}}"),
         host: "127.0.0.1".to_string(),
     }
@@ -101,6 +105,7 @@ on_both_backends!(
     concurrent_writers_commit_in_seq_order,
     hostile_strings_are_stored_exactly,
     one_batch_can_insert_delete_and_reinsert_an_id,
+    anylog_columns_hold_the_policy_date_status_and_host,
 );
 
 fn inserts_take_consecutive_seqs(backend: &str) {
@@ -327,6 +332,8 @@ fn hostile_strings_are_stored_exactly(backend: &str) {
         id: nasty.to_string(),
         policy_type: "config".into(),
         company: Some(nasty.to_string()),
+        status: Some(nasty.to_string()),
+        date: chrono::Utc::now().naive_utc(),
         json: json.clone(),
         host: "::1".into(),
     });
@@ -492,5 +499,104 @@ fn postgres_writes_go_on_after_their_connection_is_cut() {
         policies.len() as u64,
         head,
         "seqs without gaps: {policies:?}"
+    );
+}
+
+/// One row of the `ledger` table as SQL shows it to an EdgeLake master or an operator.
+#[derive(diesel::QueryableByName, Debug, PartialEq)]
+struct AnyLogRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    policy_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    policy_type: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    company_name: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    date: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    host: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    status: Option<String>,
+}
+
+/// The `ledger` table read with plain SQL, ordered by `date` as EdgeLake's master reads it.
+fn anylog_rows(url: &DatabaseUrl) -> Vec<AnyLogRow> {
+    use diesel::{Connection, PgConnection, RunQueryDsl, SqliteConnection};
+    let query = diesel::sql_query(
+        "SELECT policy_id, policy_type, company_name, CAST(date AS TEXT) AS date, host, status \
+         FROM ledger ORDER BY date",
+    );
+    match url {
+        DatabaseUrl::Sqlite(path) => query
+            .load(&mut SqliteConnection::establish(&path.to_string_lossy()).unwrap())
+            .unwrap(),
+        DatabaseUrl::Postgres(url) => query
+            .load(&mut PgConnection::establish(url).unwrap())
+            .unwrap(),
+    }
+}
+
+fn anylog_columns_hold_the_policy_date_status_and_host(backend: &str) {
+    let db = fresh(backend);
+    let storage = open(&db.url);
+    let at = |s: &str| ledger_proto::policy::parse_date(s).unwrap();
+    let mut cluster = policy(1, "cluster");
+    cluster.status = Some("active".into());
+    cluster.date = at("2026-07-18T19:49:43.020405Z");
+    cluster.host = "10.0.0.7".into();
+    let mut older = policy(2, "operator");
+    older.date = at("2025-01-02T03:04:05.000006Z");
+    older.company = None;
+    // The one-statement PostgreSQL path, then the general one (a batch with a delete).
+    storage
+        .apply(&[WriteOp::Insert(cluster), WriteOp::Insert(older)])
+        .unwrap();
+    let mut third = policy(3, "operator");
+    third.date = at("2024-06-01T00:00:00.123456Z");
+    third.status = Some("standby".into());
+    storage
+        .apply(&[WriteOp::Insert(third), delete(99)])
+        .unwrap();
+    let row = |id: &str,
+               policy_type: &str,
+               company: Option<&str>,
+               date: &str,
+               host: &str,
+               status: Option<&str>| AnyLogRow {
+        policy_id: id.into(),
+        policy_type: policy_type.into(),
+        company_name: company.map(Into::into),
+        date: date.into(),
+        host: host.into(),
+        status: status.map(Into::into),
+    };
+    assert_eq!(
+        anylog_rows(&db.url),
+        [
+            row(
+                "id-3",
+                "operator",
+                Some("Acme"),
+                "2024-06-01 00:00:00.123456",
+                "127.0.0.1",
+                Some("standby")
+            ),
+            row(
+                "id-2",
+                "operator",
+                None,
+                "2025-01-02 03:04:05.000006",
+                "127.0.0.1",
+                None
+            ),
+            row(
+                "id-1",
+                "cluster",
+                Some("Acme"),
+                "2026-07-18 19:49:43.020405",
+                "10.0.0.7",
+                Some("active")
+            ),
+        ]
     );
 }

@@ -376,20 +376,21 @@ fn set_head(c: &mut AnyConnection, head: u64) -> Result<(), StorageError> {
     Ok(())
 }
 
-fn insert_policy_row(
+/// Inserts the `ledger` row of a policy copied from upstream, its columns read from its line.
+fn insert_copied_row(
     c: &mut AnyConnection,
     policy: &StoredPolicy,
-    company: Option<&str>,
-    host: &str,
-    date: chrono::NaiveDateTime,
+    now: chrono::NaiveDateTime,
 ) -> Result<(), StorageError> {
+    let columns = RowColumns::of(&policy.json);
     diesel::insert_into(ledger::table)
         .values((
             ledger::policy_type.eq(&policy.policy_type),
             ledger::policy_id.eq(&policy.id),
-            ledger::company_name.eq(company),
-            ledger::date.eq(date),
-            ledger::host.eq(host),
+            ledger::company_name.eq(columns.company),
+            ledger::date.eq(columns.date.unwrap_or(now)),
+            ledger::host.eq(REPLICATED_HOST),
+            ledger::status.eq(columns.status),
             ledger::policy.eq(&policy.json),
             ledger::seq.eq(policy.seq as i64),
         ))
@@ -418,10 +419,28 @@ fn insert_change_row(
     Ok(())
 }
 
-/// The `company` of a stored policy line, for the `company_name` column of a copied row.
-fn company_of(json: &str) -> Option<String> {
-    let (_, body) = ledger_proto::policy::parse_stored(json).ok()?;
-    body.get("company")?.as_str().map(str::to_string)
+/// The columns of a copied row that come from its policy, as an insert fills them.
+#[derive(Default)]
+struct RowColumns {
+    company: Option<String>,
+    status: Option<String>,
+    date: Option<chrono::NaiveDateTime>,
+}
+
+impl RowColumns {
+    fn of(json: &str) -> RowColumns {
+        let Ok((_, body)) = ledger_proto::policy::parse_stored(json) else {
+            return RowColumns::default();
+        };
+        let text = |key: &str| body.get(key)?.as_str().map(str::to_string);
+        RowColumns {
+            company: text("company"),
+            status: text("status"),
+            date: text("date")
+                .as_deref()
+                .and_then(ledger_proto::policy::parse_date),
+        }
+    }
 }
 
 /// The `host` column of rows copied from upstream rather than inserted by a client.
@@ -436,7 +455,6 @@ fn write_inserts(
     c: &mut AnyConnection,
     results: &[Result<Change, Rejection>],
     unwritten: &mut Vec<(usize, &NewPolicy)>,
-    date: chrono::NaiveDateTime,
 ) -> Result<(), StorageError> {
     for chunk in unwritten.chunks(ROWS_PER_STATEMENT) {
         let inserted = || {
@@ -456,8 +474,9 @@ fn write_inserts(
                     ledger::policy_type.eq(&policy.policy_type),
                     ledger::policy_id.eq(&policy.id),
                     ledger::company_name.eq(request.company.as_deref()),
-                    ledger::date.eq(date),
+                    ledger::date.eq(request.date),
                     ledger::host.eq(&request.host),
+                    ledger::status.eq(request.status.as_deref()),
                     ledger::policy.eq(&policy.json),
                     ledger::seq.eq(policy.seq as i64),
                 )
@@ -509,7 +528,6 @@ fn write_inserts(
 fn apply_inserts_pg(
     pg: &mut PgConnection,
     inserts: &[&NewPolicy],
-    date: chrono::NaiveDateTime,
 ) -> Result<Option<Vec<Result<Change, Rejection>>>, StorageError> {
     use diesel::result::{DatabaseErrorKind, Error};
     use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamp};
@@ -523,18 +541,21 @@ fn apply_inserts_pg(
         seq: i64,
     }
     let column = |f: fn(&NewPolicy) -> &str| inserts.iter().map(|p| f(p)).collect::<Vec<_>>();
-    let companies: Vec<Option<&str>> = inserts.iter().map(|p| p.company.as_deref()).collect();
+    let optional =
+        |f: fn(&NewPolicy) -> Option<&str>| inserts.iter().map(|p| f(p)).collect::<Vec<_>>();
+    let dates: Vec<chrono::NaiveDateTime> = inserts.iter().map(|p| p.date).collect();
     let numbered = diesel::sql_query(
         "WITH head AS (SELECT head_seq FROM ledger_head WHERE id = 1 FOR UPDATE), \
-         input AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-             WITH ORDINALITY AS r(policy_id, policy_type, company_name, host, policy, ord)), \
+         input AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::timestamp[], $9::text[]) \
+             WITH ORDINALITY AS r(policy_id, policy_type, company_name, host, policy, date, status, ord)), \
          fresh AS (SELECT DISTINCT ON (policy_id) * FROM input \
              WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.policy_id = input.policy_id) \
              ORDER BY policy_id, ord), \
          numbered AS (SELECT fresh.*, head.head_seq + row_number() OVER (ORDER BY ord) AS seq \
              FROM fresh, head), \
-         policies AS (INSERT INTO ledger (policy_type, policy_id, company_name, date, host, policy, seq) \
-             SELECT policy_type, policy_id, company_name, $6, host, policy, seq FROM numbered), \
+         policies AS (INSERT INTO ledger (policy_type, policy_id, company_name, date, host, status, policy, seq) \
+             SELECT policy_type, policy_id, company_name, date, host, status, policy, seq FROM numbered), \
          changes AS (INSERT INTO ledger_changes (seq, op, policy_id, policy_type, policy) \
              SELECT seq, $7, policy_id, policy_type, policy FROM numbered), \
          moved AS (UPDATE ledger_head SET head_seq = (SELECT max(seq) FROM numbered) \
@@ -544,12 +565,13 @@ fn apply_inserts_pg(
     )
     .bind::<Array<Text>, _>(column(|p| &p.id))
     .bind::<Array<Text>, _>(column(|p| &p.policy_type))
-    .bind::<Array<Nullable<Text>>, _>(companies)
+    .bind::<Array<Nullable<Text>>, _>(optional(|p| p.company.as_deref()))
     .bind::<Array<Text>, _>(column(|p| &p.host))
     .bind::<Array<Text>, _>(column(|p| &p.json))
-    .bind::<Timestamp, _>(date)
+    .bind::<Array<Timestamp>, _>(dates)
     .bind::<Text, _>(OP_INSERT)
     .bind::<Text, _>(NOTIFY_CHANNEL)
+    .bind::<Array<Nullable<Text>>, _>(optional(|p| p.status.as_deref()))
     .load::<Numbered>(pg);
     let numbered = match numbered {
         Ok(rows) => rows,
@@ -585,7 +607,7 @@ fn apply_on(
             })
             .collect();
         if let Some(inserts) = inserts
-            && let Some(results) = apply_inserts_pg(pg, &inserts, chrono::Utc::now().naive_utc())?
+            && let Some(results) = apply_inserts_pg(pg, &inserts)?
         {
             return Ok(results);
         }
@@ -610,7 +632,6 @@ fn apply_on(
                     .load::<(String, String)>(c)?,
             );
         }
-        let now = chrono::Utc::now().naive_utc();
         let mut head = start;
         let mut results: Vec<Result<Change, Rejection>> = Vec::with_capacity(ops.len());
         // Inserts not yet written: (index in `results`, the request), written together.
@@ -633,7 +654,7 @@ fn apply_on(
                         continue;
                     };
                     // The delete may remove a policy inserted earlier in this batch.
-                    write_inserts(c, &results, &mut unwritten, now)?;
+                    write_inserts(c, &results, &mut unwritten)?;
                     head += 1;
                     diesel::delete(ledger::table.filter(ledger::policy_id.eq(id)))
                         .execute(c)?;
@@ -646,7 +667,7 @@ fn apply_on(
                 }
             }
         }
-        write_inserts(c, &results, &mut unwritten, now)?;
+        write_inserts(c, &results, &mut unwritten)?;
         if head != start {
             match &mut *c {
                 // One round trip moves the head and notifies the other masters on this
@@ -825,8 +846,7 @@ impl Storage for DieselStorage {
                 }
                 let policy_type = match &change.kind {
                     ChangeKind::Inserted(policy) => {
-                        let company = company_of(&policy.json);
-                        insert_policy_row(c, policy, company.as_deref(), REPLICATED_HOST, now)?;
+                        insert_copied_row(c, policy, now)?;
                         policy.policy_type.clone()
                     }
                     ChangeKind::Deleted { id } => {
@@ -861,8 +881,7 @@ impl Storage for DieselStorage {
             diesel::delete(ledger_changes::table).execute(c)?;
             let now = chrono::Utc::now().naive_utc();
             for policy in policies {
-                let company = company_of(&policy.json);
-                insert_policy_row(c, policy, company.as_deref(), REPLICATED_HOST, now)?;
+                insert_copied_row(c, policy, now)?;
             }
             diesel::update(ledger_head::table.find(1))
                 .set((

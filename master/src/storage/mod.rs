@@ -52,6 +52,11 @@ pub struct NewPolicy {
     pub policy_type: String,
     /// The body's `company`, kept in the `company_name` column as AnyLog does.
     pub company: Option<String>,
+    /// The body's `status` (the `status` column), as EdgeLake's master keeps it.
+    pub status: Option<String>,
+    /// The `date` column: the policy's own `date`, as EdgeLake's master keeps it (its file is
+    /// ordered by it), or the insert time when the policy's date is not a time.
+    pub date: chrono::NaiveDateTime,
     /// The completed policy as one `blockchain.json` line.
     pub json: String,
     /// The address of the client that inserted it (the `host` column).
