@@ -162,6 +162,83 @@ pub struct Config {
     /// The `rest_port` of the master policy.
     #[arg(long, env = "LEDGER_REST_PORT", default_value_t = 32049)]
     pub rest_port: u16,
+
+    /// Where EdgeLake/AnyLog nodes reach this master in their own TCP protocol: `shared` (on the
+    /// --listen port, beside gRPC, told apart by each connection's first bytes), an address of
+    /// its own (port 0 picks a free one, logged as `anylog on ADDR`), or `off`.
+    #[arg(long, env = "LEDGER_ANYLOG_LISTEN", default_value = "shared")]
+    pub anylog_listen: AnyLogListen,
+
+    /// Which networks may insert and delete through the AnyLog protocol, which has no
+    /// authentication: `any`, `none`, or addresses and CIDR networks separated by commas
+    /// (`10.0.0.0/8,127.0.0.1`). Default: `any`, or `none` when --auth-file is given.
+    #[arg(long, env = "LEDGER_ANYLOG_WRITE_FROM")]
+    pub anylog_write_from: Option<WriteFrom>,
+
+    /// How long an AnyLog node may take to send one 2048-byte block, or to take one.
+    #[arg(long, env = "LEDGER_ANYLOG_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub anylog_timeout: Duration,
+
+    /// The most AnyLog connections served at once (each carries one message).
+    #[arg(long, env = "LEDGER_ANYLOG_MAX_CONNECTIONS", default_value_t = 512)]
+    pub anylog_max_connections: usize,
+}
+
+/// Where the AnyLog protocol is served (`--anylog-listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnyLogListen {
+    /// On the gRPC port.
+    Shared,
+    /// On a port of its own.
+    Own(SocketAddr),
+    /// Not at all.
+    Off,
+}
+
+impl std::str::FromStr for AnyLogListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shared" => Ok(AnyLogListen::Shared),
+            "off" => Ok(AnyLogListen::Off),
+            addr => addr.parse().map(AnyLogListen::Own).map_err(|_| {
+                format!("{addr:?} is not `shared`, `off` or an address such as 0.0.0.0:32148")
+            }),
+        }
+    }
+}
+
+/// Who may write through the AnyLog protocol (`--anylog-write-from`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteFrom {
+    /// Every network.
+    Any,
+    /// Only these networks (none when empty).
+    Networks(Vec<ipnet::IpNet>),
+}
+
+impl std::str::FromStr for WriteFrom {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "any" => return Ok(WriteFrom::Any),
+            "none" | "" => return Ok(WriteFrom::Networks(Vec::new())),
+            _ => {}
+        }
+        s.split(',')
+            .map(str::trim)
+            .map(|item| {
+                item.parse::<ipnet::IpNet>()
+                    .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        format!("{item:?} is not an address or a CIDR network such as 10.0.0.0/8")
+                    })
+            })
+            .collect::<Result<_, _>>()
+            .map(WriteFrom::Networks)
+    }
 }
 
 impl Config {

@@ -57,6 +57,52 @@ pub struct LedgerInfo {
     pub oldest_replayable_seq: u64,
 }
 
+/// The ledger at one seq as the lines of a member's `blockchain.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerFile {
+    /// The seq the file shows.
+    pub head_seq: u64,
+    /// How many policies (lines) it holds.
+    pub policy_count: u64,
+    /// md5 hex of the file: [`LedgerInfo::digest`] at `head_seq`.
+    pub digest: String,
+    /// The file: every policy's line and `\n`, in ledger order (empty when only the digest was
+    /// asked for).
+    pub bytes: Vec<u8>,
+}
+
+/// Reads the whole ledger at one seq as a file: its digest, and with `keep_bytes` its bytes.
+fn read_file(storage: &dyn Storage, keep_bytes: bool) -> Result<LedgerFile, StorageError> {
+    let mut md5 = Md5::new();
+    let mut file = LedgerFile {
+        head_seq: 0,
+        policy_count: 0,
+        digest: String::new(),
+        bytes: Vec::new(),
+    };
+    storage.snapshot(DEFAULT_PAGE_SIZE, &mut |part| {
+        match part {
+            SnapshotPart::Start { seq, policy_count } => {
+                file.head_seq = seq;
+                file.policy_count = policy_count;
+            }
+            SnapshotPart::Page(policies) => {
+                for policy in policies {
+                    md5.update(policy.json.as_bytes());
+                    md5.update(b"\n");
+                    if keep_bytes {
+                        file.bytes.extend_from_slice(policy.json.as_bytes());
+                        file.bytes.push(b'\n');
+                    }
+                }
+            }
+        }
+        true
+    })?;
+    file.digest = hex::encode(md5.finalize());
+    Ok(file)
+}
+
 /// Where a ledger's inserts and deletes go.
 pub enum WritePath {
     /// A master's own writer.
@@ -91,6 +137,9 @@ pub struct Ledger {
     subscriptions: SubscriptionContext,
     /// The digest costs a read of the whole ledger: keep the last one until the head moves.
     info_cache: Mutex<Option<LedgerInfo>>,
+    /// The last [`Ledger::file`], kept until the head moves; the lock makes one read serve
+    /// every caller waiting for it.
+    file_cache: tokio::sync::Mutex<Option<Arc<LedgerFile>>>,
 }
 
 impl Ledger {
@@ -101,6 +150,7 @@ impl Ledger {
             limits: PolicyLimits::default(),
             subscriptions,
             info_cache: Mutex::new(None),
+            file_cache: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -287,37 +337,43 @@ impl Ledger {
                 ..cached.clone()
             });
         }
-        let info = blocking(self.storage(), move |s| {
-            let mut md5 = Md5::new();
-            let (mut head_seq, mut policy_count) = (0, 0);
-            s.snapshot(DEFAULT_PAGE_SIZE, &mut |part| {
-                match part {
-                    SnapshotPart::Start {
-                        seq,
-                        policy_count: count,
-                    } => {
-                        head_seq = seq;
-                        policy_count = count;
-                    }
-                    SnapshotPart::Page(policies) => {
-                        for policy in policies {
-                            md5.update(policy.json.as_bytes());
-                            md5.update(b"\n");
-                        }
-                    }
-                }
-                true
-            })?;
-            Ok(LedgerInfo {
-                head_seq,
-                policy_count,
-                digest: hex::encode(md5.finalize()),
-                oldest_replayable_seq: bounds.pruned_seq,
-            })
-        })
-        .await?;
+        let file = blocking(self.storage(), |s| read_file(s, false)).await?;
+        Ok(self.remember_info(&file, bounds.pruned_seq))
+    }
+
+    /// The ledger as a synced member's `blockchain.json` holds it: what a node that syncs from
+    /// this master with AnyLog's protocol is sent. Read once per head: callers at the same head
+    /// share one copy, and concurrent callers wait for one read.
+    pub async fn file(&self) -> Result<Arc<LedgerFile>, LedgerError> {
+        let mut cached = self.file_cache.lock().await;
+        if let Some(file) = cached.as_ref()
+            && file.head_seq == self.feed().head()
+        {
+            return Ok(file.clone());
+        }
+        // Drop the old copy before reading the new one: two would double the memory.
+        *cached = None;
+        let file = Arc::new(blocking(self.storage(), |s| read_file(s, true)).await?);
+        let pruned_seq = self
+            .info_cache
+            .lock()
+            .expect("info cache")
+            .as_ref()
+            .map_or(0, |info| info.oldest_replayable_seq);
+        self.remember_info(&file, pruned_seq);
+        *cached = Some(file.clone());
+        Ok(file)
+    }
+
+    fn remember_info(&self, file: &LedgerFile, pruned_seq: u64) -> LedgerInfo {
+        let info = LedgerInfo {
+            head_seq: file.head_seq,
+            policy_count: file.policy_count,
+            digest: file.digest.clone(),
+            oldest_replayable_seq: pruned_seq,
+        };
         *self.info_cache.lock().expect("info cache") = Some(info.clone());
-        Ok(info)
+        info
     }
 
     /// The events of a subscriber that applied everything up to `after_seq`.

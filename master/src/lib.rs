@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod anylog;
 pub mod auth;
 pub mod cli;
 pub mod config;

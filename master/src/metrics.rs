@@ -127,15 +127,20 @@ async fn respond(
 fn outcome<T>(result: &Result<T, LedgerError>) -> &'static str {
     match result {
         Ok(_) => "ok",
-        Err(LedgerError::InvalidPolicy(_) | LedgerError::InvalidArgument(_)) => "invalid",
-        Err(LedgerError::Rejected(Rejection::AlreadyExists(_))) => "already_exists",
-        Err(LedgerError::Rejected(Rejection::NotFound(_)) | LedgerError::NotFound(_)) => {
-            "not_found"
-        }
-        Err(LedgerError::Storage(e)) if e.is_unavailable() => "unavailable",
-        Err(LedgerError::ShuttingDown) => "unavailable",
-        Err(LedgerError::Auth(_)) => "denied",
-        Err(_) => "error",
+        Err(e) => error_outcome(e),
+    }
+}
+
+/// The `outcome` label of a failed write.
+pub fn error_outcome(error: &LedgerError) -> &'static str {
+    match error {
+        LedgerError::InvalidPolicy(_) | LedgerError::InvalidArgument(_) => "invalid",
+        LedgerError::Rejected(Rejection::AlreadyExists(_)) => "already_exists",
+        LedgerError::Rejected(Rejection::NotFound(_)) | LedgerError::NotFound(_) => "not_found",
+        LedgerError::Storage(e) if e.is_unavailable() => "unavailable",
+        LedgerError::ShuttingDown => "unavailable",
+        LedgerError::Auth(_) => "denied",
+        _ => "error",
     }
 }
 
@@ -178,4 +183,16 @@ pub fn subscriber_dropped() {
 /// Whether the database answers (1) or not (0).
 pub fn database_up(up: bool) {
     gauge!("ledger_database_up").set(if up { 1.0 } else { 0.0 });
+}
+
+/// An AnyLog message (`command`: `push`, `get_blockchain`, ...; `none` when it could not be
+/// read) was handled with `outcome`.
+pub fn anylog_message(command: &'static str, outcome: &'static str) {
+    counter!("ledger_anylog_messages_total", "command" => command, "outcome" => outcome)
+        .increment(1);
+}
+
+/// `bytes` of ledger file were sent to an AnyLog node.
+pub fn anylog_bytes_sent(bytes: usize) {
+    counter!("ledger_anylog_file_bytes_total").increment(bytes as u64);
 }

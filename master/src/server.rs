@@ -16,8 +16,14 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 
+use std::pin::Pin;
+
+use tokio::net::TcpStream;
+use tokio_stream::Stream;
+
+use crate::anylog::{self, AnyLogEdge, AnyLogOptions};
 use crate::auth::Authorizer;
-use crate::config::Config;
+use crate::config::{AnyLogListen, Config, WriteFrom};
 use crate::feed::ChangeFeed;
 use crate::ledger::{Ledger, PolicyLimits, WritePath};
 use crate::limits::StreamLimiter;
@@ -93,6 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "listening on {local} (internal {internal}, external {})",
         config.external_addr.unwrap_or(internal)
     );
+    let incoming = start_anylog(&config, &ledger, listener, &streams_shutdown).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(health::watch_database(
         ledger.storage().clone(),
@@ -114,7 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let result = serve_with(
         options,
         ledger.clone(),
-        listener,
+        incoming,
         (health, health_service),
         shutdown,
         streams_shutdown,
@@ -129,6 +136,98 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The connections a gRPC server takes: all of a listener's, or those a shared port hands it.
+pub enum GrpcIncoming {
+    /// Every connection of this listener.
+    Listener(TcpListener),
+    /// The gRPC connections of a port shared with the AnyLog protocol.
+    Shared(anylog::listener::GrpcConnections),
+}
+
+impl From<TcpListener> for GrpcIncoming {
+    fn from(listener: TcpListener) -> Self {
+        GrpcIncoming::Listener(listener)
+    }
+}
+
+/// Starts the AnyLog protocol as `--anylog-listen` says: on the gRPC port (whose gRPC
+/// connections are returned), on a port of its own, or not at all.
+async fn start_anylog(
+    config: &Config,
+    ledger: &Arc<Ledger>,
+    listener: TcpListener,
+    shutdown: &CancellationToken,
+) -> Result<GrpcIncoming, StartError> {
+    let grpc_port = listener.local_addr()?.port();
+    let own = match config.anylog_listen {
+        AnyLogListen::Off => {
+            tracing::info!("the AnyLog protocol is off (--anylog-listen off)");
+            return Ok(GrpcIncoming::Listener(listener));
+        }
+        AnyLogListen::Shared => None,
+        AnyLogListen::Own(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen for AnyLog nodes on {addr}: {e}"))?,
+        ),
+    };
+    let port = match &own {
+        Some(own) => own.local_addr()?.port(),
+        None => grpc_port,
+    };
+    // Where nodes would answer this master: its external address, else its internal one (an
+    // unspecified one makes each node use the address the connection came from).
+    let reply_ip = config
+        .external_addr
+        .map_or(config.listen.ip(), |external| external.ip());
+    let write_from = match (&config.anylog_write_from, &config.auth_file) {
+        (Some(WriteFrom::Any), _) | (None, None) => None,
+        (Some(WriteFrom::Networks(networks)), _) => Some(networks.clone()),
+        (None, Some(_)) => Some(Vec::new()),
+    };
+    match &write_from {
+        None => tracing::warn!(
+            "the AnyLog protocol has no authentication: anyone who reaches port {port} can insert and delete policies (restrict it with --anylog-write-from)"
+        ),
+        Some(networks) if networks.is_empty() => tracing::info!(
+            "AnyLog nodes may read but not write (--anylog-write-from none, the default with --auth-file)"
+        ),
+        Some(networks) => tracing::info!(
+            "AnyLog nodes may write from {}",
+            networks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    }
+    let edge = AnyLogEdge::new(
+        ledger.clone(),
+        AnyLogOptions {
+            write_from,
+            reply_ip: reply_ip.to_string(),
+            reply_port: port,
+            block_timeout: config.anylog_timeout,
+            connect_timeout: config.anylog_timeout,
+            // A policy of --max-policy-bytes takes this many blocks through the large-message
+            // path (each carries at least ~1,800 bytes of it), and some more for the command.
+            max_message_blocks: (config.max_policy_bytes / 1_024 + 8) as u32,
+            max_connections: config.anylog_max_connections,
+        },
+    );
+    match own {
+        Some(own) => {
+            tracing::info!("anylog on {}", own.local_addr()?);
+            tokio::spawn(anylog::listener::serve(own, edge, shutdown.clone()));
+            Ok(GrpcIncoming::Listener(listener))
+        }
+        None => {
+            tracing::info!("anylog on {} (shared with gRPC)", listener.local_addr()?);
+            Ok(GrpcIncoming::Shared(anylog::listener::share(
+                listener,
+                edge,
+                config.keepalive_interval,
+            )))
+        }
+    }
 }
 
 /// How a server listens and whom it lets in.
@@ -292,7 +391,7 @@ pub async fn serve(
 pub async fn serve_with(
     options: ServeOptions,
     ledger: Arc<Ledger>,
-    listener: TcpListener,
+    incoming: impl Into<GrpcIncoming>,
     (health, health_service): (HealthReporter, HealthServer<impl Health>),
     shutdown: impl Future<Output = ()>,
     streams_shutdown: CancellationToken,
@@ -319,11 +418,17 @@ pub async fn serve_with(
     }
     let service = LedgerServiceServer::new(LedgerGrpc::with_access(ledger, options.access))
         .max_decoding_message_size(options.max_message_bytes);
-    // Without TCP_NODELAY a unary answer's trailers wait for the client's delayed ACK (~40 ms):
-    // tonic sets it only on listeners it binds itself.
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(options.keepalive.0));
+    let incoming: Pin<Box<dyn Stream<Item = std::io::Result<TcpStream>> + Send>> =
+        match incoming.into() {
+            // Without TCP_NODELAY a unary answer's trailers wait for the client's delayed ACK
+            // (~40 ms): tonic sets it only on listeners it binds itself.
+            GrpcIncoming::Listener(listener) => Box::pin(
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(options.keepalive.0)),
+            ),
+            GrpcIncoming::Shared(connections) => Box::pin(connections),
+        };
     let mut serving = Box::pin(
         builder
             .layer(tower::util::MapResponseLayer::new(

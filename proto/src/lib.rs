@@ -1,7 +1,9 @@
 //! The Ledger contract shared by the master, the member and every client: the gRPC API
 //! generated from `proto/ledger/v1/ledger.proto`, and the AnyLog policy format (completion,
-//! ids, the `blockchain.json` line format) that both sides must agree on byte for byte.
+//! ids, the `blockchain.json` line format) that both sides must agree on byte for byte, and
+//! AnyLog's TCP message format, which EdgeLake nodes speak to their master.
 
+pub mod anylog;
 pub mod policy;
 pub mod pyformat;
 pub mod server;

@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod anylog;
 pub mod client;
 pub mod member;
 pub mod metrics;

@@ -174,6 +174,36 @@ impl Master {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// The address of the current run's separate AnyLog listener, read from its last
+    /// `anylog on ADDR` log line (up to 30 s): start it with `--anylog-listen 127.0.0.1:0`.
+    pub fn anylog_addr(&self) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let logs = self.logs();
+            if let Some(addr) = logged_anylog_addr(&logs) {
+                return addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "master logged no `anylog on ADDR` within 30s:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The address in the last `anylog on ADDR` line of `log` (text or JSON lines) whose ADDR is
+/// an address.
+pub fn logged_anylog_addr(log: &str) -> Option<SocketAddr> {
+    const LINE: &str = "anylog on ";
+    log.rmatch_indices(LINE).find_map(|(at, _)| {
+        let addr: String = log[at + LINE.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+            .collect();
+        addr.parse().ok()
+    })
 }
 
 impl Drop for Master {
