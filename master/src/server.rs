@@ -196,7 +196,11 @@ async fn start_anylog(
         ),
         Some(networks) => tracing::info!(
             "AnyLog nodes may write from {}",
-            networks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            networks
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
     let edge = AnyLogEdge::new(

@@ -266,7 +266,11 @@ impl Iterator for Blocks<'_> {
         put_u32(&mut block, OFF_BLOCK_COUNTER, index as u32 + 1);
         block[OFF_LAST] = u8::from(last);
         put_u16(&mut block, OFF_COMMAND_LEN, command.len() as u16);
-        put_u32(&mut block, OFF_DATA_LEN, (command.len() + data.len()) as u32);
+        put_u32(
+            &mut block,
+            OFF_DATA_LEN,
+            (command.len() + data.len()) as u32,
+        );
         block[HEADER_SIZE..HEADER_SIZE + command.len()].copy_from_slice(command);
         let at = HEADER_SIZE + command.len();
         block[at..at + data.len()].copy_from_slice(data);
@@ -390,12 +394,11 @@ impl Assembler {
             });
         }
         if expected == 1 {
-            self.message.command = String::from_utf8(block.command.to_vec()).map_err(|_| {
-                WireError::NotUtf8 {
+            self.message.command =
+                String::from_utf8(block.command.to_vec()).map_err(|_| WireError::NotUtf8 {
                     block: expected,
                     what: "command",
-                }
-            })?;
+                })?;
             self.message.auth = block.auth.to_vec();
             self.message.envelope = block.envelope.clone();
         } else if block.command != self.message.command.as_bytes() {
@@ -649,7 +652,10 @@ mod tests {
         a.push(&blocks[0]).unwrap();
         let mut changed = blocks[1];
         changed[HEADER_SIZE] = b'X';
-        assert_eq!(a.push(&changed), Err(WireError::CommandChanged { block: 2 }));
+        assert_eq!(
+            a.push(&changed),
+            Err(WireError::CommandChanged { block: 2 })
+        );
 
         let mut past = blocks[0];
         put_u32(&mut past, OFF_DATA_LEN, PAYLOAD_SIZE as u32 + 1);
@@ -718,8 +724,7 @@ mod tests {
         );
         // A sender that stalls.
         let (_client, mut server) = tokio::io::duplex(4096);
-        let stalled =
-            read_message(&mut server, 4, std::time::Duration::from_millis(50)).await;
+        let stalled = read_message(&mut server, 4, std::time::Duration::from_millis(50)).await;
         assert!(matches!(stalled, Err(WireError::Io(_))), "{stalled:?}");
     }
 

@@ -228,7 +228,9 @@ mod tests {
             })
         );
         assert_eq!(
-            parse("event get_blockchain /my\tdir/blockchain.new d41d8cd98f00b204e9800998ecf8427e 2"),
+            parse(
+                "event get_blockchain /my\tdir/blockchain.new d41d8cd98f00b204e9800998ecf8427e 2"
+            ),
             Ok(Request::GetBlockchain {
                 dest: "/my dir/blockchain.new".into(),
                 md5: "d41d8cd98f00b204e9800998ecf8427e".into()
@@ -290,8 +292,15 @@ mod tests {
         let refusal = parse("get status").unwrap_err();
         assert_eq!(refusal.code, error_code::UNRECOGNIZED_COMMAND);
         assert_eq!(refusal.words, "get status");
-        assert!(refusal.reason.contains("'get status'"), "{}", refusal.reason);
-        assert_eq!(parse("blockchain get *").unwrap_err().words, "blockchain get");
+        assert!(
+            refusal.reason.contains("'get status'"),
+            "{}",
+            refusal.reason
+        );
+        assert_eq!(
+            parse("blockchain get *").unwrap_err().words,
+            "blockchain get"
+        );
         assert_eq!(parse("").unwrap_err().words, "");
         assert_eq!(
             parse("event get_blockchain /x 0").unwrap_err().code,
@@ -302,7 +311,9 @@ mod tests {
             error_code::COMMAND_STRUCTURE
         );
         assert_eq!(
-            parse("blockchain drop policy where name = x").unwrap_err().code,
+            parse("blockchain drop policy where name = x")
+                .unwrap_err()
+                .code,
             error_code::COMMAND_STRUCTURE
         );
         let refusal = parse("file get /etc/passwd /tmp/x").unwrap_err();

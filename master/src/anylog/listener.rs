@@ -37,11 +37,7 @@ pub async fn serve(listener: TcpListener, edge: Arc<AnyLogEdge>, shutdown: Cance
 /// Shares `listener` between gRPC and AnyLog: AnyLog connections go to `edge`, the others are
 /// returned, for the gRPC server, with TCP_NODELAY and `keepalive` set. Accepting stops when
 /// the gRPC server drops the returned stream (it stops accepting at shutdown).
-pub fn share(
-    listener: TcpListener,
-    edge: Arc<AnyLogEdge>,
-    keepalive: Duration,
-) -> GrpcConnections {
+pub fn share(listener: TcpListener, edge: Arc<AnyLogEdge>, keepalive: Duration) -> GrpcConnections {
     let (grpc, connections) = mpsc::channel(256);
     tokio::spawn(async move {
         loop {
@@ -63,12 +59,13 @@ pub fn share(
                         // Without TCP_NODELAY a unary answer's trailers wait for the client's
                         // delayed ACK (~40 ms).
                         let _ = stream.set_nodelay(true);
-                        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
-                            &socket2::TcpKeepalive::new().with_time(keepalive),
-                        );
+                        let _ = socket2::SockRef::from(&stream)
+                            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
                         let _ = grpc.send(Ok(stream)).await;
                     }
-                    None => tracing::debug!(%peer, "closed a connection that sent nothing to tell its protocol"),
+                    None => {
+                        tracing::debug!(%peer, "closed a connection that sent nothing to tell its protocol")
+                    }
                 }
             });
         }
@@ -93,8 +90,10 @@ async fn first_bytes_say_anylog(stream: &TcpStream) -> Option<bool> {
             return Some(anylog);
         }
         // Part of a preface arrived: peek returns at once until more does, so wait a little.
-        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(5)))
-            .await;
+        tokio::time::sleep_until(
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(5)),
+        )
+        .await;
         if tokio::time::Instant::now() >= deadline {
             return None;
         }

@@ -232,7 +232,11 @@ impl AnyLogEdge {
     }
 
     async fn push(&self, node: &Node, json: &str, ignore_duplicate: bool) {
-        let word = if ignore_duplicate { "push_ignore" } else { "push" };
+        let word = if ignore_duplicate {
+            "push_ignore"
+        } else {
+            "push"
+        };
         if let Err(refusal) = self.may_write(node) {
             metrics::anylog_message(word, "denied");
             return self.fail(node, "push", refusal).await;
@@ -249,7 +253,8 @@ impl AnyLogEdge {
             Err(e) => {
                 metrics::anylog_message(word, metrics::error_outcome(&e));
                 tracing::info!(node = %node.address(), "anylog: push refused: {e}");
-                self.fail(node, "push", (echo_code(&e), e.to_string())).await;
+                self.fail(node, "push", (echo_code(&e), e.to_string()))
+                    .await;
             }
         }
     }
@@ -365,12 +370,21 @@ impl AnyLogEdge {
         let file_rules = command.starts_with("file write");
         let result = async {
             let Some(addr) = node.reply_addr() else {
-                return Err(format!("the node gave no address to answer ({}:{})", node.ip, node.port));
+                return Err(format!(
+                    "the node gave no address to answer ({}:{})",
+                    node.ip, node.port
+                ));
             };
-            let mut stream = tokio::time::timeout(self.options.connect_timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| format!("no connection to {addr} within {:?}", self.options.connect_timeout))?
-                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            let mut stream =
+                tokio::time::timeout(self.options.connect_timeout, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| {
+                        format!(
+                            "no connection to {addr} within {:?}",
+                            self.options.connect_timeout
+                        )
+                    })?
+                    .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
             let _ = stream.set_nodelay(true);
             let blocks = anylog::encode(envelope, command, data, file_rules)?;
             anylog::write_blocks(&mut stream, blocks, self.options.block_timeout)
@@ -499,7 +513,10 @@ mod tests {
         assert_eq!(node.host, "10.1.2.3");
         envelope.source_ip = "192.168.1.9".into();
         let node = Node::of(&envelope, peer);
-        assert_eq!(node.reply_addr(), Some("192.168.1.9:32148".parse().unwrap()));
+        assert_eq!(
+            node.reply_addr(),
+            Some("192.168.1.9:32148".parse().unwrap())
+        );
         assert_eq!(node.address(), "192.168.1.9:32148 (from 10.1.2.3)");
         envelope.source_port = 0;
         assert_eq!(Node::of(&envelope, peer).reply_addr(), None);
