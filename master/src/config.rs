@@ -179,7 +179,7 @@ pub struct Config {
     #[arg(long, env = "LEDGER_ANYLOG_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub anylog_timeout: Duration,
 
-    /// The most AnyLog connections served at once (each carries one message).
+    /// The most AnyLog connections served at once (each carries one message); more wait.
     #[arg(long, env = "LEDGER_ANYLOG_MAX_CONNECTIONS", default_value_t = 512)]
     pub anylog_max_connections: usize,
 }

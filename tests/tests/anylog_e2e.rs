@@ -97,6 +97,9 @@ on_both_backends!(
     a_reply_ip_of_0_0_0_0_means_the_peer,
     malformed_messages_change_nothing_and_the_master_keeps_serving,
     idle_and_stalled_connections_do_not_block_others,
+    stalled_connections_time_out_and_the_limit_leaves_grpc_alone,
+    replies_to_unreachable_or_stalled_nodes_do_not_block_others,
+    file_writes_from_a_node_never_touch_the_masters_disk,
     grpc_and_anylog_share_the_port_under_load,
     anylog_on_its_own_port,
     anylog_off_leaves_only_grpc,
@@ -498,6 +501,22 @@ async fn push_ignore_of_a_duplicate_is_silent(backend: &str) {
         .await;
     let (seq, policy) = next_insert(&mut events).await;
     assert_eq!((seq, policy.json.as_str()), (3, spaced.as_str()));
+    // A node's push ignore was seen with a stale generic flag 2 (left from the file write it
+    // was handling): only `file write` reads that flag.
+    let stale = complete("sensor", "stale-flag");
+    let options = SendOptions {
+        generic_flag: generic_flag::LEDGER_FILE,
+        ..SendOptions::default()
+    };
+    node.send(
+        fx.anylog(),
+        &format!("blockchain push\tignore {stale}"),
+        &[],
+        &options,
+    )
+    .await;
+    let (seq, policy) = next_insert(&mut events).await;
+    assert_eq!((seq, policy.json.as_str()), (4, stale.as_str()));
     node.expect_nothing_for(QUIET).await;
 }
 
@@ -580,13 +599,14 @@ async fn a_large_policy_goes_through_the_lmsg_path(backend: &str) {
     );
     node.expect_nothing_for(QUIET).await;
 
-    // A duplicate through .lmsg is refused and changes nothing.
+    // A duplicate through .lmsg is refused as the unwrapped push is, and changes nothing.
     let before = info(&mut client).await;
     node.push(fx.anylog(), &big).await;
-    let echo = node.try_next_message(QUIET).await;
-    if let Some(echo) = echo {
-        echo.assert_echo("echo", None);
-    }
+    let echo = node.next_message(30).await;
+    echo.assert_echo(
+        "echo Blockchain message 'push' failed",
+        Some(error_code::BLOCKCHAIN_OPERATION_FAILED),
+    );
     assert_eq!(info(&mut client).await, before);
     let file = ledger_file(fx.anylog(), &fx.dest("blockchain.new")).await;
     assert_eq!(file.md5(), before.digest);
@@ -912,10 +932,262 @@ async fn idle_and_stalled_connections_do_not_block_others(backend: &str) {
     watcher
         .assert_unchanged(anylog, "64 idle and stalled connections")
         .await;
-    let mut client = fx.master.client().await;
-    insert_ok(&mut client, &operator(100)).await;
     drop(held);
-    wait_for_count(&client, watcher.before.policy_count + 1).await;
+    watcher
+        .assert_unchanged(anylog, "64 idle and stalled connections dropped")
+        .await;
+}
+
+async fn stalled_connections_time_out_and_the_limit_leaves_grpc_alone(backend: &str) {
+    let fx = start(
+        backend,
+        &["--anylog-timeout", "1s", "--anylog-max-connections", "8"],
+    );
+    let anylog = fx.anylog();
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(TcpStream::connect(anylog).await.unwrap());
+    }
+    let node = Node::start().await;
+    let block = push_blocks(&node, &complete("stalled", "half")).remove(0);
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let mut stream = TcpStream::connect(anylog).await.unwrap();
+        stream.write_all(&block[..BLOCK_SIZE / 2]).await.unwrap();
+        stalled.push(stream);
+    }
+    // A new gRPC client is served at once, with every AnyLog slot taken.
+    let mut client = within(
+        10,
+        "a gRPC client beside stalled AnyLog connections",
+        async {
+            let mut client = fx.master.client().await;
+            insert_ok(&mut client, &operator(1)).await;
+            client
+        },
+    )
+    .await;
+    // The master gives up on a node that does not finish its block.
+    for (n, stream) in stalled.iter_mut().enumerate() {
+        let mut buf = [0u8; 16];
+        let what = format!("the master to close stalled connection {n}");
+        match within(15, &what, tokio::io::AsyncReadExt::read(stream, &mut buf)).await {
+            Ok(0) | Err(_) => {}
+            Ok(len) => panic!("stalled connection {n}: {len} bytes back"),
+        }
+    }
+    // AnyLog is served again, the idle connections still open.
+    let file = ledger_file(anylog, "/tmp/after-stall/blockchain.new").await;
+    assert_eq!(file.md5(), info(&mut client).await.digest);
+    let mut events = watch(&mut client).await;
+    let mut node = node;
+    let policy = complete("sensor", "after-stall");
+    node.push(anylog, &policy).await;
+    assert_eq!(next_insert(&mut events).await.1.json, policy);
+    // Connections that never sent a byte are closed too, in time.
+    for (n, stream) in idle.iter_mut().enumerate() {
+        let mut buf = [0u8; 16];
+        let what = format!("the master to close idle connection {n}");
+        match within(30, &what, tokio::io::AsyncReadExt::read(stream, &mut buf)).await {
+            Ok(0) | Err(_) => {}
+            Ok(len) => panic!("idle connection {n}: {len} bytes back"),
+        }
+    }
+}
+
+/// A node's server that accepts connections and reads nothing until told to; then it reads each
+/// connection to its end and tells how many bytes came and how it ended.
+struct Sink {
+    port: u16,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<(usize, String)>>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(16).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => held.push(accepted.unwrap().0),
+                    _ = &mut stopped => break,
+                }
+            }
+            let mut ends = Vec::new();
+            for mut stream in held {
+                let mut total = 0;
+                let mut buf = vec![0u8; 65536];
+                let end = loop {
+                    let read = tokio::io::AsyncReadExt::read(&mut stream, &mut buf);
+                    match tokio::time::timeout(Duration::from_secs(30), read).await {
+                        Err(_) => break "still open after 30s".to_string(),
+                        Ok(Ok(0)) => break "closed".to_string(),
+                        Ok(Ok(n)) => total += n,
+                        Ok(Err(e)) => break format!("closed: {e}"),
+                    }
+                };
+                ends.push((total, end));
+            }
+            ends
+        });
+        Sink { port, stop, task }
+    }
+
+    /// Reads what every connection held; returns (bytes, how it ended) per connection.
+    async fn drain(self) -> Vec<(usize, String)> {
+        let _ = self.stop.send(());
+        within(120, "draining the sink", self.task).await.unwrap()
+    }
+}
+
+async fn replies_to_unreachable_or_stalled_nodes_do_not_block_others(backend: &str) {
+    let fx = start(backend, &["--anylog-timeout", "2s"]);
+    let anylog = fx.anylog();
+    // A ledger file of about 8 MB: more than socket buffers hold.
+    let client = fx.master.client().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..8 {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            for n in (task..160).step_by(8) {
+                let blob = format!(
+                    r#"{{"blob": {{"n": {n}, "data": "{}"}}}}"#,
+                    "b".repeat(50_000)
+                );
+                insert_ok(&mut client, &blob).await;
+            }
+        });
+    }
+    while let Some(done) = within(120, "inserting blobs", tasks.join_next()).await {
+        done.unwrap();
+    }
+    let mut client = client;
+    let full = ledger_file(anylog, "/tmp/full/blockchain.new").await;
+    let mut digest = info(&mut client).await.digest;
+    assert_eq!(full.md5(), digest);
+
+    let node = Node::start().await;
+    // Nobody listens at this port any more: the connection back is refused.
+    let closed_port = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    // A node whose server accepts the file's connection but does not read it.
+    let sink = Sink::start();
+    let sink_port = sink.port;
+    let targets = [
+        ("127.0.0.1".to_string(), u32::from(closed_port)),
+        ("192.0.2.1".to_string(), 32048),
+        ("127.0.0.1".to_string(), u32::from(sink_port)),
+        ("127.0.0.1".to_string(), 0),
+        ("not an address".to_string(), 1),
+    ];
+    for (ip, port) in &targets {
+        let options = SendOptions {
+            source_ip: Some(ip.clone()),
+            source_port: Some(*port),
+            ..SendOptions::default()
+        };
+        node.send(
+            anylog,
+            "event get_blockchain /tmp/sink/blockchain.new 0 0",
+            &[],
+            &options,
+        )
+        .await;
+        // And an error echo to the same address (not to the sink, which gets the file only).
+        if *port != u32::from(sink_port) {
+            node.send(anylog, "get status", &[], &options).await;
+        }
+    }
+    // Meanwhile others are served as usual.
+    for round in 0..3 {
+        let dest = format!("/tmp/other/{round}/blockchain.new");
+        let file = within(30, "a ledger file beside unreachable nodes", async {
+            Node::start().await.get_blockchain(anylog, &dest, "0").await
+        })
+        .await;
+        assert_eq!(file.md5(), digest);
+        insert_ok(&mut client, &operator(round)).await;
+        digest = info(&mut client).await.digest;
+        let file = Node::start()
+            .await
+            .file_get(anylog, "/tmp/other/blockchain.json")
+            .await;
+        assert_eq!(file.md5(), digest);
+    }
+
+    // The master gives up on the node that does not read, and says so (the first line naming
+    // its address); the file is cut short and the connection closed.
+    let needle = format!("127.0.0.1:{sink_port}");
+    wait_until(60, "the master to log the stalled node", || {
+        let logged = fx.master.logs().contains(&needle);
+        async move { logged }
+    })
+    .await;
+    let ends = sink.drain().await;
+    let command_len = "file write /tmp/sink/blockchain.master_id_1.new".len();
+    let whole = (full.bytes.len() / block_capacity(command_len) + 1) * BLOCK_SIZE;
+    match ends.as_slice() {
+        [(bytes, end)] => assert!(
+            *bytes < whole && end.starts_with("closed"),
+            "the file to the stalled node ({whole} bytes whole) is cut and closed: {bytes} bytes, {end}"
+        ),
+        other => panic!("one connection to the stalled node: {other:?}"),
+    }
+}
+
+async fn file_writes_from_a_node_never_touch_the_masters_disk(backend: &str) {
+    let fx = start(backend, &[]);
+    let anylog = fx.anylog();
+    let mut watcher = Watcher::open(&fx.master).await;
+    let target = fx.dir.path().join("written-by-a-node");
+    let names = [
+        target.display().to_string(),
+        format!("{}.lmsg", target.display()),
+        format!("../../{}", target.display()),
+        fx.dir.path().join("blockchain.db").display().to_string(),
+    ];
+    let policy = complete("sensor", "smuggled");
+    for name in &names {
+        for flag in [0, 1, 2, 3] {
+            let mut node = Node::start().await;
+            let options = SendOptions {
+                generic_flag: flag,
+                info_type: 0,
+                ..SendOptions::default()
+            };
+            // For flag 2 a ledger file, which a node may not impose on its master; for flag 3
+            // a large command, which may run (this one fails) but is no file to keep.
+            let data = if flag == 3 {
+                "blockchain drop policy where id = no-such-id".to_string()
+            } else {
+                format!("{policy}\n")
+            };
+            node.send(
+                anylog,
+                &format!("file write {}", name.replace(' ', "\t")),
+                data.as_bytes(),
+                &options,
+            )
+            .await;
+            if let Some(reply) = node.try_next_message(Duration::from_millis(500)).await {
+                assert!(reply.is_echo(), "file write {name} flag {flag}: {reply:?}");
+            }
+        }
+    }
+    assert!(!target.exists(), "a node wrote {}", target.display());
+    let lmsg = PathBuf::from(format!("{}.lmsg", target.display()));
+    assert!(!lmsg.exists(), "a node wrote {}", lmsg.display());
+    watcher
+        .assert_unchanged(anylog, "file writes to the master's disk")
+        .await;
 }
 
 async fn grpc_and_anylog_share_the_port_under_load(backend: &str) {

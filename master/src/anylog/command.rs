@@ -67,7 +67,7 @@ pub fn parse(command: &str) -> Result<Request, Refusal> {
         "event" => {
             let (event, rest) = split_word(rest);
             if event != "get_blockchain" {
-                return Err(unsupported(&format!("event {event}")));
+                return Err(unsupported(&format!("event {event}"), text));
             }
             let args: Vec<&str> = rest.split(' ').filter(|w| !w.is_empty()).collect();
             let [dest, md5, _trace] = args[..] else {
@@ -85,7 +85,7 @@ pub fn parse(command: &str) -> Result<Request, Refusal> {
                 md5: md5.trim().to_string(),
             })
         }
-        "blockchain" => parse_blockchain(rest),
+        "blockchain" => parse_blockchain(rest, text),
         "file" => {
             let (verb, rest) = split_word(rest);
             let args: Vec<&str> = rest.split(' ').filter(|w| !w.is_empty()).collect();
@@ -122,12 +122,12 @@ pub fn parse(command: &str) -> Result<Request, Refusal> {
         "echo" | "print" => Ok(Request::Report(rest.to_string())),
         _ => {
             let (second, _) = split_word(rest);
-            Err(unsupported(&format!("{first} {second}")))
+            Err(unsupported(&format!("{first} {second}"), text))
         }
     }
 }
 
-fn parse_blockchain(rest: &str) -> Result<Request, Refusal> {
+fn parse_blockchain(rest: &str, text: &str) -> Result<Request, Refusal> {
     let (verb, rest) = split_word(rest);
     match verb {
         "push" => {
@@ -152,7 +152,7 @@ fn parse_blockchain(rest: &str) -> Result<Request, Refusal> {
         "drop" => {
             let (what, rest) = split_word(rest);
             if what != "policy" {
-                return Err(unsupported(&format!("blockchain drop {what}")));
+                return Err(unsupported(&format!("blockchain drop {what}"), text));
             }
             let rest = rest.trim_matches([' ', '\t']);
             if rest.starts_with('{') {
@@ -180,16 +180,18 @@ fn parse_blockchain(rest: &str) -> Result<Request, Refusal> {
             }
             Ok(Request::DropIds(ids))
         }
-        other => Err(unsupported(&format!("blockchain {other}"))),
+        other => Err(unsupported(&format!("blockchain {other}"), text)),
     }
 }
 
-fn unsupported(words: &str) -> Refusal {
-    let words = clip(words.trim()).to_string();
+fn unsupported(words: &str, command: &str) -> Refusal {
     Refusal {
         code: error_code::UNRECOGNIZED_COMMAND,
-        reason: format!("command '{words}' is not supported by this Ledger master"),
-        words,
+        reason: format!(
+            "command '{}' is not supported by this Ledger master",
+            clip(command.trim())
+        ),
+        words: clip(words.trim()).to_string(),
     }
 }
 
@@ -206,9 +208,9 @@ fn untab(word: &str) -> String {
     word.replace('\t', " ")
 }
 
-/// At most 80 characters of a command, for logs and echoes.
+/// At most 200 characters of a command, for logs and echoes.
 fn clip(text: &str) -> &str {
-    match text.char_indices().nth(80) {
+    match text.char_indices().nth(200) {
         Some((at, _)) => &text[..at],
         None => text,
     }
@@ -324,6 +326,14 @@ mod tests {
         );
         // A hostile word is clipped in what is logged and echoed.
         let long = format!("x{} y", "z".repeat(5000));
-        assert!(parse(&long).unwrap_err().words.len() <= 80);
+        let refusal = parse(&long).unwrap_err();
+        assert!(refusal.words.len() <= 200 && refusal.reason.len() < 300);
+        // The echo quotes the command, as a node's own does.
+        assert!(
+            parse("blockchain get operator where company = Acme")
+                .unwrap_err()
+                .reason
+                .contains("'blockchain get operator where company = Acme'")
+        );
     }
 }

@@ -23,13 +23,18 @@ pub type GrpcConnections = ReceiverStream<std::io::Result<TcpStream>>;
 /// Serves AnyLog on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, edge: Arc<AnyLogEdge>, shutdown: CancellationToken) {
     loop {
+        // The place first, then the connection: while the edge is busy, nodes wait in the
+        // listen backlog instead of being accepted and dropped.
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = async {
+                let permit = edge.admit().await;
+                (listener.accept().await, permit)
+            } => accepted,
             _ = shutdown.cancelled() => return,
         };
         match accepted {
-            Ok((stream, peer)) => edge.spawn_connection(stream, peer),
-            Err(e) => accept_failed(e).await,
+            (Ok((stream, peer)), permit) => edge.spawn_connection(stream, peer, permit),
+            (Err(e), _) => accept_failed(e).await,
         }
     }
 }
@@ -54,7 +59,10 @@ pub fn share(listener: TcpListener, edge: Arc<AnyLogEdge>, keepalive: Duration) 
             let (grpc, edge) = (grpc.clone(), edge.clone());
             tokio::spawn(async move {
                 match first_bytes_say_anylog(&stream).await {
-                    Some(true) => edge.spawn_connection(stream, peer),
+                    Some(true) => {
+                        let permit = edge.admit().await;
+                        edge.spawn_connection(stream, peer, permit);
+                    }
                     Some(false) => {
                         // Without TCP_NODELAY a unary answer's trailers wait for the client's
                         // delayed ACK (~40 ms).

@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use ledger_proto::anylog::{self, Envelope, Message, error_code, generic_flag, info_type};
 use ledger_proto::policy::{self, PolicyError};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::LedgerError;
 use crate::ledger::Ledger;
@@ -44,7 +44,7 @@ pub struct AnyLogOptions {
     pub connect_timeout: Duration,
     /// The largest message accepted, in blocks (a policy of `--max-policy-bytes` and then some).
     pub max_message_blocks: u32,
-    /// The most connections served at once; more are closed at once.
+    /// The most connections served at once; more wait to be accepted.
     pub max_connections: usize,
 }
 
@@ -75,14 +75,26 @@ impl AnyLogEdge {
         })
     }
 
-    /// Serves one connection from `peer` in a task of its own: reads its message, handles it,
-    /// answers the node on a new connection if there is anything to say.
-    pub fn spawn_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-            metrics::anylog_message("none", "overloaded");
-            tracing::warn!(%peer, limit = self.options.max_connections, "anylog: too many connections at once; closed one");
-            return;
-        };
+    /// Waits until fewer than `--anylog-max-connections` connections are being served, and
+    /// holds the place of one more. Waiting, not refusing: a node's push has no answer, so a
+    /// connection closed unread would be a write lost without a word. While the master waits,
+    /// new connections wait in the listen backlog and nodes in their connect.
+    pub async fn admit(&self) -> OwnedSemaphorePermit {
+        self.connections
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed")
+    }
+
+    /// Serves one connection from `peer`, admitted with `permit`, in a task of its own: reads
+    /// its message, handles it, answers the node on a new connection if there is anything to say.
+    pub fn spawn_connection(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
         let edge = self.clone();
         tokio::spawn(async move {
             edge.serve_connection(stream, peer).await;
@@ -324,6 +336,11 @@ impl AnyLogEdge {
         };
         if first_time {
             tracing::warn!(node = %node.address(), words = %refusal.words, "anylog: {} (logged once per command)", refusal.reason);
+        }
+        // A failed `blockchain <verb>` is answered as every failed blockchain message is.
+        if let Some(verb) = refusal.words.strip_prefix("blockchain ") {
+            let verb = verb.to_string();
+            return self.fail(node, &verb, (refusal.code, refusal.reason)).await;
         }
         let echo = self.echo(
             node,

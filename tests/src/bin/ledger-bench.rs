@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
+use ledger_proto::anylog;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoRequest, InsertPolicyRequest, StreamLedgerRequest};
@@ -42,6 +43,8 @@ struct Options {
     only_inserts: bool,
     /// Item (3) only.
     only_fanout: bool,
+    /// Item (7) only.
+    only_anylog: bool,
 }
 
 fn options() -> Options {
@@ -52,6 +55,7 @@ fn options() -> Options {
         backends: vec!["sqlite".into(), "postgres".into()],
         only_inserts: false,
         only_fanout: false,
+        only_anylog: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -59,12 +63,13 @@ fn options() -> Options {
             "--quick" => o.quick = true,
             "--only-inserts" => o.only_inserts = true,
             "--only-fanout" => o.only_fanout = true,
+            "--only-anylog" => o.only_anylog = true,
             "--json" => o.json = Some(args.next().expect("--json FILE").into()),
             "--pg-url" => o.pg_url = Some(args.next().expect("--pg-url URL")),
             "--backend" => o.backends = vec![args.next().expect("--backend sqlite|postgres")],
             "-h" | "--help" => {
                 println!(
-                    "ledger-bench [--quick] [--only-inserts | --only-fanout] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]"
+                    "ledger-bench [--quick] [--only-inserts | --only-fanout | --only-anylog] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]"
                 );
                 std::process::exit(0);
             }
@@ -552,6 +557,129 @@ async fn throughput(addr: &str, clients: usize, seconds: f64) -> f64 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// (7) EdgeLake nodes: the AnyLog protocol
+
+/// A node's side of the AnyLog protocol: its TCP server, where the master's answers arrive.
+struct AnyLogNode {
+    server: tokio::net::TcpListener,
+    envelope: anylog::Envelope,
+}
+
+impl AnyLogNode {
+    async fn start() -> AnyLogNode {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        AnyLogNode {
+            server,
+            envelope: anylog::Envelope {
+                source_ip: "127.0.0.1".into(),
+                source_port: u32::from(port),
+                info_type: anylog::info_type::COMMAND,
+                ..anylog::Envelope::default()
+            },
+        }
+    }
+
+    /// Sends `command` on a connection of its own, as a node does.
+    ///
+    /// Every message is a connection, and thousands a second from one address use up its
+    /// ephemeral ports (closed ones wait in TIME_WAIT for a minute): the senders rotate over
+    /// 1,000 loopback addresses, as many nodes would be many addresses.
+    async fn send(&self, addr: &str, command: &str) {
+        static NEXT_SOURCE: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed) % 1000;
+        let source =
+            std::net::SocketAddr::from(([127, 1 + (n / 250) as u8, 0, 1 + (n % 250) as u8], 0));
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(source)
+            .expect("binding a loopback source address");
+        let mut stream = socket
+            .connect(addr.parse().expect("the master's address"))
+            .await
+            .expect("connect");
+        let message = anylog::Message {
+            envelope: self.envelope.clone(),
+            command: command.into(),
+            auth: Vec::new(),
+            data: Vec::new(),
+        };
+        anylog::write_message(&mut stream, &message, false, Duration::from_secs(30))
+            .await
+            .expect("sending an AnyLog message");
+    }
+
+    /// The next message the master sends this node.
+    async fn receive(&self) -> anylog::Message {
+        let (mut stream, _) = tokio::time::timeout(Duration::from_secs(60), self.server.accept())
+            .await
+            .expect("the master answered within 60 s")
+            .unwrap();
+        anylog::read_message(&mut stream, u32::MAX, Duration::from_secs(30))
+            .await
+            .expect("a message from the master")
+    }
+}
+
+/// Pushes from `connections` concurrent senders for `seconds` (each push on a connection of its
+/// own, as nodes send them); pushes are not answered, so the rate is the count over the time
+/// until the master's head shows the last one.
+async fn anylog_pushes(addr: &str, connections: usize, seconds: f64) -> f64 {
+    let mut client = connect(addr).await;
+    let (start_head, _, _) = head(&mut client).await;
+    let node = Arc::new(AnyLogNode::start().await);
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (node, sent, addr) = (node.clone(), sent.clone(), addr.to_string());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                node.send(&addr, &format!("blockchain push {}", policy()))
+                    .await;
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let target = start_head + sent.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (h, _, _) = head(&mut client).await;
+        if h >= target {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pushes stored: {} of {}",
+            h - start_head,
+            target - start_head
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (target - start_head) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Seconds from a node's `event get_blockchain` to the whole ledger file received, and its md5.
+async fn anylog_get_blockchain(addr: &str) -> (f64, String, usize) {
+    let node = AnyLogNode::start().await;
+    let started = Instant::now();
+    node.send(addr, "event get_blockchain /tmp/node/blockchain.new 0 0")
+        .await;
+    let file = node.receive().await;
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(file.command.starts_with("file write "), "{}", file.command);
+    let md5 = {
+        use md5::{Digest, Md5};
+        hex::encode(Md5::digest(&file.data))
+    };
+    (seconds, md5, file.data.len())
+}
+
+// ---------------------------------------------------------------------------------------------
 // (2) propagation
 
 struct Propagation {
@@ -930,6 +1058,9 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
     let runs = 3;
     let secs = if quick { 2.0 } else { 4.0 };
 
+    if opts.only_anylog {
+        return anylog_only(backend, opts, &url_for("anylog")).await;
+    }
     if !opts.only_fanout {
         // (1) throughput
         eprintln!("[{backend}] (1) insert throughput");
@@ -956,6 +1087,19 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
         if opts.only_inserts {
             return Value::Object(out);
         }
+        // (7) pushes from EdgeLake nodes, on the same master
+        eprintln!("[{backend}] (7) AnyLog pushes");
+        let (mut one, mut many) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            one.push(anylog_pushes(&addr, 1, secs).await);
+            many.push(anylog_pushes(&addr, 16, secs).await);
+        }
+        eprintln!("  1 connection {one:?}\n  16 connections {many:?}");
+        out.insert(
+            "anylog_pushes".into(),
+            json!({"one_connection_per_s": median(&one), "one_connection_runs": one,
+                   "connections_16_per_s": median(&many), "connections_16_runs": many, "run_seconds": secs}),
+        );
         // (2) propagation, on the same master
         eprintln!("[{backend}] (2) propagation");
         let inserts = if quick { 400 } else { 1000 };
@@ -1037,6 +1181,8 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
     eprintln!("  loaded {} policies in {load_s:.1}s", target - count);
     let (h, count, digest) = head(&mut client).await;
     assert_eq!(count, target);
+    let get_blockchain = anylog_get_blockchain_runs(&addr, runs, &digest).await;
+    out.insert("anylog_get_blockchain_100000".into(), get_blockchain);
     let mut cu = Vec::new();
     let mut last_member = None;
     let catch_runs = if quick { 1 } else { runs };
@@ -1132,6 +1278,51 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
         }),
     );
     Value::Object(out)
+}
+
+/// `get_blockchain` of the whole ledger, `runs` times: the first reads it from the database, the
+/// others find it cached (the head did not move). Every file must be the ledger (`digest`).
+async fn anylog_get_blockchain_runs(addr: &str, runs: usize, digest: &str) -> Value {
+    let mut seconds = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..runs.max(2) {
+        let (s, md5, len) = anylog_get_blockchain(addr).await;
+        assert_eq!(md5, digest, "the file a node received is the ledger");
+        seconds.push(s);
+        bytes = len;
+    }
+    eprintln!("  get_blockchain: {seconds:?} s for {bytes} bytes");
+    json!({"first_seconds": seconds[0], "cached_seconds": median(&seconds[1..]),
+           "runs_seconds": seconds, "file_bytes": bytes})
+}
+
+/// `--only-anylog`: (7) alone, on a master of its own.
+async fn anylog_only(backend: &str, opts: &Options, url: &str) -> Value {
+    let root = tempfile::Builder::new()
+        .prefix("ledger-bench-")
+        .tempdir()
+        .unwrap();
+    let runs = 3;
+    let secs = if opts.quick { 2.0 } else { 4.0 };
+    let (_master, addr) = start_master(root.path(), url, &[]);
+    eprintln!("[{backend}] (7) AnyLog pushes");
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        one.push(anylog_pushes(&addr, 1, secs).await);
+        many.push(anylog_pushes(&addr, 16, secs).await);
+    }
+    eprintln!("  1 connection {one:?}\n  16 connections {many:?}");
+    let mut client = connect(&addr).await;
+    let (_, count, _) = head(&mut client).await;
+    let missing = 100_000u64.saturating_sub(count);
+    let (load_s, _) = load(&addr, missing, 64).await;
+    eprintln!("  loaded {missing} policies in {load_s:.1}s");
+    let (_, _, digest) = head(&mut client).await;
+    json!({
+        "anylog_pushes": {"one_connection_per_s": median(&one), "one_connection_runs": one,
+            "connections_16_per_s": median(&many), "connections_16_runs": many, "run_seconds": secs},
+        "anylog_get_blockchain_100000": anylog_get_blockchain_runs(&addr, runs, &digest).await,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1297,6 +1488,28 @@ fn table(results: &HashMap<String, Value>, quick: bool) -> String {
         "(6) MODEL AnyLog 30 s full copy: bytes per member every 30 s",
         "-",
         &|v| number(v, &format!("{model}.bytes_per_member_per_30s"), 0),
+    );
+    row(
+        "(7) EdgeLake nodes (AnyLog protocol): pushes/s stored, 1 / 16 connections",
+        "-",
+        &|v| {
+            format!(
+                "{} / {}",
+                number(v, "anylog_pushes.one_connection_per_s", 0),
+                number(v, "anylog_pushes.connections_16_per_s", 0)
+            )
+        },
+    );
+    row(
+        "(7) get_blockchain of 100,000 policies to a node, s: first (read) / cached",
+        "-",
+        &|v| {
+            format!(
+                "{} / {}",
+                number(v, "anylog_get_blockchain_100000.first_seconds", 2),
+                number(v, "anylog_get_blockchain_100000.cached_seconds", 2)
+            )
+        },
     );
     t
 }
