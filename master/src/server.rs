@@ -86,8 +86,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }),
     );
 
-    let listener = TcpListener::bind(config.bind_addr())
-        .await
+    let listener = listen(config.bind_addr())
         .map_err(|e| format!("cannot listen on {}: {e}", config.bind_addr()))?;
     let local: SocketAddr = listener.local_addr()?;
     let internal = SocketAddr::new(config.listen.ip(), local.port());
@@ -138,6 +137,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
+/// How many connections may wait to be accepted. The socket library's default, 128, overflowed
+/// when nodes opened a connection per message (AnyLog) or many members reconnected at once: the
+/// kernel dropped the SYNs beyond it, and those clients waited a 1 s retransmission.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (the kernel caps it at `somaxconn`).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As the standard library's bind does: a restarted master can bind its port at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// The connections a gRPC server takes: all of a listener's, or those a shared port hands it.
 pub enum GrpcIncoming {
     /// Every connection of this listener.
@@ -168,9 +185,7 @@ async fn start_anylog(
         }
         AnyLogListen::Shared => None,
         AnyLogListen::Own(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot listen for AnyLog nodes on {addr}: {e}"))?,
+            listen(addr).map_err(|e| format!("cannot listen for AnyLog nodes on {addr}: {e}"))?,
         ),
     };
     let port = match &own {

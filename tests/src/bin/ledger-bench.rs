@@ -646,6 +646,7 @@ async fn anylog_pushes(addr: &str, connections: usize, seconds: f64) -> f64 {
         t.await.unwrap();
     }
     let target = start_head + sent.load(Ordering::Relaxed);
+    let sending = start.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (h, _, _) = head(&mut client).await;
@@ -660,7 +661,13 @@ async fn anylog_pushes(addr: &str, connections: usize, seconds: f64) -> f64 {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    (target - start_head) as f64 / start.elapsed().as_secs_f64()
+    let stored = start.elapsed().as_secs_f64();
+    eprintln!(
+        "  {connections} connection(s): {} pushes sent in {sending:.2} s, stored {:.2} s later",
+        target - start_head,
+        stored - sending
+    );
+    (target - start_head) as f64 / stored
 }
 
 /// Seconds from a node's `event get_blockchain` to the whole ledger file received, and its md5.
@@ -1296,7 +1303,8 @@ async fn anylog_get_blockchain_runs(addr: &str, runs: usize, digest: &str) -> Va
            "runs_seconds": seconds, "file_bytes": bytes})
 }
 
-/// `--only-anylog`: (7) alone, on a master of its own.
+/// `--only-anylog`: (7) alone, on a master of its own: `get_blockchain` at 100,000 policies
+/// first, then the pushes (which add more).
 async fn anylog_only(backend: &str, opts: &Options, url: &str) -> Value {
     let root = tempfile::Builder::new()
         .prefix("ledger-bench-")
@@ -1305,6 +1313,10 @@ async fn anylog_only(backend: &str, opts: &Options, url: &str) -> Value {
     let runs = 3;
     let secs = if opts.quick { 2.0 } else { 4.0 };
     let (_master, addr) = start_master(root.path(), url, &[]);
+    let (load_s, _) = load(&addr, 100_000, 64).await;
+    eprintln!("[{backend}] loaded 100000 policies in {load_s:.1}s");
+    let (_, _, digest) = head(&mut connect(&addr).await).await;
+    let get_blockchain = anylog_get_blockchain_runs(&addr, runs, &digest).await;
     eprintln!("[{backend}] (7) AnyLog pushes");
     let (mut one, mut many) = (Vec::new(), Vec::new());
     for _ in 0..runs {
@@ -1312,16 +1324,10 @@ async fn anylog_only(backend: &str, opts: &Options, url: &str) -> Value {
         many.push(anylog_pushes(&addr, 16, secs).await);
     }
     eprintln!("  1 connection {one:?}\n  16 connections {many:?}");
-    let mut client = connect(&addr).await;
-    let (_, count, _) = head(&mut client).await;
-    let missing = 100_000u64.saturating_sub(count);
-    let (load_s, _) = load(&addr, missing, 64).await;
-    eprintln!("  loaded {missing} policies in {load_s:.1}s");
-    let (_, _, digest) = head(&mut client).await;
     json!({
         "anylog_pushes": {"one_connection_per_s": median(&one), "one_connection_runs": one,
             "connections_16_per_s": median(&many), "connections_16_runs": many, "run_seconds": secs},
-        "anylog_get_blockchain_100000": anylog_get_blockchain_runs(&addr, runs, &digest).await,
+        "anylog_get_blockchain_100000": get_blockchain,
     })
 }
 
