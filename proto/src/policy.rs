@@ -529,6 +529,31 @@ mod tests {
         assert_eq!((p.status, p.date), (None, None));
     }
 
+    /// `tests/data/complete-policies.jsonl` (made by CPython's `json`, see
+    /// `scripts/gen_complete_policy_vectors.py`): complete policies are stored as
+    /// `json.dumps` of what arrived.
+    #[test]
+    fn complete_policy_vectors_are_stored_as_python_dumps_them() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/complete-policies.jsonl"
+        );
+        let data = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let lines: Vec<&str> = data.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() >= 8, "{path} has {} vectors", lines.len());
+        for (n, line) in lines.iter().enumerate() {
+            let vector: Value = serde_json::from_str(line).unwrap();
+            let input = vector["input"].as_str().unwrap();
+            let policy = complete(input, now()).unwrap_or_else(|e| panic!("vector {}: {e}", n + 1));
+            assert_eq!(
+                policy.json,
+                vector["stored"].as_str().unwrap(),
+                "vector {}",
+                n + 1
+            );
+        }
+    }
+
     #[test]
     fn dates_read_as_times() {
         let at = |s: &str| parse_date(s).map(|d| d.to_string());
