@@ -231,6 +231,7 @@ async fn start_anylog(
             max_message_blocks: (config.max_policy_bytes / 1_024 + 8) as u32,
             max_connections: config.anylog_max_connections,
         },
+        shutdown.clone(),
     );
     match own {
         Some(own) => {

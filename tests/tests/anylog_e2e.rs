@@ -104,6 +104,7 @@ on_both_backends!(
     anylog_on_its_own_port,
     anylog_off_leaves_only_grpc,
     write_from_refuses_other_networks_but_serves_the_ledger,
+    sigterm_does_not_wait_for_stalled_nodes,
 );
 
 fn operator(n: usize) -> String {
@@ -1364,4 +1365,47 @@ async fn write_from_refuses_other_networks_but_serves_the_ledger(backend: &str) 
     node.push(open.anylog(), &policy).await;
     assert_eq!(next_insert(&mut events).await.1.json, policy);
     node.expect_nothing_for(QUIET).await;
+}
+
+/// Nodes that stall mid-message, on the shared port and on a port of its own, do not hold the
+/// master's exit: it stops within its grace period and exits 0, with what was pushed kept.
+async fn sigterm_does_not_wait_for_stalled_nodes(backend: &str) {
+    let mut fx = start(
+        backend,
+        &["--anylog-timeout", "120s", "--shutdown-grace", "5s"],
+    );
+    let anylog = fx.anylog();
+    let mut node = Node::start().await;
+    node.push(anylog, &complete("config", "kept")).await;
+    let client = fx.master.client().await;
+    wait_for_count(&client, 1).await;
+    let mut held = Vec::new();
+    for n in 0..8 {
+        let mut stream = TcpStream::connect(anylog).await.unwrap();
+        let block = push_blocks(&node, &complete("stalled", &format!("s{n}"))).remove(0);
+        stream.write_all(&block[..BLOCK_SIZE / 2]).await.unwrap();
+        held.push(stream);
+    }
+    // Let the master take them in before the signal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let exit = fx.master.terminate();
+    let took = started.elapsed();
+    assert!(
+        exit.success(),
+        "master exited with {exit}:\n{}",
+        fx.master.logs()
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "the master took {took:?} to stop with stalled AnyLog nodes:\n{}",
+        fx.master.logs()
+    );
+    drop(held);
+    fx.master.restart();
+    let mut client = fx.master.client().await;
+    let kept = get(&mut client, "kept")
+        .await
+        .expect("the pushed policy survives");
+    assert_eq!(kept.id, "kept");
 }

@@ -21,6 +21,7 @@ use ledger_proto::anylog::{self, Envelope, Message, error_code, generic_flag, in
 use ledger_proto::policy::{self, PolicyError};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::LedgerError;
 use crate::ledger::Ledger;
@@ -57,6 +58,9 @@ pub struct AnyLogEdge {
     /// The command words already logged as unsupported: each is logged once.
     unsupported_logged: Mutex<HashSet<String>>,
     connections: Arc<Semaphore>,
+    /// Cancelled when the master stops: connections in progress are abandoned (a push whose
+    /// write was queued is still committed; a node re-sends what its next sync lacks).
+    shutdown: CancellationToken,
 }
 
 /// At most this many distinct unsupported command words are remembered (then they are no
@@ -65,9 +69,14 @@ const MAX_REMEMBERED_WORDS: usize = 1024;
 
 impl AnyLogEdge {
     /// The AnyLog protocol for `ledger`.
-    pub fn new(ledger: Arc<Ledger>, options: AnyLogOptions) -> Arc<AnyLogEdge> {
+    pub fn new(
+        ledger: Arc<Ledger>,
+        options: AnyLogOptions,
+        shutdown: CancellationToken,
+    ) -> Arc<AnyLogEdge> {
         Arc::new(AnyLogEdge {
             ledger,
+            shutdown,
             connections: Arc::new(Semaphore::new(options.max_connections)),
             options,
             next_transfer: AtomicU32::new(0),
@@ -97,7 +106,12 @@ impl AnyLogEdge {
     ) {
         let edge = self.clone();
         tokio::spawn(async move {
-            edge.serve_connection(stream, peer).await;
+            tokio::select! {
+                _ = edge.serve_connection(stream, peer) => {}
+                _ = edge.shutdown.cancelled() => {
+                    tracing::debug!(%peer, "anylog: connection abandoned at shutdown");
+                }
+            }
             drop(permit);
         });
     }
