@@ -9,6 +9,7 @@ pub mod member;
 pub mod metrics;
 pub mod postgres;
 pub mod process;
+pub mod sql;
 pub mod tls;
 
 use std::future::Future;

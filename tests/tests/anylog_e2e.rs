@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ledger_master::storage::DatabaseUrl;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoResponse, Policy, StreamLedgerResponse};
 use ledger_tests::anylog::{
@@ -14,6 +15,7 @@ use ledger_tests::anylog::{
     info_type, offset, send_bytes, set_u16, set_u32,
 };
 use ledger_tests::client::{Client, get, info, insert_ok, next_change, stream, until_caught_up};
+use ledger_tests::sql::{LedgerRow, ledger_rows};
 use ledger_tests::{Master, Member, PostgresServer, ledger_digest, wait_until, within};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -25,16 +27,10 @@ const QUIET: Duration = Duration::from_secs(2);
 /// The md5 of an empty file: the digest of an empty ledger.
 const EMPTY_MD5: &str = "d41d8cd98f00b204e9800998ecf8427e";
 
-/// Where a master keeps its database.
-enum Db {
-    Sqlite(PathBuf),
-    Postgres(String),
-}
-
 /// A master on a fresh database of `backend`, in its own directory.
 struct Fixture {
     master: Master,
-    db: Db,
+    db: DatabaseUrl,
     dir: tempfile::TempDir,
 }
 
@@ -55,12 +51,12 @@ fn start(backend: &str, args: &[&str]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let db = match backend {
-        "sqlite" => Db::Sqlite(dir.path().join("blockchain.db")),
+        "sqlite" => DatabaseUrl::Sqlite(dir.path().join("blockchain.db")),
         "postgres" => {
             let url = PostgresServer::get().create_database();
             all.push("--database-url".into());
             all.push(url.clone());
-            Db::Postgres(url)
+            DatabaseUrl::Postgres(url)
         }
         other => panic!("unknown backend {other}"),
     };
@@ -319,37 +315,11 @@ async fn push_inserts_a_policy_seen_by_grpc_and_streams(backend: &str) {
     assert_eq!(file.lines().last(), Some(&policy.json));
 }
 
-/// One row of the `ledger` table, as SQL shows it to an operator or an EdgeLake master.
-#[derive(diesel::QueryableByName, Debug, PartialEq)]
-struct LedgerRow {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    policy_id: String,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    policy_type: String,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-    company_name: Option<String>,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    date: String,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    host: String,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-    status: Option<String>,
-}
-
-fn ledger_row(db: &Db, id: &str) -> LedgerRow {
-    use diesel::{Connection, PgConnection, RunQueryDsl, SqliteConnection};
-    let query = diesel::sql_query(format!(
-        "SELECT policy_id, policy_type, company_name, CAST(date AS TEXT) AS date, host, status \
-         FROM ledger WHERE policy_id = '{id}'"
-    ));
-    let rows: Vec<LedgerRow> = match db {
-        Db::Sqlite(path) => query
-            .load(&mut SqliteConnection::establish(&path.to_string_lossy()).unwrap())
-            .unwrap(),
-        Db::Postgres(url) => query
-            .load(&mut PgConnection::establish(url).unwrap())
-            .unwrap(),
-    };
+fn ledger_row(db: &DatabaseUrl, id: &str) -> LedgerRow {
+    let rows: Vec<LedgerRow> = ledger_rows(db)
+        .into_iter()
+        .filter(|row| row.policy_id == id)
+        .collect();
     assert_eq!(rows.len(), 1, "rows of {id}: {rows:?}");
     rows.into_iter().next().unwrap()
 }

@@ -151,17 +151,24 @@ async fn insert_completes_the_policy_and_get_returns_it(backend: &str) {
     .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
 
-    // A client-given id and date are kept.
-    let given = insert(
-        &mut client,
-        r#"{"operator": {"date": "2026-01-01T00:00:00.000000Z", "name": "x", "id": "my-id"}}"#,
-    )
-    .await
-    .unwrap();
+    // A policy with both an id and a date is complete: stored exactly as sent, key order and
+    // all, as EdgeLake's completion keeps it.
+    let complete = r#"{"operator": {"date": "2026-01-01T00:00:00.000000Z", "name": "x", "id": "my-id", "status": "active"}}"#;
+    let given = insert(&mut client, complete).await.unwrap();
     assert_eq!(given.id, "my-id");
-    assert_eq!(
-        given.json,
-        r#"{"operator": {"name": "x", "id": "my-id", "date": "2026-01-01T00:00:00.000000Z", "ledger": "global"}}"#
+    assert_eq!(given.json, complete);
+    // An id without a date is completed around it.
+    let given = insert(&mut client, r#"{"operator": {"name": "y", "id": "id-2"}}"#)
+        .await
+        .unwrap();
+    assert_eq!(given.id, "id-2");
+    assert!(
+        given
+            .json
+            .starts_with(r#"{"operator": {"name": "y", "id": "id-2", "date": ""#)
+            && given.json.ends_with(r#"Z", "ledger": "global"}}"#),
+        "{}",
+        given.json
     );
 }
 

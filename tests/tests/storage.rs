@@ -7,6 +7,7 @@ use ledger_master::storage::{
     StoredPolicy, WriteOp,
 };
 use ledger_tests::PostgresServer;
+use ledger_tests::sql::{LedgerRow, ledger_rows};
 
 /// A fresh database of the backend and its URL; the guard keeps a SQLite file's directory.
 struct Fresh {
@@ -502,40 +503,6 @@ fn postgres_writes_go_on_after_their_connection_is_cut() {
     );
 }
 
-/// One row of the `ledger` table as SQL shows it to an EdgeLake master or an operator.
-#[derive(diesel::QueryableByName, Debug, PartialEq)]
-struct AnyLogRow {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    policy_id: String,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    policy_type: String,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-    company_name: Option<String>,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    date: String,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    host: String,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-    status: Option<String>,
-}
-
-/// The `ledger` table read with plain SQL, ordered by `date` as EdgeLake's master reads it.
-fn anylog_rows(url: &DatabaseUrl) -> Vec<AnyLogRow> {
-    use diesel::{Connection, PgConnection, RunQueryDsl, SqliteConnection};
-    let query = diesel::sql_query(
-        "SELECT policy_id, policy_type, company_name, CAST(date AS TEXT) AS date, host, status \
-         FROM ledger ORDER BY date",
-    );
-    match url {
-        DatabaseUrl::Sqlite(path) => query
-            .load(&mut SqliteConnection::establish(&path.to_string_lossy()).unwrap())
-            .unwrap(),
-        DatabaseUrl::Postgres(url) => query
-            .load(&mut PgConnection::establish(url).unwrap())
-            .unwrap(),
-    }
-}
-
 fn anylog_columns_hold_the_policy_date_status_and_host(backend: &str) {
     let db = fresh(backend);
     let storage = open(&db.url);
@@ -562,7 +529,7 @@ fn anylog_columns_hold_the_policy_date_status_and_host(backend: &str) {
                company: Option<&str>,
                date: &str,
                host: &str,
-               status: Option<&str>| AnyLogRow {
+               status: Option<&str>| LedgerRow {
         policy_id: id.into(),
         policy_type: policy_type.into(),
         company_name: company.map(Into::into),
@@ -571,7 +538,7 @@ fn anylog_columns_hold_the_policy_date_status_and_host(backend: &str) {
         status: status.map(Into::into),
     };
     assert_eq!(
-        anylog_rows(&db.url),
+        ledger_rows(&db.url),
         [
             row(
                 "id-3",

@@ -208,8 +208,8 @@ fn untab(word: &str) -> String {
     word.replace('\t', " ")
 }
 
-/// At most 200 characters of a command, for logs and echoes.
-fn clip(text: &str) -> &str {
+/// At most 200 characters of a command or a node's text, for logs and echoes.
+pub(crate) fn clip(text: &str) -> &str {
     match text.char_indices().nth(200) {
         Some((at, _)) => &text[..at],
         None => text,

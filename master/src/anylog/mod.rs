@@ -27,7 +27,7 @@ use crate::error::LedgerError;
 use crate::ledger::Ledger;
 use crate::metrics;
 use crate::storage::Rejection;
-use command::{Refusal, Request};
+use command::{Refusal, Request, clip};
 
 /// How the AnyLog edge serves nodes.
 #[derive(Debug, Clone)]
@@ -505,14 +505,6 @@ fn echo_code(error: &LedgerError) -> u16 {
         }
         // A duplicate id, as EdgeLake's master answers it, and every other failed write.
         _ => error_code::BLOCKCHAIN_OPERATION_FAILED,
-    }
-}
-
-/// At most 200 characters of a node's text, for the log.
-fn clip(text: &str) -> &str {
-    match text.char_indices().nth(200) {
-        Some((at, _)) => &text[..at],
-        None => text,
     }
 }
 

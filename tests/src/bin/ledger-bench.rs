@@ -1375,6 +1375,11 @@ fn mib(v: &Value, path: &str) -> String {
     }
 }
 
+/// Two cells of a result as `a / b`.
+fn pair(v: &Value, a: &str, b: &str, digits: usize) -> String {
+    format!("{} / {}", number(v, a, digits), number(v, b, digits))
+}
+
 fn table(results: &HashMap<String, Value>, quick: bool) -> String {
     let e = Value::Null;
     let s = results.get("sqlite").unwrap_or(&e);
@@ -1443,10 +1448,11 @@ fn table(results: &HashMap<String, Value>, quick: bool) -> String {
         "(5) member file write per insert, ms: 100 / 100,000 policies",
         "-",
         &|v| {
-            format!(
-                "{} / {}",
-                number(v, "apply_cost.file_100.write_ms", 3),
-                number(v, "apply_cost.file_100000.write_ms", 3)
+            pair(
+                v,
+                "apply_cost.file_100.write_ms",
+                "apply_cost.file_100000.write_ms",
+                3,
             )
         },
     );
@@ -1499,10 +1505,11 @@ fn table(results: &HashMap<String, Value>, quick: bool) -> String {
         "(7) EdgeLake nodes (AnyLog protocol): pushes/s stored, 1 / 16 connections",
         "-",
         &|v| {
-            format!(
-                "{} / {}",
-                number(v, "anylog_pushes.one_connection_per_s", 0),
-                number(v, "anylog_pushes.connections_16_per_s", 0)
+            pair(
+                v,
+                "anylog_pushes.one_connection_per_s",
+                "anylog_pushes.connections_16_per_s",
+                0,
             )
         },
     );
@@ -1510,10 +1517,11 @@ fn table(results: &HashMap<String, Value>, quick: bool) -> String {
         "(7) get_blockchain of 100,000 policies to a node, s: first (read) / cached",
         "-",
         &|v| {
-            format!(
-                "{} / {}",
-                number(v, "anylog_get_blockchain_100000.first_seconds", 2),
-                number(v, "anylog_get_blockchain_100000.cached_seconds", 2)
+            pair(
+                v,
+                "anylog_get_blockchain_100000.first_seconds",
+                "anylog_get_blockchain_100000.cached_seconds",
+                2,
             )
         },
     );
