@@ -32,6 +32,7 @@ use std::path::Path;
 
 use md5::{Digest, Md5};
 
+use crate::foreign::ForeignFiles;
 use crate::line::PolicyLine;
 use crate::paths::LedgerPaths;
 use crate::state::{FileMd5, PendingRewrite, StateError, SyncState};
@@ -103,6 +104,8 @@ pub struct LedgerFile {
     index: HashMap<String, Entry>,
     /// Set when the file cannot be trusted: only a snapshot may replace it.
     awaiting_snapshot: bool,
+    /// Where bytes someone else wrote into the file are journaled before they leave it.
+    foreign: ForeignFiles,
 }
 
 impl LedgerFile {
@@ -209,13 +212,20 @@ impl LedgerFile {
             }
         }
         // Cut only a file whose recorded part checked out: a damaged one is kept whole until
-        // a snapshot replaces it (it becomes `blockchain.old`).
+        // a snapshot replaces it (it becomes `blockchain.old`). The tail is an append of ours
+        // cut short, or lines someone else appended: journaled first, never dropped unseen.
+        let foreign = ForeignFiles::new(&paths.file);
         if distrust.is_none() && unrecorded_tail > 0 {
+            let tail = read_range(&paths.file, len, len + unrecorded_tail)?;
+            foreign
+                .journal(len, &tail)
+                .map_err(io_error("journal the tail of", &paths.file))?;
             truncate(&paths.file, len)?;
             tracing::info!(
-                dropped_bytes = unrecorded_tail,
-                "repaired {}: dropped the tail written after seq {seq} was recorded",
+                journaled_bytes = unrecorded_tail,
+                "repaired {}: moved the {unrecorded_tail} bytes after seq {seq} to {} to deal with",
                 paths.file.display(),
+                foreign.journal.display(),
             );
         }
         let file = match file_len {
@@ -251,6 +261,7 @@ impl LedgerFile {
             md5,
             index,
             awaiting_snapshot,
+            foreign,
         })
     }
 
@@ -372,11 +383,26 @@ impl LedgerFile {
             .and_then(|()| file.sync_data())
         {
             // Where reserving is not supported, cut a partial write at once rather than leave
-            // it for readers until the next start.
-            let _ = file.set_len(self.len).and_then(|()| file.sync_data());
+            // it for readers until the next start; what follows the recorded part (someone
+            // else's bytes too) is journaled first.
+            if self
+                .journal_after(&self.paths.file.clone(), self.len)
+                .is_ok()
+            {
+                let _ = file.set_len(self.len).and_then(|()| file.sync_data());
+            }
             return Err(io_error("append to", &self.paths.file)(e));
         }
         let new_len = self.len + bytes.len() as u64;
+        // The file is open for appending: if someone else appended meanwhile, the batch went
+        // after their bytes instead of over them. Keep theirs aside and put the file right.
+        let end = file
+            .metadata()
+            .map_err(io_error("inspect", &self.paths.file))?
+            .len();
+        if end != new_len {
+            return self.separate_foreign(seq, inserted, &bytes, end);
+        }
         let mut md5 = self.md5.clone();
         md5.update(&bytes);
         SyncState {
@@ -403,6 +429,18 @@ impl LedgerFile {
         seq: u64,
         deleted: &HashSet<String>,
         inserted: &[PolicyLine],
+    ) -> Result<(), FileError> {
+        self.rewrite_accounting(seq, deleted, inserted, self.len)
+    }
+
+    /// [`LedgerFile::rewrite`] of a file whose bytes up to `accounted` are known (the ledger's
+    /// and foreign bytes already journaled): any byte after it is someone else's.
+    fn rewrite_accounting(
+        &mut self,
+        seq: u64,
+        deleted: &HashSet<String>,
+        inserted: &[PolicyLine],
+        accounted: u64,
     ) -> Result<(), FileError> {
         let source = self
             .file
@@ -444,7 +482,7 @@ impl LedgerFile {
         let removed_len: u64 = removed.iter().map(|entry| entry.len).sum();
         let kept_len = self.len - removed_len;
         let new_len = kept_len + inserted.iter().map(PolicyLine::file_len).sum::<u64>();
-        self.swap_in(seq, new_len, out.md5)?;
+        self.swap_in(seq, new_len, out.md5, accounted)?;
 
         for id in deleted {
             self.index.remove(id);
@@ -469,8 +507,16 @@ impl LedgerFile {
     }
 
     /// Replaces the file by the fsynced `.tmp` of `new_len` bytes holding seq `seq`, whose
-    /// content `new_md5` has hashed.
-    fn swap_in(&mut self, seq: u64, new_len: u64, new_md5: Md5) -> Result<(), FileError> {
+    /// content `new_md5` has hashed. The replaced file's bytes after `accounted` were written by
+    /// someone else (before the rename, or through a descriptor opened before it, which now
+    /// writes to `blockchain.old`): they are journaled.
+    fn swap_in(
+        &mut self,
+        seq: u64,
+        new_len: u64,
+        new_md5: Md5,
+        accounted: u64,
+    ) -> Result<(), FileError> {
         let md5 = FileMd5::of_hasher(&new_md5);
         SyncState {
             seq: self.seq,
@@ -484,6 +530,9 @@ impl LedgerFile {
         }
         .store(&self.paths)?;
         replace_file(&self.paths)?;
+        // Journaled before the record moves on: a crash here finds the same bytes in the
+        // journal at the next start (journaling them twice is harmless, losing them is not).
+        self.journal_after(&self.paths.old.clone(), accounted)?;
         SyncState {
             seq,
             len: new_len,
@@ -496,6 +545,123 @@ impl LedgerFile {
         self.len = new_len;
         self.md5 = new_md5;
         Ok(())
+    }
+
+    /// After an append of `ours` (the batch `inserted` up to `seq`) found the file `end` bytes
+    /// long instead of ending with it: someone else appended before or after it. Their bytes
+    /// are journaled, and the file is rewritten as the recorded part and the batch.
+    fn separate_foreign(
+        &mut self,
+        seq: u64,
+        inserted: &[PolicyLine],
+        ours: &[u8],
+        end: u64,
+    ) -> Result<(), FileError> {
+        let region = read_range(&self.paths.file, self.len, end)?;
+        let Some(at) = find(&region, ours) else {
+            // Not where an append puts it: the file changed under us in another way. The
+            // start-up repair journals what follows the recorded part.
+            return Err(FileError::Inconsistent(format!(
+                "{} changed while the member appended to it",
+                self.paths.file.display()
+            )));
+        };
+        let journal = |from: usize, to: usize| {
+            self.foreign
+                .journal(self.len + from as u64, &region[from..to])
+                .map_err(io_error("journal foreign bytes of", &self.paths.file))
+        };
+        journal(0, at)?;
+        journal(at + ours.len(), region.len())?;
+        tracing::warn!(
+            "{}: someone else appended to the file while the member did; put the file right",
+            self.paths.file.display()
+        );
+        self.rewrite_accounting(seq, &HashSet::new(), inserted, end)
+    }
+
+    /// Journals the bytes of `path` (a file this member wrote up to `accounted` bytes) after
+    /// `accounted`.
+    fn journal_after(&self, path: &Path, accounted: u64) -> Result<(), FileError> {
+        let Some(len) = file_len(path)? else {
+            return Ok(());
+        };
+        if len <= accounted {
+            return Ok(());
+        }
+        let tail = read_range(path, accounted, len)?;
+        self.foreign
+            .journal(accounted, &tail)
+            .map_err(io_error("journal foreign bytes of", path))?;
+        Ok(())
+    }
+
+    /// Looks for bytes someone else appended to the file since the member last wrote it;
+    /// journals them and rewrites the file without them. Returns whether it found any.
+    ///
+    /// A file changed in another way (shorter, its recorded part edited, replaced by another
+    /// file) is distrusted: its lines that the ledger does not hold are journaled and a full
+    /// snapshot will replace it.
+    pub fn take_foreign(&mut self) -> Result<bool, FileError> {
+        if self.awaiting_snapshot {
+            return Ok(false);
+        }
+        let Some(file) = &self.file else {
+            return Ok(false);
+        };
+        let ours = file
+            .metadata()
+            .map_err(io_error("inspect", &self.paths.file))?;
+        let on_disk = match std::fs::metadata(&self.paths.file) {
+            Ok(metadata) => metadata,
+            // Removed or being renamed by someone: looked at again next time.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_error("inspect", &self.paths.file)(e)),
+        };
+        use std::os::unix::fs::MetadataExt;
+        let replaced = (ours.dev(), ours.ino()) != (on_disk.dev(), on_disk.ino());
+        let size = on_disk.len();
+        if !replaced && size == self.len {
+            return Ok(false);
+        }
+        let prefix_intact = !replaced
+            && size > self.len
+            && FileMd5::of_hasher(&hash_prefix(&self.paths.file, self.len)?) == self.md5();
+        if prefix_intact {
+            let tail = read_range(&self.paths.file, self.len, size)?;
+            self.foreign
+                .journal(self.len, &tail)
+                .map_err(io_error("journal foreign bytes of", &self.paths.file))?;
+            self.rewrite_accounting(self.seq, &HashSet::new(), &[], size)?;
+            return Ok(true);
+        }
+        // Changed in another way: keep what the ledger does not hold, then resync.
+        let content =
+            std::fs::read(&self.paths.file).map_err(io_error("read", &self.paths.file))?;
+        let mut kept = 0;
+        for piece in crate::foreign::split_lines(0, &content) {
+            let known = match crate::foreign::classify(&piece) {
+                crate::foreign::Foreign::Policy { id, .. } => self.contains(&id),
+                _ => false,
+            };
+            if !known {
+                self.foreign
+                    .journal(piece.from, &piece.bytes)
+                    .map_err(io_error("journal foreign bytes of", &self.paths.file))?;
+                kept += 1;
+            }
+        }
+        self.await_snapshot(&format!(
+            "{} was changed by someone else ({}); journaled its {kept} lines the ledger does not hold",
+            self.paths.file.display(),
+            if replaced { "replaced by another file" } else if size < self.len { "made shorter" } else { "edited" }
+        ));
+        Ok(kept > 0)
+    }
+
+    /// Where foreign bytes are journaled and set aside.
+    pub fn foreign_files(&self) -> &ForeignFiles {
+        &self.foreign
     }
 
     /// Starts a snapshot in `.tmp`; the file stays untouched until [`LedgerFile::install`].
@@ -539,7 +705,7 @@ impl LedgerFile {
             .map_err(io_error("write", path))?;
         let Md5Writer { inner, md5 } = out;
         drop(inner);
-        self.swap_in(seq, len, md5)
+        self.swap_in(seq, len, md5, self.len)
     }
 
     /// Drops a snapshot that will not be installed (its stream broke): the file is untouched.
@@ -763,10 +929,13 @@ fn lock(paths: &LedgerPaths) -> Result<File, FileError> {
     Ok(file)
 }
 
+/// The ledger file, open for reading and appending. Appending (`O_APPEND`), not writing at
+/// the recorded length: a node beside the member may have appended a line since, and a write
+/// at a position would go over it. An append goes after it, where it is found and set right.
 fn open_rw(path: &Path) -> Result<File, FileError> {
     OpenOptions::new()
         .read(true)
-        .write(true)
+        .append(true)
         .open(path)
         .map_err(io_error("open", path))
 }
@@ -774,9 +943,8 @@ fn open_rw(path: &Path) -> Result<File, FileError> {
 fn open_rw_create(path: &Path) -> Result<File, FileError> {
     OpenOptions::new()
         .read(true)
-        .write(true)
+        .append(true)
         .create(true)
-        .truncate(false)
         .open(path)
         .map_err(io_error("create", path))
 }
@@ -812,6 +980,51 @@ fn truncate(path: &Path, len: u64) -> Result<(), FileError> {
     file.set_len(len)
         .and_then(|()| file.sync_all())
         .map_err(io_error("truncate", path))
+}
+
+/// Bytes `from..to` of the file at `path`.
+fn read_range(path: &Path, from: u64, to: u64) -> Result<Vec<u8>, FileError> {
+    let file = File::open(path).map_err(io_error("read", path))?;
+    let mut bytes = vec![0; (to - from) as usize];
+    file.read_exact_at(&mut bytes, from)
+        .map_err(io_error("read", path))?;
+    Ok(bytes)
+}
+
+/// The md5 state of the first `len` bytes of the file at `path`.
+fn hash_prefix(path: &Path, len: u64) -> Result<Md5, FileError> {
+    let file = File::open(path).map_err(io_error("read", path))?;
+    let mut md5 = Md5::new();
+    io::copy(
+        &mut BufReader::with_capacity(1 << 20, file.take(len)),
+        &mut Md5Sink(&mut md5),
+    )
+    .map_err(io_error("read", path))?;
+    Ok(md5)
+}
+
+/// Feeds an md5 hasher as a writer.
+struct Md5Sink<'a>(&'a mut Md5);
+
+impl Write for Md5Sink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where `needle` starts in `haystack` (the last place, as an append is the latest write).
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.len() > haystack.len() {
+        return None;
+    }
+    (0..=haystack.len() - needle.len())
+        .rev()
+        .find(|&at| &haystack[at..at + needle.len()] == needle)
 }
 
 fn file_len(path: &Path) -> Result<Option<u64>, FileError> {
@@ -872,6 +1085,121 @@ mod tests {
                 .unwrap();
         }
         file
+    }
+
+    /// What an EdgeLake node appends for `blockchain insert ... local=true`.
+    const LOCAL: &str = "{\"config\": {\"name\": \"n\", \"id\": \"local-1\", \"date\": \"2026-12-01T00:00:00.000000Z\", \"ledger\": \"local\"}}\n";
+
+    fn node_appends(f: &Fixture, bytes: &str) {
+        let mut out = OpenOptions::new().append(true).open(&f.paths.file).unwrap();
+        out.write_all(bytes.as_bytes()).unwrap();
+    }
+
+    fn journaled(f: &Fixture) -> Vec<String> {
+        ForeignFiles::new(&f.paths.file)
+            .pending()
+            .unwrap()
+            .into_iter()
+            .map(|p| format!("{}..{} {}", p.from, p.to, String::from_utf8_lossy(&p.bytes)))
+            .collect()
+    }
+
+    /// The ledger's record agrees with the file: reopening trusts it as it is.
+    fn assert_clean(f: &Fixture, seq: u64, lines: &[PolicyLine]) {
+        assert_eq!(read(&f.paths.file), text(lines));
+        let reopened = LedgerFile::open(&f.paths.file).unwrap();
+        assert_eq!(reopened.seq(), seq);
+        assert!(!reopened.awaiting_snapshot());
+    }
+
+    /// A node's line appended before the member's next append is neither overwritten nor
+    /// dropped: it goes to the journal, and the file holds the ledger alone.
+    #[test]
+    fn an_append_never_goes_over_a_nodes_line() {
+        let f = fixture();
+        let mut file = synced(&f, 2);
+        let at = file.len();
+        node_appends(&f, LOCAL);
+        file.commit(3, &HashSet::new(), &[policy(3)]).unwrap();
+        drop(file);
+        assert_eq!(
+            journaled(&f),
+            [format!("{at}..{} {LOCAL}", at + LOCAL.len() as u64)]
+        );
+        assert_clean(&f, 3, &[1, 2, 3].map(policy));
+    }
+
+    /// A delete's rewrite, and a snapshot's installation, keep a node's line too.
+    #[test]
+    fn a_rewrite_and_a_snapshot_never_drop_a_nodes_line() {
+        let f = fixture();
+        let mut file = synced(&f, 3);
+        node_appends(&f, LOCAL);
+        let deleted: HashSet<String> = ["id-2".to_string()].into();
+        file.commit(4, &deleted, &[]).unwrap();
+        assert_eq!(journaled(&f).len(), 1);
+        ForeignFiles::new(&f.paths.file).clear().unwrap();
+        node_appends(&f, "garbage without a line break");
+        let mut snapshot = file.begin_snapshot().unwrap();
+        snapshot.push(policy(7)).unwrap();
+        file.install(snapshot, 9).unwrap();
+        drop(file);
+        assert_eq!(journaled(&f).len(), 1, "{:?}", journaled(&f));
+        assert!(journaled(&f)[0].ends_with("garbage without a line break"));
+        assert_clean(&f, 9, &[policy(7)]);
+    }
+
+    /// The sync loop's look at an idle file: the node's lines leave it for the journal.
+    #[test]
+    fn take_foreign_journals_and_rewrites() {
+        let f = fixture();
+        let mut file = synced(&f, 2);
+        assert!(!file.take_foreign().unwrap());
+        node_appends(&f, LOCAL);
+        node_appends(
+            &f,
+            "{\"deleted\": { \"id\" : \"id-1\", \"ledger\" : \"local\" }}\n",
+        );
+        assert!(file.take_foreign().unwrap());
+        assert_eq!(journaled(&f).len(), 2);
+        assert!(!file.take_foreign().unwrap());
+        file.commit(3, &HashSet::new(), &[policy(3)]).unwrap();
+        drop(file);
+        assert_eq!(journaled(&f).len(), 2);
+        assert_clean(&f, 3, &[1, 2, 3].map(policy));
+    }
+
+    /// At start-up a tail after the recorded length is journaled before it is cut.
+    #[test]
+    fn start_up_journals_the_tail() {
+        let f = fixture();
+        drop(synced(&f, 2));
+        node_appends(&f, LOCAL);
+        node_appends(&f, "{\"tag\": {\"id\": ");
+        let file = LedgerFile::open(&f.paths.file).unwrap();
+        assert_eq!(file.seq(), 2);
+        drop(file);
+        let pending = journaled(&f);
+        assert_eq!(pending.len(), 2, "{pending:?}");
+        assert!(pending[1].ends_with("{\"tag\": {\"id\": "));
+        assert_clean(&f, 2, &[1, 2].map(policy));
+    }
+
+    /// A file someone edited or replaced is resynced, and its lines the ledger does not hold
+    /// are journaled first.
+    #[test]
+    fn an_edited_file_keeps_what_the_ledger_lacks() {
+        let f = fixture();
+        let mut file = synced(&f, 2);
+        let mut edited = text(&[policy(1)]);
+        edited.push_str(LOCAL);
+        std::fs::write(f.paths.dir.join("other"), &edited).unwrap();
+        std::fs::rename(f.paths.dir.join("other"), &f.paths.file).unwrap();
+        assert!(file.take_foreign().unwrap());
+        assert!(file.awaiting_snapshot());
+        let pending = journaled(&f);
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert!(pending[0].contains("local-1"));
     }
 
     #[test]

@@ -13,13 +13,16 @@
 pub mod backoff;
 pub mod commands;
 pub mod config;
+pub mod foreign;
 pub mod ledger_file;
 pub mod line;
 pub mod masters;
 pub mod metrics;
 pub mod mirror;
+pub mod node;
 pub mod paths;
 pub mod relay;
 pub mod replica;
+pub mod sidecar;
 pub mod state;
 pub mod sync;

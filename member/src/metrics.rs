@@ -68,3 +68,31 @@ pub fn connected(up: bool) {
 pub fn file_write(elapsed: Duration) {
     histogram!("ledger_member_file_write_duration_seconds").record(elapsed.as_secs_f64());
 }
+
+/// A foreign line of the ledger file (written by someone else, e.g. the node beside the member)
+/// was dealt with as `outcome`.
+pub fn foreign_line(outcome: crate::sidecar::ForeignOutcome) {
+    use crate::sidecar::ForeignOutcome;
+    let outcome = match outcome {
+        ForeignOutcome::Pushed => "pushed",
+        ForeignOutcome::Deleted => "deleted",
+        ForeignOutcome::SetAside => "set_aside",
+    };
+    counter!("ledger_member_foreign_lines_total", "outcome" => outcome).increment(1);
+}
+
+/// The node beside the member was asked to reload its metadata (`ok`: it answered).
+pub fn node_reload(ok: bool) {
+    counter!("ledger_member_node_reloads_total", "outcome" => if ok { "ok" } else { "failed" })
+        .increment(1);
+}
+
+/// One reload of the node's metadata took `elapsed` (answered, refused or timed out).
+pub fn node_reload_duration(elapsed: Duration) {
+    histogram!("ledger_member_node_reload_duration_seconds").record(elapsed.as_secs_f64());
+}
+
+/// Whether the node's last reload succeeded (1) or not (0).
+pub fn node_reachable(up: bool) {
+    gauge!("ledger_member_node_reachable").set(if up { 1.0 } else { 0.0 });
+}
