@@ -22,12 +22,10 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use ledger_proto::pb;
-use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::policy;
 use ledger_proto::pyformat::json_dumps;
 use serde_json::{Value, json};
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::sidecar::{ForeignOutcome, Sidecar};
 
@@ -223,7 +221,7 @@ pub enum SettleError {
 /// removes the journal. Returns how many pieces it dealt with.
 pub async fn settle(
     files: &ForeignFiles,
-    client: &mut LedgerServiceClient<Channel>,
+    client: &mut crate::masters::Client,
     sidecar: &Sidecar,
 ) -> Result<usize, SettleError> {
     let pieces = files.pending()?;

@@ -342,6 +342,12 @@ impl LedgerFile {
                 line.id
             )));
         }
+        // Someone else's bytes first: an append after them would glue our first line to a
+        // partial one of theirs for as long as it takes to put the file right.
+        self.take_foreign()?;
+        if self.awaiting_snapshot {
+            return Err(FileError::AwaitingSnapshot);
+        }
         let started = std::time::Instant::now();
         let written = if deleted.is_empty() {
             self.append(seq, inserted)
@@ -1127,6 +1133,32 @@ mod tests {
             [format!("{at}..{} {LOCAL}", at + LOCAL.len() as u64)]
         );
         assert_clean(&f, 3, &[1, 2, 3].map(policy));
+    }
+
+    /// A node's line that lands between the member's look and its write: the write goes after
+    /// it (the file is open for appending), where it is found, journaled and put right.
+    #[test]
+    fn a_line_appended_during_an_append_is_separated() {
+        let f = fixture();
+        let mut file = synced(&f, 2);
+        let at = file.len();
+        node_appends(&f, LOCAL);
+        // `append` without the look `commit` takes first: the race's outcome.
+        file.append(3, &[policy(3)]).unwrap();
+        assert_eq!(read(&f.paths.file), text(&[1, 2, 3].map(policy)));
+        // And a node's line after the member's, before it looked again.
+        node_appends(&f, "tail\n");
+        let end = file.len();
+        file.append(4, &[policy(4)]).unwrap();
+        drop(file);
+        let pending = journaled(&f);
+        assert_eq!(pending.len(), 2, "{pending:?}");
+        assert_eq!(
+            pending[0],
+            format!("{at}..{} {LOCAL}", at + LOCAL.len() as u64)
+        );
+        assert_eq!(pending[1], format!("{end}..{} tail\n", end + 5));
+        assert_clean(&f, 4, &[1, 2, 3, 4].map(policy));
     }
 
     /// A delete's rewrite, and a snapshot's installation, keep a node's line too.

@@ -144,6 +144,16 @@ impl Replica {
         &self.file
     }
 
+    /// Looks for bytes someone else wrote into the file and journals them (see
+    /// [`LedgerFile::take_foreign`]); not while a snapshot is being received, whose
+    /// installation looks at the file it replaces anyway.
+    pub fn take_foreign(&mut self) -> Result<bool, crate::ledger_file::FileError> {
+        if self.receiving.is_some() {
+            return Ok(false);
+        }
+        self.file.take_foreign()
+    }
+
     /// The seq to subscribe after: the applied seq, or 0 when the file waits for a snapshot.
     pub fn resume_seq(&self) -> u64 {
         self.file.seq()
