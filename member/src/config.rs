@@ -13,6 +13,7 @@ use ledger_master::cli::LogFormat;
 use ledger_master::storage::DatabaseUrl;
 
 use crate::masters::{ClientOptions, MasterAddr, TlsFiles};
+use crate::node::NodeTarget;
 
 /// The Ledger member: keeps a local AnyLog `blockchain.json` in sync with a master by streaming
 /// its changes. Run without a subcommand for the daemon.
@@ -196,6 +197,43 @@ pub struct DaemonArgs {
         requires = "serve"
     )]
     pub serve_auth_file: Option<PathBuf>,
+
+    /// Beside an EdgeLake node: after each batch of changes, send the node `blockchain reload
+    /// metadata` through its REST server at this URL, `http://HOST:PORT` (e.g.
+    /// http://127.0.0.1:32049; http only, https is not supported), so that its `blockchain
+    /// get` shows them.
+    #[arg(
+        long,
+        env = "LEDGER_NODE_REST",
+        value_name = "URL",
+        value_parser = NodeTarget::rest,
+        conflicts_with = "node_tcp"
+    )]
+    pub node_rest: Option<NodeTarget>,
+
+    /// Beside an EdgeLake node without a REST server: send it `blockchain reload metadata` as
+    /// an AnyLog message to its TCP server at IP:PORT after each batch of changes.
+    #[arg(long, env = "LEDGER_NODE_TCP", value_name = "IP:PORT")]
+    pub node_tcp: Option<SocketAddr>,
+
+    /// How long one reload of the node (--node-rest, --node-tcp) may take before it counts as
+    /// failed and is tried again with backoff.
+    #[arg(
+        long,
+        env = "LEDGER_NODE_RELOAD_TIMEOUT",
+        default_value = "5s",
+        value_parser = humantime::parse_duration
+    )]
+    pub node_reload_timeout: Duration,
+}
+
+impl DaemonArgs {
+    /// The node to tell about changes, if any (`--node-rest` or `--node-tcp`).
+    pub fn node_target(&self) -> Option<NodeTarget> {
+        self.node_rest
+            .clone()
+            .or_else(|| self.node_tcp.map(NodeTarget::Tcp))
+    }
 }
 
 /// The operator's commands. Each exits 0 on success; otherwise it prints one line on stderr
@@ -311,5 +349,51 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["member", "insert"]).is_err());
         assert!(Cli::try_parse_from(["member", "get", "--where", "nokey"]).is_err());
+    }
+
+    #[test]
+    fn the_node_is_reached_by_rest_or_tcp_not_both() {
+        let cli = Cli::try_parse_from(["member", "--node-rest", "http://127.0.0.1:32049"]).unwrap();
+        assert!(matches!(
+            cli.daemon.node_target(),
+            Some(crate::node::NodeTarget::Rest(_))
+        ));
+        assert_eq!(cli.daemon.node_reload_timeout, Duration::from_secs(5));
+        let cli = Cli::try_parse_from([
+            "member",
+            "--node-tcp",
+            "127.0.0.1:32048",
+            "--node-reload-timeout",
+            "1s",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.daemon.node_target(),
+            Some(crate::node::NodeTarget::Tcp(
+                "127.0.0.1:32048".parse().unwrap()
+            ))
+        );
+        assert_eq!(cli.daemon.node_reload_timeout, Duration::from_secs(1));
+        assert!(
+            Cli::try_parse_from(["member"])
+                .unwrap()
+                .daemon
+                .node_target()
+                .is_none()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "member",
+                "--node-rest",
+                "http://127.0.0.1:32049",
+                "--node-tcp",
+                "127.0.0.1:32048"
+            ])
+            .is_err()
+        );
+        let https = Cli::try_parse_from(["member", "--node-rest", "https://127.0.0.1:32049"])
+            .unwrap_err()
+            .to_string();
+        assert!(https.contains("https is not supported"), "{https}");
     }
 }

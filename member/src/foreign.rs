@@ -92,11 +92,15 @@ impl ForeignFiles {
             Err(e) => return Err(e),
         };
         // A line torn by a crash while journaling was not recorded yet: its bytes are still in
-        // the ledger file, which start-up journals again.
+        // the ledger file, which start-up journals again. So is a piece journaled before a
+        // crash that came before the file was put right: the same bytes at the same place,
+        // dealt with once.
+        let mut seen = std::collections::HashSet::new();
         Ok(text
             .split(|b| *b == b'\n')
             .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
             .filter_map(|entry| piece_from_json(&entry))
+            .filter(|piece| seen.insert((piece.from, piece.to, piece.bytes.clone())))
             .collect())
     }
 
@@ -464,6 +468,8 @@ mod tests {
         assert!(files.pending().unwrap().is_empty());
         files.journal(10, b"line one\n").unwrap();
         files.journal(19, &[0xff, b'x', b'\n', b'y']).unwrap();
+        // Journaled again after a crash: once.
+        files.journal(10, b"line one\n").unwrap();
         let pending = files.pending().unwrap();
         assert_eq!(
             pending,

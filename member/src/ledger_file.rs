@@ -216,11 +216,23 @@ impl LedgerFile {
         // cut short, or lines someone else appended: journaled first, never dropped unseen.
         let foreign = ForeignFiles::new(&paths.file);
         if distrust.is_none() && unrecorded_tail > 0 {
-            let tail = read_range(&paths.file, len, len + unrecorded_tail)?;
+            let end = len + unrecorded_tail;
+            let tail = read_range(&paths.file, len, end)?;
             foreign
                 .journal(len, &tail)
                 .map_err(io_error("journal the tail of", &paths.file))?;
-            truncate(&paths.file, len)?;
+            // Not a truncation: a node may append while this runs, and a truncation would cut
+            // what it wrote after the tail was read. The recorded part goes to a new file, and
+            // whatever reached the old one after the tail is journaled too.
+            cut_to(&paths, len)?;
+            if let Some(old_len) = std::fs::metadata(&paths.old).ok().map(|m| m.len())
+                && old_len > end
+            {
+                let later = read_range(&paths.old, end, old_len)?;
+                foreign
+                    .journal(end, &later)
+                    .map_err(io_error("journal the tail of", &paths.file))?;
+            }
             tracing::info!(
                 journaled_bytes = unrecorded_tail,
                 "repaired {}: moved the {unrecorded_tail} bytes after seq {seq} to {} to deal with",
@@ -981,11 +993,15 @@ fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-fn truncate(path: &Path, len: u64) -> Result<(), FileError> {
-    let file = open_rw(path)?;
-    file.set_len(len)
-        .and_then(|()| file.sync_all())
-        .map_err(io_error("truncate", path))
+/// Replaces the ledger file by its first `len` bytes (through `.tmp`, fsynced, renamed; the
+/// file it replaces is kept as `blockchain.old`).
+fn cut_to(paths: &LedgerPaths, len: u64) -> Result<(), FileError> {
+    let source = File::open(&paths.file).map_err(io_error("read", &paths.file))?;
+    let mut tmp = File::create(&paths.tmp).map_err(io_error("create", &paths.tmp))?;
+    io::copy(&mut source.take(len), &mut tmp)
+        .and_then(|_| tmp.sync_all())
+        .map_err(io_error("write", &paths.tmp))?;
+    replace_file(paths)
 }
 
 /// Bytes `from..to` of the file at `path`.

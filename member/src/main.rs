@@ -12,8 +12,10 @@ use ledger_master::storage::DatabaseUrl;
 use ledger_member::commands::{self, CommandError};
 use ledger_member::config::{Cli, Command, DaemonArgs};
 use ledger_member::masters::ClientOptions;
+use ledger_member::node::{NodeNotifier, NodeOptions};
 use ledger_member::paths::LedgerPaths;
 use ledger_member::relay::RelayOptions;
+use ledger_member::sidecar::Sidecar;
 use ledger_member::sync::{self, SyncError, SyncOptions};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::ServerTlsConfig;
@@ -89,6 +91,14 @@ async fn daemon(cli: Cli, client: ClientOptions) -> ExitCode {
         shutdown_signal().await;
         signal.cancel();
     });
+    let sidecar = Sidecar::open(&cli.ledger_file);
+    let node = cli.daemon.node_target().map(|target| {
+        let options = NodeOptions {
+            timeout: cli.daemon.node_reload_timeout,
+            ..NodeOptions::default()
+        };
+        NodeNotifier::start_with(target, options, sidecar.clone(), shutdown.clone())
+    });
     let options = SyncOptions {
         masters: cli.masters,
         ledger_file: cli.ledger_file.clone(),
@@ -106,6 +116,8 @@ async fn daemon(cli: Cli, client: ClientOptions) -> ExitCode {
             serve_tls,
             serve_auth,
         }),
+        sidecar,
+        node,
     };
     match sync::run(options, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

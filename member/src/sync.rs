@@ -17,8 +17,10 @@ use crate::backoff::Backoff;
 use crate::ledger_file::{FileError, LedgerFile};
 use crate::masters::{self, ClientOptions, MasterAddr};
 use crate::metrics;
+use crate::node::NodeNotifier;
 use crate::relay::{Relay, RelayError, RelayOptions};
 use crate::replica::{ApplyError, BatchReport, Replica};
+use crate::sidecar::Sidecar;
 
 /// The most events applied as one batch, so that memory and the time between two durable
 /// points stay bounded while a big snapshot or replay streams in.
@@ -26,6 +28,10 @@ const MAX_BATCH_EVENTS: usize = 4096;
 
 /// The most policy bytes applied as one batch.
 const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// How often a streaming member looks for lines someone else (the node beside it) wrote into
+/// the ledger file: one `fstat` and one `stat` while there are none.
+const FOREIGN_LOOK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What the daemon needs.
 #[derive(Debug, Clone)]
@@ -44,6 +50,11 @@ pub struct SyncOptions {
     pub retry_max: Duration,
     /// Serve the ledger to members below (a relay).
     pub relay: Option<RelayOptions>,
+    /// What the daemon did for the node beside it, for `member status`.
+    pub sidecar: Sidecar,
+    /// The node told to reload after each batch that changed the file (`--node-rest`,
+    /// `--node-tcp`).
+    pub node: Option<NodeNotifier>,
 }
 
 /// Why the daemon stopped other than by a signal.
@@ -79,6 +90,8 @@ enum End {
     File(FileError),
     /// Writing the relay's mirror failed: subscribe again from the mirror's head.
     Mirror(String),
+    /// The file was changed by someone else and waits for a snapshot: subscribe again at once.
+    Resync,
 }
 
 /// Runs the daemon until `shutdown` is cancelled; a write in progress finishes first.
@@ -169,6 +182,8 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
         };
         let master = &masters[current];
         link.connected(master, after_seq);
+        // What the node wrote while no master answered (or before a crash) goes first.
+        settle_foreign(copy, master, &options).await;
         if let Some(relay) = relay.as_mut() {
             relay.upstream_connected(master);
         }
@@ -180,6 +195,7 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
             master,
             &shutdown,
             &mut backoff,
+            &options,
         )
         .await;
         metrics::connected(false);
@@ -211,6 +227,7 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
             End::Mirror(e) => {
                 tracing::error!("writing the relay's mirror failed: {e}; subscribing again");
             }
+            End::Resync => wait = false,
         }
     }
     if let Some(relay) = relay {
@@ -261,13 +278,25 @@ async fn stream_into(
     master: &MasterAddr,
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
+    options: &SyncOptions,
 ) -> End {
     let mut caught_up_once = false;
+    let mut look = tokio::time::interval(FOREIGN_LOOK_INTERVAL);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return End::Shutdown,
             message = stream.message() => message,
+            _ = look.tick() => {
+                match tokio::task::block_in_place(|| replica.take_foreign()) {
+                    Err(e) => return End::File(e),
+                    Ok(_) if replica.file().awaiting_snapshot() => return End::Resync,
+                    Ok(_) => {}
+                }
+                settle_foreign(replica, master, options).await;
+                continue;
+            }
         };
         let mut batch = match first {
             Ok(Some(event)) => vec![event],
@@ -296,7 +325,16 @@ async fn stream_into(
         }
         // The write runs to its end even when a signal arrives meanwhile: shutdown is only
         // looked at between batches.
+        let seq_before = replica.resume_seq();
         let result = tokio::task::block_in_place(|| replica.apply(batch));
+        // What the file made durable (also before a failure midway): the node reloads it; and
+        // once a subscription catches up, for what the node may have missed before.
+        let changed = replica.resume_seq() != seq_before
+            || matches!(&result, Ok(r) if r.changes > 0 || r.installed.is_some()
+                || (r.caught_up.is_some() && !caught_up_once));
+        if changed && let Some(node) = &options.node {
+            node.notify();
+        }
         metrics::applied(replica.resume_seq());
         if let Ok(report) = &result
             && let Some(head) = report.head.or(report.caught_up)
@@ -332,6 +370,37 @@ async fn stream_into(
         if let Some(end) = end {
             return end;
         }
+    }
+}
+
+/// Deals with the foreign lines journaled beside the file (see [`crate::foreign`]) through
+/// `master`; what cannot be dealt with now stays journaled for the next time.
+async fn settle_foreign(replica: &Replica, master: &MasterAddr, options: &SyncOptions) {
+    let files = replica.file().foreign_files();
+    if !files.journal.exists() {
+        return;
+    }
+    let settled = async {
+        let mut client = master
+            .connect(&options.client, options.connect_timeout)
+            .await
+            .map_err(crate::foreign::SettleError::Master)?;
+        crate::foreign::settle(files, &mut client, &options.sidecar).await
+    };
+    match tokio::time::timeout(options.connect_timeout * 4, settled).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(count)) => tracing::info!(
+            count,
+            "dealt with the lines someone else wrote into the ledger file"
+        ),
+        Ok(Err(e)) => tracing::warn!(
+            "cannot deal with the lines someone else wrote into the ledger file yet: {e}; they stay in {}",
+            files.journal.display()
+        ),
+        Err(_) => tracing::warn!(
+            "dealing with the lines someone else wrote into the ledger file took too long; they stay in {}",
+            files.journal.display()
+        ),
     }
 }
 
