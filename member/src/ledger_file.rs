@@ -550,7 +550,12 @@ impl LedgerFile {
         replace_file(&self.paths)?;
         // Journaled before the record moves on: a crash here finds the same bytes in the
         // journal at the next start (journaling them twice is harmless, losing them is not).
-        self.journal_after(&self.paths.old.clone(), accounted)?;
+        if self.awaiting_snapshot {
+            // A distrusted file replaced by a snapshot: its lines that are not the ledger's.
+            self.journal_unknown_lines(&self.paths.old.clone(), false)?;
+        } else {
+            self.journal_after(&self.paths.old.clone(), accounted)?;
+        }
         SyncState {
             seq,
             len: new_len,
@@ -654,27 +659,40 @@ impl LedgerFile {
             return Ok(true);
         }
         // Changed in another way: keep what the ledger does not hold, then resync.
-        let content =
-            std::fs::read(&self.paths.file).map_err(io_error("read", &self.paths.file))?;
-        let mut kept = 0;
-        for piece in crate::foreign::split_lines(0, &content) {
-            let known = match crate::foreign::classify(&piece) {
-                crate::foreign::Foreign::Policy { id, .. } => self.contains(&id),
-                _ => false,
-            };
-            if !known {
-                self.foreign
-                    .journal(piece.from, &piece.bytes)
-                    .map_err(io_error("journal foreign bytes of", &self.paths.file))?;
-                kept += 1;
-            }
-        }
+        let kept = self.journal_unknown_lines(&self.paths.file.clone(), true)?;
         self.await_snapshot(&format!(
             "{} was changed by someone else ({}); journaled its {kept} lines the ledger does not hold",
             self.paths.file.display(),
             if replaced { "replaced by another file" } else if size < self.len { "made shorter" } else { "edited" }
         ));
         Ok(kept > 0)
+    }
+
+    /// Journals the lines of `path` that are not the ledger's: local policies and deletes,
+    /// and lines that are no policy at all. With `by_index`, a policy line whose id the file
+    /// does not hold is journaled too; without (a distrusted file, whose index is empty), the
+    /// snapshot replacing it decides what the ledger holds. Returns how many it journaled.
+    fn journal_unknown_lines(&self, path: &Path, by_index: bool) -> Result<usize, FileError> {
+        use crate::foreign::Foreign;
+        let content = match std::fs::read(path) {
+            Ok(content) => content,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_error("read", path)(e)),
+        };
+        let mut kept = 0;
+        for piece in crate::foreign::split_lines(0, &content) {
+            let known = match crate::foreign::classify(&piece) {
+                Foreign::Policy { id, .. } => !by_index || self.contains(&id),
+                _ => false,
+            };
+            if !known {
+                self.foreign
+                    .journal(piece.from, &piece.bytes)
+                    .map_err(io_error("journal foreign bytes of", path))?;
+                kept += 1;
+            }
+        }
+        Ok(kept)
     }
 
     /// Where foreign bytes are journaled and set aside.
@@ -825,6 +843,15 @@ fn finish_rewrite(
         // Crashed between the marker and the rename: the new file is complete and fsynced.
         Some(len) if len == pending.len => {
             replace_file(paths)?;
+            // What someone else appended to the file it replaced is theirs, not the ledger's.
+            if let Some(old_len) = std::fs::metadata(&paths.old).ok().map(|m| m.len())
+                && old_len > before.len
+            {
+                let tail = read_range(&paths.old, before.len, old_len)?;
+                ForeignFiles::new(&paths.file)
+                    .journal(before.len, &tail)
+                    .map_err(io_error("journal the tail of", &paths.old))?;
+            }
             done.store(paths)?;
             tracing::info!(
                 "finished the rewrite of {} a crash interrupted: it holds seq {}",
@@ -845,9 +872,10 @@ fn finish_rewrite(
             before.store(paths)?;
             Ok(before)
         }
-        // Crashed after the rename: only the record is behind.
+        // Crashed after the rename: only the record is behind. A longer file got someone
+        // else's lines since: the record is completed, and start-up deals with the tail.
         None => match file_len(&paths.file)? {
-            Some(len) if len == pending.len => {
+            Some(len) if len >= pending.len => {
                 done.store(paths)?;
                 tracing::info!(
                     "completed the record of an interrupted rewrite of {}: it holds seq {}",
