@@ -347,6 +347,17 @@ pub async fn status(
     if let Some(error) = state_error {
         status["state_error"] = error.into();
     }
+    // Beside an EdgeLake node: the lines it wrote into the file, and its reloads.
+    if let Some(sidecar) = crate::sidecar::read(&crate::sidecar::sidecar_path(path)) {
+        status["foreign_lines"] = sidecar["foreign"].clone();
+        status["node"] = sidecar["node"].clone();
+    }
+    let journal = crate::foreign::ForeignFiles::new(path);
+    if let Ok(pending) = journal.pending()
+        && !pending.is_empty()
+    {
+        status["foreign_lines_pending"] = pending.len().into();
+    }
     Ok(status.to_string())
 }
 

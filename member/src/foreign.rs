@@ -43,6 +43,8 @@ pub struct Piece {
 /// The files of foreign bytes beside the ledger file.
 #[derive(Debug, Clone)]
 pub struct ForeignFiles {
+    /// The ledger file they come from.
+    pub ledger: PathBuf,
     /// Pieces found and not dealt with yet (JSON lines, fsynced).
     pub journal: PathBuf,
     /// Pieces set aside, with the reason (JSON lines).
@@ -58,6 +60,7 @@ impl ForeignFiles {
             PathBuf::from(name)
         };
         ForeignFiles {
+            ledger: ledger_file.to_path_buf(),
             journal: with_suffix(".foreign-pending"),
             set_aside: with_suffix(".foreign"),
         }
@@ -76,7 +79,8 @@ impl ForeignFiles {
             text.push('\n');
             tracing::warn!(
                 bytes = %format!("{}..{}", piece.from, piece.to),
-                "found bytes in {} that the member did not write; journaled them to deal with",
+                "found bytes in {} that the member did not write; moved them to {} to deal with",
+                self.ledger.display(),
                 self.journal.display()
             );
         }

@@ -292,7 +292,14 @@ async fn stream_into(
                 match tokio::task::block_in_place(|| replica.take_foreign()) {
                     Err(e) => return End::File(e),
                     Ok(_) if replica.file().awaiting_snapshot() => return End::Resync,
-                    Ok(_) => {}
+                    // The file changed: what the node reads now is the ledger alone (its own
+                    // lines come back through the stream once the master has them).
+                    Ok(true) => {
+                        if let Some(node) = &options.node {
+                            node.notify();
+                        }
+                    }
+                    Ok(false) => {}
                 }
                 settle_foreign(replica, master, options).await;
                 continue;

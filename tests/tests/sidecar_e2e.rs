@@ -14,7 +14,7 @@ use std::time::Duration;
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_tests::client::{delete_ok as delete, insert_ok as insert};
-use ledger_tests::member::{applied_seq, file_md5};
+use ledger_tests::member::{applied_seq, file_md5, member_command};
 use ledger_tests::{Master, Member, wait_until};
 use tonic::transport::Channel;
 
@@ -367,4 +367,21 @@ async fn a_partial_line_and_a_refused_policy_are_set_aside() {
     assert!(!file.contains("too-big") && !file.contains("cut"));
     let ids: BTreeSet<&str> = file.lines().collect();
     assert_eq!(ids.len(), file.lines().count());
+    // `member status` tells the operator.
+    let status = member_command(
+        &[
+            "status",
+            "--master",
+            &master.addr.to_string(),
+            "--ledger-file",
+            &member.file.display().to_string(),
+        ],
+        None,
+    )
+    .await;
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status["foreign_lines"]["set_aside"], 2, "{status}");
+    assert_eq!(status["foreign_lines"]["pushed"], 1, "{status}");
+    assert_eq!(status["foreign_lines"]["found"], 3, "{status}");
+    assert_eq!(status["in_sync"], true, "{status}");
 }
