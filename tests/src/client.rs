@@ -123,3 +123,27 @@ pub async fn next_change(stream: &mut Streaming<StreamLedgerResponse>) -> Stream
         }
     }
 }
+
+/// Every policy of the ledger, in ledger order (every page of `ListPolicies`).
+pub async fn all_policies(client: &mut Client) -> Vec<Policy> {
+    let mut policies = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = within(
+            30,
+            "ListPolicies",
+            client.list_policies(ledger_proto::pb::ListPoliciesRequest {
+                page_token,
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("listing policies")
+        .into_inner();
+        policies.extend(page.policies);
+        if page.next_page_token.is_empty() {
+            return policies;
+        }
+        page_token = page.next_page_token;
+    }
+}

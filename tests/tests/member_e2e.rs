@@ -7,13 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use ledger_member::paths::LedgerPaths;
 use ledger_member::state::SyncState;
 use ledger_proto::pb;
-use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
-use ledger_tests::client::{delete_ok as delete, insert_ok as insert};
+use ledger_tests::client::{all_policies as ledger, delete_ok as delete, insert_ok as insert};
 use ledger_tests::member::{applied_seq, file_md5, member_command, member_command_with_env};
 use ledger_tests::{Master, Member, wait_until, within};
-use tonic::transport::Channel;
-
-type Client = LedgerServiceClient<Channel>;
 
 /// How long a member may take to converge: generous, since speed is not what is tested.
 const CONVERGE_SECS: u64 = 60;
@@ -24,27 +20,6 @@ fn operator(n: usize, company: &str) -> String {
         n % 250 + 1,
         32148 + n
     )
-}
-
-/// Every policy of the master, in ledger order.
-async fn ledger(client: &mut Client) -> Vec<pb::Policy> {
-    let mut policies = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_policies(pb::ListPoliciesRequest {
-                page_token,
-                ..Default::default()
-            })
-            .await
-            .expect("listing policies")
-            .into_inner();
-        policies.extend(page.policies);
-        if page.next_page_token.is_empty() {
-            return policies;
-        }
-        page_token = page.next_page_token;
-    }
 }
 
 fn line_count(member: &Member) -> usize {

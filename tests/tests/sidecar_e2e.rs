@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
-use ledger_tests::client::{delete_ok as delete, insert_ok as insert};
+use ledger_tests::client::{all_policies, delete_ok as delete, insert_ok as insert};
 use ledger_tests::member::{applied_seq, file_md5, member_command};
 use ledger_tests::{Master, Member, wait_until};
 use tonic::transport::Channel;
@@ -131,23 +131,23 @@ fn fake_node(
 }
 
 async fn ledger_lines(client: &mut Client) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_policies(pb::ListPoliciesRequest {
-                page_token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        lines.extend(page.policies.into_iter().map(|p| p.json));
-        if page.next_page_token.is_empty() {
-            return lines;
-        }
-        page_token = page.next_page_token;
-    }
+    all_policies(client)
+        .await
+        .into_iter()
+        .map(|p| p.json)
+        .collect()
+}
+
+/// A master with one policy, and a member of it in its own directory, in sync.
+async fn start(dir: &Path, master_args: &[&str]) -> (Master, Member, Client) {
+    let master = Master::start(dir, master_args);
+    let member_dir = dir.join("node");
+    std::fs::create_dir_all(&member_dir).unwrap();
+    let member = Member::start(&member_dir, &[master.addr.to_string()], &[]);
+    let mut client = master.client().await;
+    insert(&mut client, &operator(0)).await;
+    converge(&master, &member).await;
+    (master, member, client)
 }
 
 /// Waits until the member's file is the master's ledger (md5 = digest, seq = head) and no
@@ -246,13 +246,7 @@ async fn check_outcome(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nodes_local_writes_during_a_burst_end_in_the_master_and_once_in_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let master = Master::start(dir.path(), &[]);
-    let member_dir = dir.path().join("node");
-    std::fs::create_dir_all(&member_dir).unwrap();
-    let member = Member::start(&member_dir, &[master.addr.to_string()], &[]);
-    let mut client = master.client().await;
-    insert(&mut client, &operator(0)).await;
-    converge(&master, &member).await;
+    let (master, member, client) = start(dir.path(), &[]).await;
 
     let running = Arc::new(AtomicBool::new(true));
     let watcher = watch_for_fragments(member.file.clone(), running.clone());
@@ -294,13 +288,7 @@ async fn a_nodes_local_writes_during_a_burst_end_in_the_master_and_once_in_the_f
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nodes_local_writes_survive_a_member_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let master = Master::start(dir.path(), &[]);
-    let member_dir = dir.path().join("node");
-    std::fs::create_dir_all(&member_dir).unwrap();
-    let mut member = Member::start(&member_dir, &[master.addr.to_string()], &[]);
-    let mut client = master.client().await;
-    insert(&mut client, &operator(0)).await;
-    converge(&master, &member).await;
+    let (master, mut member, client) = start(dir.path(), &[]).await;
 
     let paused = Arc::new(AtomicBool::new(false));
     let node = fake_node(member.file.clone(), 80, 1000, paused.clone());
@@ -328,13 +316,7 @@ async fn a_nodes_local_writes_survive_a_member_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_line_and_a_refused_policy_are_set_aside() {
     let dir = tempfile::tempdir().unwrap();
-    let master = Master::start(dir.path(), &["--max-policy-bytes", "400"]);
-    let member_dir = dir.path().join("node");
-    std::fs::create_dir_all(&member_dir).unwrap();
-    let member = Member::start(&member_dir, &[master.addr.to_string()], &[]);
-    let mut client = master.client().await;
-    insert(&mut client, &operator(0)).await;
-    converge(&master, &member).await;
+    let (master, member, mut client) = start(dir.path(), &["--max-policy-bytes", "400"]).await;
     let before = member.file_bytes().len() as u64;
 
     let big = format!(

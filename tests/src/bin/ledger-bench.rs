@@ -1096,16 +1096,9 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&str>) -> Value
         }
         // (7) pushes from EdgeLake nodes, on the same master
         eprintln!("[{backend}] (7) AnyLog pushes");
-        let (mut one, mut many) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            one.push(anylog_pushes(&addr, 1, secs).await);
-            many.push(anylog_pushes(&addr, 16, secs).await);
-        }
-        eprintln!("  1 connection {one:?}\n  16 connections {many:?}");
         out.insert(
             "anylog_pushes".into(),
-            json!({"one_connection_per_s": median(&one), "one_connection_runs": one,
-                   "connections_16_per_s": median(&many), "connections_16_runs": many, "run_seconds": secs}),
+            anylog_push_runs(&addr, runs, secs).await,
         );
         // (2) propagation, on the same master
         eprintln!("[{backend}] (2) propagation");
@@ -1318,17 +1311,22 @@ async fn anylog_only(backend: &str, opts: &Options, url: &str) -> Value {
     let (_, _, digest) = head(&mut connect(&addr).await).await;
     let get_blockchain = anylog_get_blockchain_runs(&addr, runs, &digest).await;
     eprintln!("[{backend}] (7) AnyLog pushes");
-    let (mut one, mut many) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        one.push(anylog_pushes(&addr, 1, secs).await);
-        many.push(anylog_pushes(&addr, 16, secs).await);
-    }
-    eprintln!("  1 connection {one:?}\n  16 connections {many:?}");
     json!({
-        "anylog_pushes": {"one_connection_per_s": median(&one), "one_connection_runs": one,
-            "connections_16_per_s": median(&many), "connections_16_runs": many, "run_seconds": secs},
+        "anylog_pushes": anylog_push_runs(&addr, runs, secs).await,
         "anylog_get_blockchain_100000": get_blockchain,
     })
+}
+
+/// `runs` rounds of pushes from 1 and from 16 senders, alternating.
+async fn anylog_push_runs(addr: &str, runs: usize, secs: f64) -> Value {
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        one.push(anylog_pushes(addr, 1, secs).await);
+        many.push(anylog_pushes(addr, 16, secs).await);
+    }
+    eprintln!("  1 connection {one:?}\n  16 connections {many:?}");
+    json!({"one_connection_per_s": median(&one), "one_connection_runs": one,
+           "connections_16_per_s": median(&many), "connections_16_runs": many, "run_seconds": secs})
 }
 
 // ---------------------------------------------------------------------------------------------
