@@ -73,9 +73,17 @@ impl ForeignFiles {
         if pieces.is_empty() {
             return Ok(pieces);
         }
+        // Each piece gets a key of its own, which its line in `.foreign` carries: a piece set
+        // aside before a crash, and dealt with again after it, is not set aside twice.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
         let mut text = String::new();
         for piece in &pieces {
-            text.push_str(&piece_json(piece, None).to_string());
+            let mut entry = piece_json(piece, None);
+            entry["key"] = format!("{now:x}-{}-{}", piece.from, piece.to).into();
+            text.push_str(&entry.to_string());
             text.push('\n');
             tracing::warn!(
                 bytes = %format!("{}..{}", piece.from, piece.to),
@@ -90,6 +98,15 @@ impl ForeignFiles {
 
     /// The pieces journaled and not dealt with yet.
     pub fn pending(&self) -> io::Result<Vec<Piece>> {
+        Ok(self
+            .pending_keyed()?
+            .into_iter()
+            .map(|(_, piece)| piece)
+            .collect())
+    }
+
+    /// [`ForeignFiles::pending`], each with its key.
+    fn pending_keyed(&self) -> io::Result<Vec<(String, Piece)>> {
         let text = match std::fs::read(&self.journal) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -103,9 +120,30 @@ impl ForeignFiles {
         Ok(text
             .split(|b| *b == b'\n')
             .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
-            .filter_map(|entry| piece_from_json(&entry))
-            .filter(|piece| seen.insert((piece.from, piece.to, piece.bytes.clone())))
+            .filter_map(|entry| {
+                let key = entry["key"].as_str().unwrap_or_default().to_string();
+                Some((key, piece_from_json(&entry)?))
+            })
+            .filter(|(_, piece)| seen.insert((piece.from, piece.to, piece.bytes.clone())))
             .collect())
+    }
+
+    /// The keys of the pieces already in `.foreign`, and how many lines it holds.
+    fn set_aside_keys(&self) -> io::Result<(std::collections::HashSet<String>, u64)> {
+        let text = match std::fs::read(&self.set_aside) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(e),
+        };
+        let entries: Vec<Value> = text
+            .split(|b| *b == b'\n')
+            .filter_map(|line| serde_json::from_slice(line).ok())
+            .collect();
+        let keys = entries
+            .iter()
+            .filter_map(|e| e["key"].as_str().map(str::to_string))
+            .collect();
+        Ok((keys, entries.len() as u64))
     }
 
     /// Removes the journal: every pending piece is dealt with.
@@ -116,13 +154,15 @@ impl ForeignFiles {
         }
     }
 
-    fn set_aside(&self, piece: &Piece, reason: &str) -> io::Result<()> {
+    fn set_aside(&self, key: &str, piece: &Piece, reason: &str) -> io::Result<()> {
         tracing::warn!(
             bytes = %format!("{}..{}", piece.from, piece.to),
             "set a line the member did not write aside in {}: {reason}",
             self.set_aside.display()
         );
-        let mut line = piece_json(piece, Some(reason)).to_string();
+        let mut entry = piece_json(piece, Some(reason));
+        entry["key"] = key.into();
+        let mut line = entry.to_string();
         line.push('\n');
         append_synced(&self.set_aside, line.as_bytes())
     }
@@ -232,14 +272,25 @@ pub async fn settle(
     client: &mut crate::masters::Client,
     sidecar: &Sidecar,
 ) -> Result<usize, SettleError> {
-    let pieces = files.pending()?;
+    let pieces = files.pending_keyed()?;
     if pieces.is_empty() {
         files.clear()?;
         return Ok(0);
     }
+    let (mut already_aside, _) = files.set_aside_keys()?;
     let mut dealt = 0;
-    for piece in &pieces {
+    for (key, piece) in &pieces {
         let range = (piece.from, piece.to);
+        let set_aside = |reason: String, already_aside: &mut std::collections::HashSet<String>| {
+            // Set aside before a crash that came before the journal was removed: once only.
+            if !key.is_empty() && !already_aside.insert(key.clone()) {
+                return Ok::<(), io::Error>(());
+            }
+            files.set_aside(key, piece, &reason)?;
+            let (_, count) = files.set_aside_keys()?;
+            sidecar.foreign_set_aside(range, &reason, count);
+            Ok(())
+        };
         match classify(piece) {
             Foreign::LocalPolicy { id, json } => {
                 let answer = client
@@ -250,14 +301,13 @@ pub async fn settle(
                     Err(status) if status.code() == Code::AlreadyExists => {
                         sidecar.foreign_line(ForeignOutcome::Pushed, range, &id)
                     }
-                    Err(status) if refused(&status) => {
-                        let reason = format!(
+                    Err(status) if refused(&status) => set_aside(
+                        format!(
                             "the master refused local policy {id:?}: {}",
                             status.message()
-                        );
-                        files.set_aside(piece, &reason)?;
-                        sidecar.foreign_line(ForeignOutcome::SetAside, range, &reason);
-                    }
+                        ),
+                        &mut already_aside,
+                    )?,
                     Err(status) => return Err(SettleError::Master(status.message().to_string())),
                 }
                 tracing::info!(%id, "pushed a local policy the node wrote into the ledger file");
@@ -271,14 +321,13 @@ pub async fn settle(
                     Err(status) if status.code() == Code::NotFound => {
                         sidecar.foreign_line(ForeignOutcome::Deleted, range, &id)
                     }
-                    Err(status) if refused(&status) => {
-                        let reason = format!(
+                    Err(status) if refused(&status) => set_aside(
+                        format!(
                             "the master refused the delete of {id:?}: {}",
                             status.message()
-                        );
-                        files.set_aside(piece, &reason)?;
-                        sidecar.foreign_line(ForeignOutcome::SetAside, range, &reason);
-                    }
+                        ),
+                        &mut already_aside,
+                    )?,
                     Err(status) => return Err(SettleError::Master(status.message().to_string())),
                 }
                 tracing::info!(%id, "sent the master a local delete the node wrote into the ledger file");
@@ -297,25 +346,20 @@ pub async fn settle(
                     {
                         tracing::debug!(%id, "a foreign line is the ledger's own: dropped");
                     }
-                    Ok(_) => {
-                        let reason = format!(
+                    Ok(_) => set_aside(
+                        format!(
                             "policy {id:?} is not local and the ledger holds another version of it"
-                        );
-                        files.set_aside(piece, &reason)?;
-                        sidecar.foreign_line(ForeignOutcome::SetAside, range, &reason);
-                    }
-                    Err(status) if status.code() == Code::NotFound => {
-                        let reason = format!("policy {id:?} is not local and not in the ledger");
-                        files.set_aside(piece, &reason)?;
-                        sidecar.foreign_line(ForeignOutcome::SetAside, range, &reason);
-                    }
+                        ),
+                        &mut already_aside,
+                    )?,
+                    Err(status) if status.code() == Code::NotFound => set_aside(
+                        format!("policy {id:?} is not local and not in the ledger"),
+                        &mut already_aside,
+                    )?,
                     Err(status) => return Err(SettleError::Master(status.message().to_string())),
                 }
             }
-            Foreign::Unusable(reason) => {
-                files.set_aside(piece, &reason)?;
-                sidecar.foreign_line(ForeignOutcome::SetAside, range, &reason);
-            }
+            Foreign::Unusable(reason) => set_aside(reason, &mut already_aside)?,
         }
         dealt += 1;
     }

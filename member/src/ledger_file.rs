@@ -106,6 +106,10 @@ pub struct LedgerFile {
     awaiting_snapshot: bool,
     /// Where bytes someone else wrote into the file are journaled before they leave it.
     foreign: ForeignFiles,
+    /// The file the last rewrite replaced (now `blockchain.old`): its inode and how much of it
+    /// is accounted for. A node that opened the file before the rename may still write to it
+    /// after: such late bytes are journaled at the next look.
+    replaced: Option<(u64, u64)>,
 }
 
 impl LedgerFile {
@@ -215,6 +219,7 @@ impl LedgerFile {
         // a snapshot replaces it (it becomes `blockchain.old`). The tail is an append of ours
         // cut short, or lines someone else appended: journaled first, never dropped unseen.
         let foreign = ForeignFiles::new(&paths.file);
+        let mut replaced = None;
         if distrust.is_none() && unrecorded_tail > 0 {
             let end = len + unrecorded_tail;
             let tail = read_range(&paths.file, len, end)?;
@@ -225,6 +230,7 @@ impl LedgerFile {
             // what it wrote after the tail was read. The recorded part goes to a new file, and
             // whatever reached the old one after the tail is journaled too.
             cut_to(&paths, len)?;
+            let mut accounted = end;
             if let Some(old_len) = std::fs::metadata(&paths.old).ok().map(|m| m.len())
                 && old_len > end
             {
@@ -232,7 +238,12 @@ impl LedgerFile {
                 foreign
                     .journal(end, &later)
                     .map_err(io_error("journal the tail of", &paths.file))?;
+                accounted = old_len;
             }
+            replaced = std::fs::metadata(&paths.old).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.ino(), accounted)
+            });
             tracing::info!(
                 journaled_bytes = unrecorded_tail,
                 "repaired {}: moved the {unrecorded_tail} bytes after seq {seq} to {} to deal with",
@@ -274,6 +285,7 @@ impl LedgerFile {
             index,
             awaiting_snapshot,
             foreign,
+            replaced,
         })
     }
 
@@ -547,15 +559,23 @@ impl LedgerFile {
             }),
         }
         .store(&self.paths)?;
+        // The file the previous rewrite replaced goes now: what reached it late, first.
+        self.check_replaced()?;
         replace_file(&self.paths)?;
         // Journaled before the record moves on: a crash here finds the same bytes in the
         // journal at the next start (journaling them twice is harmless, losing them is not).
-        if self.awaiting_snapshot {
+        let old = self.paths.old.clone();
+        let accounted = if self.awaiting_snapshot {
             // A distrusted file replaced by a snapshot: its lines that are not the ledger's.
-            self.journal_unknown_lines(&self.paths.old.clone(), false)?;
+            self.journal_unknown_lines(&old, false)?;
+            file_len(&old)?.unwrap_or(0)
         } else {
-            self.journal_after(&self.paths.old.clone(), accounted)?;
-        }
+            self.journal_after(&old, accounted)?
+        };
+        self.replaced = std::fs::metadata(&old).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.ino(), accounted)
+        });
         SyncState {
             seq,
             len: new_len,
@@ -604,18 +624,35 @@ impl LedgerFile {
     }
 
     /// Journals the bytes of `path` (a file this member wrote up to `accounted` bytes) after
-    /// `accounted`.
-    fn journal_after(&self, path: &Path, accounted: u64) -> Result<(), FileError> {
+    /// `accounted`; returns how much of it is accounted for now.
+    fn journal_after(&self, path: &Path, accounted: u64) -> Result<u64, FileError> {
         let Some(len) = file_len(path)? else {
-            return Ok(());
+            return Ok(accounted);
         };
         if len <= accounted {
-            return Ok(());
+            return Ok(accounted);
         }
         let tail = read_range(path, accounted, len)?;
         self.foreign
             .journal(accounted, &tail)
             .map_err(io_error("journal foreign bytes of", path))?;
+        Ok(len)
+    }
+
+    /// Journals what reached the file the last rewrite replaced since it was looked at.
+    fn check_replaced(&mut self) -> Result<(), FileError> {
+        use std::os::unix::fs::MetadataExt;
+        let Some((ino, accounted)) = self.replaced else {
+            return Ok(());
+        };
+        match std::fs::metadata(&self.paths.old) {
+            Ok(m) if m.ino() == ino && m.len() > accounted => {
+                let old = self.paths.old.clone();
+                let now = self.journal_after(&old, accounted)?;
+                self.replaced = Some((ino, now));
+            }
+            _ => {}
+        }
         Ok(())
     }
 
@@ -626,6 +663,7 @@ impl LedgerFile {
     /// file) is distrusted: its lines that the ledger does not hold are journaled and a full
     /// snapshot will replace it.
     pub fn take_foreign(&mut self) -> Result<bool, FileError> {
+        self.check_replaced()?;
         if self.awaiting_snapshot {
             return Ok(false);
         }
@@ -1223,6 +1261,34 @@ mod tests {
         assert_eq!(journaled(&f).len(), 1, "{:?}", journaled(&f));
         assert!(journaled(&f)[0].ends_with("garbage without a line break"));
         assert_clean(&f, 9, &[policy(7)]);
+    }
+
+    /// A node that opened the file before a rewrite's rename and writes after it writes into
+    /// `blockchain.old`: the next look journals those bytes.
+    #[test]
+    fn a_late_write_to_the_replaced_file_is_journaled() {
+        let f = fixture();
+        let mut file = synced(&f, 3);
+        let mut opened_before = OpenOptions::new().append(true).open(&f.paths.file).unwrap();
+        let deleted: HashSet<String> = ["id-2".to_string()].into();
+        file.commit(4, &deleted, &[]).unwrap();
+        opened_before.write_all(LOCAL.as_bytes()).unwrap();
+        assert!(journaled(&f).is_empty());
+        file.take_foreign().unwrap();
+        assert_eq!(journaled(&f).len(), 1, "{:?}", journaled(&f));
+        assert!(journaled(&f)[0].contains("local-1"));
+        // Looked at once: not journaled again.
+        file.take_foreign().unwrap();
+        assert_eq!(journaled(&f).len(), 1);
+        // And a write after the next rewrite's rename, to the file that rewrite replaced.
+        let mut opened_before = OpenOptions::new().append(true).open(&f.paths.file).unwrap();
+        file.commit(5, &["id-1".to_string()].into(), &[]).unwrap();
+        opened_before.write_all(b"late\n").unwrap();
+        file.commit(6, &["id-3".to_string()].into(), &[]).unwrap();
+        assert_eq!(journaled(&f).len(), 2, "{:?}", journaled(&f));
+        assert!(journaled(&f)[1].ends_with("late\n"));
+        drop(file);
+        assert_clean(&f, 6, &[]);
     }
 
     /// The sync loop's look at an idle file: the node's lines leave it for the journal.

@@ -93,6 +93,13 @@ impl Sidecar {
         });
     }
 
+    /// A foreign line (at `range`) was set aside for `reason`; `.foreign` now holds `total`
+    /// lines (the count is taken from it, so a crash cannot make the two disagree).
+    pub fn foreign_set_aside(&self, range: (u64, u64), reason: &str, total: u64) {
+        self.foreign_line(ForeignOutcome::SetAside, range, reason);
+        self.update(|r| r.foreign_set_aside = total);
+    }
+
     /// The node was asked to reload its metadata: `error` is `None` when it answered.
     pub fn reload_done(&self, error: Option<&str>) {
         self.update(|r| {
