@@ -31,7 +31,8 @@ pub struct Config {
     #[arg(
         long,
         env = "LEDGER_DATABASE_URL",
-        default_value = "sqlite://blockchain.db"
+        default_value = "sqlite://blockchain.db",
+        value_parser = DatabaseUrl::clap_parser()
     )]
     pub database_url: DatabaseUrl,
 

@@ -154,7 +154,7 @@ pub struct DaemonArgs {
         env = "LEDGER_RELAY_DATABASE_URL",
         value_name = "URL",
         requires = "serve",
-        value_parser = |text: &str| text.parse::<DatabaseUrl>()
+        value_parser = DatabaseUrl::clap_parser()
     )]
     pub relay_database_url: Option<DatabaseUrl>,
 

@@ -296,3 +296,66 @@ fn a_bad_auth_file_stops_the_master_with_its_reason() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("sha256 must be 64 hex digits"), "{stderr}");
 }
+
+/// A database URL's password never reaches a log line or an error, whether the master fails to
+/// reach the database or the URL is malformed (clap repeats a value it refuses, unless told
+/// not to), given as a flag or as the environment variable (issue 15, point 8).
+#[test]
+fn database_url_secrets_never_reach_the_output() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, bool, &str); 5] = [
+        (
+            "postgres://127.0.0.1:1/db?password=SECRET",
+            false,
+            "127.0.0.1:1/db?password=***",
+        ),
+        (
+            "postgres://ledger:SECRET@127.0.0.1:1/db",
+            false,
+            "ledger:***@127.0.0.1:1/db",
+        ),
+        (
+            "postgres:///db?host=127.0.0.1&port=1&sslpassword=SECRET",
+            false,
+            "sslpassword=***",
+        ),
+        (
+            "postgress://ledger:SECRET@127.0.0.1:1/db",
+            false,
+            "postgress://ledger:***@",
+        ),
+        (
+            "postgress://ledger:SECRET@127.0.0.1:1/db",
+            true,
+            "postgress://ledger:***@",
+        ),
+    ];
+    for (url, by_env, shown) in cases {
+        let mut master = Command::new(ledger_tests::binary("master"));
+        master
+            .current_dir(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--bind", "--db-timeout", "1s"])
+            .stdin(Stdio::null());
+        if by_env {
+            master.env("LEDGER_DATABASE_URL", url);
+        } else {
+            master.args(["--database-url", url]);
+        }
+        let output = master.output().expect("running master");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!output.status.success(), "{url}: master started:\n{text}");
+        assert!(
+            !text.contains("SECRET"),
+            "{url}: the secret is in the output:\n{text}"
+        );
+        assert!(
+            text.contains(shown),
+            "{url}: the output does not name {shown}:\n{text}"
+        );
+    }
+}
