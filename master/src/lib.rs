@@ -16,6 +16,7 @@ pub mod follower;
 pub mod health;
 pub mod ledger;
 pub mod limits;
+pub mod log_limit;
 pub mod metrics;
 pub mod registration;
 pub mod server;

@@ -14,8 +14,10 @@ use crate::auth::{AuthError, Authorizer, Role, certificate_common_name};
 use crate::error::LedgerError;
 use crate::ledger::{Ledger, ListQuery};
 use crate::limits::StreamLimiter;
+use crate::log_limit::{self, LogLimit};
 use crate::storage::{Change, ChangeKind, Rejection, StoredPolicy};
 use crate::subscription::Event;
+use std::time::Duration;
 
 /// The `LedgerService` of a master.
 pub struct LedgerGrpc {
@@ -73,7 +75,11 @@ impl LedgerGrpc {
         ) {
             Ok(identity) => Ok(format!("{}@{}", identity.name, client_host(request))),
             Err(e) => {
-                tracing::warn!(client = %client_host(request), action, "refused: {e}");
+                // Unauthenticated clients choose how often this happens.
+                static REFUSALS: LogLimit = LogLimit::new(Duration::from_secs(10));
+                if let Some(suppressed) = REFUSALS.admit() {
+                    tracing::warn!(client = %client_host(request), action, "refused: {e}{}", log_limit::more(suppressed));
+                }
                 Err(LedgerError::from(e).into())
             }
         }

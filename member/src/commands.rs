@@ -274,11 +274,11 @@ pub fn table(lines: &[String]) -> String {
     ];
     for (kind, body) in &rows {
         let text = |key: &str| match body.get(key) {
-            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::String(s)) => terminal_safe(s),
             Some(other) => other.to_string(),
             None => "-".to_string(),
         };
-        let mut row = vec![kind.clone(), text("id")];
+        let mut row = vec![terminal_safe(kind), text("id")];
         row.extend(shown.iter().map(|key| text(key)));
         cells.push(row);
     }
@@ -303,6 +303,24 @@ pub fn table(lines: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `text` as a table cell on an operator's terminal: control characters (an ESC that would
+/// start a terminal sequence, a line break that would forge a row) are shown escaped, as Rust
+/// escapes them (`\u{1b}`, `\n`), and so is a backslash, so an escape cannot be forged either.
+fn terminal_safe(text: &str) -> String {
+    let mut safe = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control()
+            || c == '\\'
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
+            safe.extend(c.escape_debug());
+        } else {
+            safe.push(c);
+        }
+    }
+    safe
 }
 
 /// The local file against the master, as a JSON object: `applied_seq`, `head_seq`, `lag`,
@@ -403,5 +421,25 @@ mod tests {
              table     b22  readings  -"
         );
         assert_eq!(table(&[]), "type  id");
+    }
+
+    /// A hostile name cannot move the cursor, clear the screen or forge a row (issue 15, point 9).
+    #[test]
+    fn table_cells_are_escaped() {
+        let lines = [
+            r#"{"operator": {"name": "x\u001b[2J\u001b[1;1Hfake  row\nop2\r\t\\ok \u202e", "id": "a\u0007"}}"#
+                .to_string(),
+        ];
+        let shown = table(&lines);
+        assert!(
+            !shown.chars().any(|c| c.is_control() && c != '\n'),
+            "{shown:?}"
+        );
+        assert_eq!(shown.lines().count(), 2, "{shown}");
+        assert!(
+            shown.contains(r"x\u{1b}[2J\u{1b}[1;1Hfake  row\nop2\r\t\\ok \u{202e}"),
+            "{shown}"
+        );
+        assert!(shown.contains(r"a\u{7}"), "{shown}");
     }
 }

@@ -624,3 +624,35 @@ async fn json_logs_and_a_config_file_that_flags_and_environment_override() {
     .await;
     assert_fails(&out, 2, "cannot read the config file");
 }
+
+/// A policy whose name carries terminal sequences (clear the screen, move the cursor) and line
+/// breaks cannot forge rows on the operator's terminal: `member get --format table` shows them
+/// escaped (issue 15, point 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_shows_hostile_names_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("blockchain.json");
+    std::fs::write(
+        &file,
+        "{\"operator\": {\"name\": \"x\\u001b[2J\\u001b[1;1Hoperator  forged\\nop2\", \"id\": \"a1\"}}\n",
+    )
+    .unwrap();
+    let out = member_command(
+        &["get", "--format", "table", "--ledger-file", &path(&file)],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        !out.stdout.chars().any(|c| c.is_control() && c != '\n'),
+        "{:?}",
+        out.stdout
+    );
+    assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(r"x\u{1b}[2J\u{1b}[1;1Hoperator  forged\nop2"),
+        "{}",
+        out.stdout
+    );
+}

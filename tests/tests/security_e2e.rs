@@ -359,3 +359,37 @@ fn database_url_secrets_never_reach_the_output() {
         );
     }
 }
+
+/// 2,000 unauthenticated calls cannot flood the log: a refusal is logged at most once per 10 s,
+/// with the count of those left out (issue 15, point 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_logged_with_a_limit_and_a_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = auth_file(dir.path());
+    let master = Master::start(dir.path(), &["--auth-file", &auth]);
+    let mut client = master.client().await;
+    for _ in 0..1000 {
+        let refused = client
+            .get_ledger_info(GetLedgerInfoRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+    }
+    // Past the interval, the next refusal is logged with the count of the ones before.
+    tokio::time::sleep(std::time::Duration::from_millis(10_100)).await;
+    for _ in 0..1000 {
+        let refused = client
+            .get_ledger_info(GetLedgerInfoRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+    }
+    let logs = master.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("refused:")).collect();
+    assert_eq!(lines.len(), 2, "{}", lines.join("\n"));
+    assert!(
+        lines[1].contains("(999 more like it since the last one logged)"),
+        "{}",
+        lines[1]
+    );
+}

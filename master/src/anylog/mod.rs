@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::LedgerError;
 use crate::ledger::Ledger;
+use crate::log_limit::{self, LogLimit};
 use crate::metrics;
 use crate::storage::Rejection;
 use command::{Refusal, Request, clip};
@@ -62,6 +63,9 @@ pub struct AnyLogEdge {
     /// write was queued is still committed; a node re-sends what its next sync lacks).
     shutdown: CancellationToken,
 }
+
+/// Refused pushes and drops: nodes (or anyone) choose how often they happen.
+static REFUSED_WRITES: LogLimit = LogLimit::new(Duration::from_secs(10));
 
 /// At most this many distinct unsupported command words are remembered (then they are no
 /// longer logged): hostile clients cannot grow the set without bound.
@@ -129,7 +133,10 @@ impl AnyLogEdge {
             Ok(message) => self.handle(message, peer, true).await,
             Err(e) => {
                 metrics::anylog_message("none", "malformed");
-                tracing::info!(%peer, "anylog: dropped a connection: {e}");
+                static MALFORMED: LogLimit = LogLimit::new(Duration::from_secs(10));
+                if let Some(suppressed) = MALFORMED.admit() {
+                    tracing::info!(%peer, "anylog: dropped a connection: {e}{}", log_limit::more(suppressed));
+                }
             }
         }
     }
@@ -278,7 +285,9 @@ impl AnyLogEdge {
             }
             Err(e) => {
                 metrics::anylog_message(word, metrics::error_outcome(&e));
-                tracing::info!(node = %node.address(), "anylog: push refused: {e}");
+                if let Some(suppressed) = REFUSED_WRITES.admit() {
+                    tracing::info!(node = %node.address(), "anylog: push refused: {e}{}", log_limit::more(suppressed));
+                }
                 self.fail(node, "push", (echo_code(&e), e.to_string()))
                     .await;
             }
@@ -295,7 +304,9 @@ impl AnyLogEdge {
                 Ok(_) => metrics::anylog_message("drop", "ok"),
                 Err(e) => {
                     metrics::anylog_message("drop", metrics::error_outcome(&e));
-                    tracing::info!(node = %node.address(), %id, "anylog: drop refused: {e}");
+                    if let Some(suppressed) = REFUSED_WRITES.admit() {
+                        tracing::info!(node = %node.address(), %id, "anylog: drop refused: {e}{}", log_limit::more(suppressed));
+                    }
                     self.fail(node, "drop", (echo_code(&e), e.to_string()))
                         .await;
                 }
