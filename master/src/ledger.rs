@@ -1,7 +1,7 @@
 //! The ledger's operations, independent of gRPC: complete and validate policies, write them
 //! through the [`Writer`], read, filter and page, compute the digest, open subscriptions.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ledger_proto::policy;
 use md5::{Digest, Md5};
@@ -71,8 +71,64 @@ pub struct LedgerFile {
     pub bytes: Vec<u8>,
 }
 
-/// Reads the whole ledger at one seq as a file: its digest, and with `keep_bytes` its bytes.
-fn read_file(storage: &dyn Storage, keep_bytes: bool) -> Result<LedgerFile, StorageError> {
+/// The md5 state of the ledger's file at one seq, which later inserts extend (an insert appends
+/// its line to a member's file) without reading the ledger again.
+#[derive(Clone)]
+struct DigestState {
+    head_seq: u64,
+    policy_count: u64,
+    md5: Md5,
+}
+
+impl DigestState {
+    fn info(&self, oldest_replayable_seq: u64) -> LedgerInfo {
+        LedgerInfo {
+            head_seq: self.head_seq,
+            policy_count: self.policy_count,
+            digest: hex::encode(self.md5.clone().finalize()),
+            oldest_replayable_seq,
+        }
+    }
+
+    /// This state moved on to `head_seq` by the changes since, when they are all inserts and
+    /// all replayable; `None` when only a full read can tell (a delete, a pruned change).
+    fn extended(
+        &self,
+        storage: &dyn Storage,
+        head_seq: u64,
+    ) -> Result<Option<DigestState>, StorageError> {
+        let mut next = self.clone();
+        while next.head_seq < head_seq {
+            let changes = storage.changes_after(next.head_seq, DEFAULT_PAGE_SIZE)?;
+            if changes.is_empty() {
+                return Ok(None);
+            }
+            for change in changes {
+                if change.seq != next.head_seq + 1 {
+                    return Ok(None);
+                }
+                match change.kind {
+                    ChangeKind::Inserted(policy) => {
+                        next.md5.update(policy.json.as_bytes());
+                        next.md5.update(b"\n");
+                        next.policy_count += 1;
+                    }
+                    ChangeKind::Deleted { .. } => return Ok(None),
+                }
+                next.head_seq = change.seq;
+            }
+        }
+        Ok(Some(next))
+    }
+}
+
+/// Reads the whole ledger at one seq as a file: its digest and md5 state, and with
+/// `keep_bytes` its bytes.
+fn read_file_with_state(
+    storage: &dyn Storage,
+    keep_bytes: bool,
+) -> Result<(LedgerFile, DigestState), StorageError> {
+    metrics::digest_full_read();
     let mut md5 = Md5::new();
     let mut file = LedgerFile {
         head_seq: 0,
@@ -99,8 +155,13 @@ fn read_file(storage: &dyn Storage, keep_bytes: bool) -> Result<LedgerFile, Stor
         }
         true
     })?;
-    file.digest = hex::encode(md5.finalize());
-    Ok(file)
+    let state = DigestState {
+        head_seq: file.head_seq,
+        policy_count: file.policy_count,
+        md5,
+    };
+    file.digest = hex::encode(state.md5.clone().finalize());
+    Ok((file, state))
 }
 
 /// Where a ledger's inserts and deletes go.
@@ -135,8 +196,9 @@ pub struct Ledger {
     writes: WritePath,
     limits: PolicyLimits,
     subscriptions: SubscriptionContext,
-    /// The digest costs a read of the whole ledger: keep the last one until the head moves.
-    info_cache: Mutex<Option<LedgerInfo>>,
+    /// The digest costs a read of the whole ledger: its md5 state is kept and extended by the
+    /// inserts that follow; the lock makes one computation serve every caller waiting for it.
+    digest: tokio::sync::Mutex<Option<DigestState>>,
     /// The last [`Ledger::file`], kept until the head moves; the lock makes one read serve
     /// every caller waiting for it.
     file_cache: tokio::sync::Mutex<Option<Arc<LedgerFile>>>,
@@ -149,7 +211,7 @@ impl Ledger {
             writes,
             limits: PolicyLimits::default(),
             subscriptions,
-            info_cache: Mutex::new(None),
+            digest: tokio::sync::Mutex::new(None),
             file_cache: tokio::sync::Mutex::new(None),
         }
     }
@@ -326,19 +388,30 @@ impl Ledger {
         }
     }
 
-    /// The head, size and digest of the ledger.
+    /// The head, size and digest of the ledger. Computed once for concurrent callers, and
+    /// kept up to date by the inserts that follow without reading the ledger again; a delete
+    /// (or a change no longer replayable) takes one full read.
     pub async fn info(&self) -> Result<LedgerInfo, LedgerError> {
         let bounds = blocking(self.storage(), |s| s.bounds()).await?;
-        if let Some(cached) = self.info_cache.lock().expect("info cache").as_ref()
-            && cached.head_seq == bounds.head_seq
-        {
-            return Ok(LedgerInfo {
-                oldest_replayable_seq: bounds.pruned_seq,
-                ..cached.clone()
-            });
+        let mut digest = self.digest.lock().await;
+        if let Some(state) = digest.as_ref() {
+            if state.head_seq == bounds.head_seq {
+                return Ok(state.info(bounds.pruned_seq));
+            }
+            let (state, head) = (state.clone(), bounds.head_seq);
+            if state.head_seq < head
+                && let Some(next) =
+                    blocking(self.storage(), move |s| state.extended(s, head)).await?
+            {
+                let info = next.info(bounds.pruned_seq);
+                *digest = Some(next);
+                return Ok(info);
+            }
         }
-        let file = blocking(self.storage(), |s| read_file(s, false)).await?;
-        Ok(self.remember_info(&file, bounds.pruned_seq))
+        let (_, state) = blocking(self.storage(), |s| read_file_with_state(s, false)).await?;
+        let info = state.info(bounds.pruned_seq);
+        *digest = Some(state);
+        Ok(info)
     }
 
     /// The ledger as a synced member's `blockchain.json` holds it: what a node that syncs from
@@ -353,27 +426,15 @@ impl Ledger {
         }
         // Drop the old copy before reading the new one: two would double the memory.
         *cached = None;
-        let file = Arc::new(blocking(self.storage(), |s| read_file(s, true)).await?);
-        let pruned_seq = self
-            .info_cache
-            .lock()
-            .expect("info cache")
-            .as_ref()
-            .map_or(0, |info| info.oldest_replayable_seq);
-        self.remember_info(&file, pruned_seq);
+        let (file, state) = blocking(self.storage(), |s| read_file_with_state(s, true)).await?;
+        let file = Arc::new(file);
+        // The read gave the digest's state too.
+        let mut digest = self.digest.lock().await;
+        if digest.as_ref().is_none_or(|d| d.head_seq < state.head_seq) {
+            *digest = Some(state);
+        }
         *cached = Some(file.clone());
         Ok(file)
-    }
-
-    fn remember_info(&self, file: &LedgerFile, pruned_seq: u64) -> LedgerInfo {
-        let info = LedgerInfo {
-            head_seq: file.head_seq,
-            policy_count: file.policy_count,
-            digest: file.digest.clone(),
-            oldest_replayable_seq: pruned_seq,
-        };
-        *self.info_cache.lock().expect("info cache") = Some(info.clone());
-        info
     }
 
     /// The events of a subscriber that applied everything up to `after_seq`.

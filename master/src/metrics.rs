@@ -196,3 +196,8 @@ pub fn anylog_message(command: &'static str, outcome: &'static str) {
 pub fn anylog_bytes_sent(bytes: usize) {
     counter!("ledger_anylog_file_bytes_total").increment(bytes as u64);
 }
+
+/// The ledger was read whole to compute its digest (`GetLedgerInfo`, or a node's ledger file).
+pub fn digest_full_read() {
+    counter!("ledger_digest_full_reads_total").increment(1);
+}

@@ -114,6 +114,7 @@ on_both_backends!(
     pruned_history_gets_a_reset,
     idle_streams_get_progress,
     self_registration_inserts_the_master_policy_once,
+    the_digest_is_read_whole_once_and_extended_by_inserts,
 );
 
 async fn insert_completes_the_policy_and_get_returns_it(backend: &str) {
@@ -793,4 +794,69 @@ async fn idle_streams_survive_keepalive_pings_both_ways() {
     assert_eq!(event.event, Some(Event::Inserted(policy)));
     // The pinging client is still welcome (no GOAWAY for too many pings).
     assert_eq!(info(&mut idle).await.head_seq, 1);
+}
+
+/// `GetLedgerInfo` does not read the whole ledger again when the head moved by inserts (the
+/// digest's md5 state is extended by their lines), and concurrent callers share one read when
+/// one is needed (after a delete). Counted by `ledger_digest_full_reads_total` (issue 15,
+/// point 6).
+async fn the_digest_is_read_whole_once_and_extended_by_inserts(backend: &str) {
+    use ledger_tests::metrics::{sample, scrape_async};
+    let fx = start(backend, &["--metrics-addr", "127.0.0.1:0"]);
+    let port = fx.master.metrics_port();
+    let full_reads = || async {
+        sample(&scrape_async(port).await, "ledger_digest_full_reads_total").unwrap_or(0.0)
+    };
+    let mut client = fx.master.client().await;
+    let mut lines = Vec::new();
+    for n in 0..300 {
+        lines.push(insert(&mut client, &operator(n)).await.unwrap().json);
+    }
+    let digest_of = |lines: &[String]| ledger_digest(lines.iter().map(String::as_str));
+    assert_eq!(info(&mut client).await.digest, digest_of(&lines));
+    assert_eq!(full_reads().await, 1.0);
+    // Inserts move the head: the digest follows them without a full read.
+    for n in 300..320 {
+        lines.push(insert(&mut client, &operator(n)).await.unwrap().json);
+        if n % 5 == 0 {
+            assert_eq!(info(&mut client).await.digest, digest_of(&lines));
+        }
+    }
+    let concurrent = |client: &Client| {
+        let calls: Vec<_> = (0..50)
+            .map(|_| {
+                let mut client = client.clone();
+                tokio::spawn(async move { info(&mut client).await.digest })
+            })
+            .collect();
+        async move {
+            let mut digests = BTreeSet::new();
+            for call in calls {
+                digests.insert(call.await.unwrap());
+            }
+            digests
+        }
+    };
+    lines.push(insert(&mut client, &operator(999)).await.unwrap().json);
+    assert_eq!(
+        concurrent(&client).await,
+        BTreeSet::from([digest_of(&lines)])
+    );
+    assert_eq!(full_reads().await, 1.0, "inserts took a full read");
+    // A delete takes one full read, however many callers ask at once.
+    let gone = lines.remove(7);
+    let id = serde_json::from_str::<serde_json::Value>(&gone).unwrap()["operator"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    delete(&mut client, &id).await.unwrap();
+    assert_eq!(
+        concurrent(&client).await,
+        BTreeSet::from([digest_of(&lines)])
+    );
+    assert_eq!(
+        full_reads().await,
+        2.0,
+        "one full read for 50 callers after a delete"
+    );
 }
