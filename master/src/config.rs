@@ -136,6 +136,15 @@ pub struct Config {
     #[arg(long, env = "LEDGER_MAX_STREAMS", default_value_t = 10_000)]
     pub max_streams: usize,
 
+    /// HTTP/2: the most streams one connection may have open at once (advertised to clients).
+    #[arg(long, env = "LEDGER_MAX_CONCURRENT_STREAMS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// HTTP/2: how many streams the master may reset for a client's protocol errors before it
+    /// ends that client's connection (a cap against the "MadeYouReset" attack).
+    #[arg(long, env = "LEDGER_MAX_LOCAL_RESET_STREAMS", default_value_t = 1024)]
+    pub max_local_reset_streams: usize,
+
     /// The most streams open at once from one client address.
     #[arg(long, env = "LEDGER_MAX_STREAMS_PER_CLIENT", default_value_t = 64)]
     pub max_streams_per_client: usize,

@@ -262,6 +262,12 @@ pub struct ServeOptions {
     pub keepalive: (Duration, Duration),
     /// How long in-flight calls may take after the shutdown signal.
     pub grace: Duration,
+    /// HTTP/2: the most streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2: how many streams the server may reset for a client's errors before it ends the
+    /// connection (the "MadeYouReset" attack makes a server reset streams at no cost to the
+    /// client; tonic leaves the cap off unless it is set).
+    pub max_local_reset_streams: usize,
 }
 
 impl Default for ServeOptions {
@@ -272,6 +278,8 @@ impl Default for ServeOptions {
             max_message_bytes: 4 << 20,
             keepalive: (Duration::from_secs(30), Duration::from_secs(10)),
             grace: Duration::from_secs(10),
+            max_concurrent_streams: 200,
+            max_local_reset_streams: 1024,
         }
     }
 }
@@ -298,6 +306,8 @@ impl ServeOptions {
             max_message_bytes: config.max_message_bytes,
             keepalive: (config.keepalive_interval, config.keepalive_timeout),
             grace: config.shutdown_grace,
+            max_concurrent_streams: config.max_concurrent_streams,
+            max_local_reset_streams: config.max_local_reset_streams,
         })
     }
 }
@@ -429,6 +439,8 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let mut builder = Server::builder()
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .http2_max_local_error_reset_streams(Some(options.max_local_reset_streams))
         .http2_keepalive_interval(Some(options.keepalive.0))
         .http2_keepalive_timeout(Some(options.keepalive.1));
     if let Some(tls) = options.tls {

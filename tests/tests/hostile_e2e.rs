@@ -1179,3 +1179,107 @@ async fn garbage_instead_of_http2_is_closed_and_the_server_keeps_serving() {
         .assert_unchanged(master, "50 garbage connections")
         .await;
 }
+
+/// One HTTP/2 frame: 9-byte header (length, type, flags, stream id), then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// The HEADERS of a `StreamLedger` call (HPACK, static-table names, no Huffman), without
+/// END_STREAM: the call stays open, waiting for its request.
+fn stream_ledger_headers() -> Vec<u8> {
+    let literal = |name_index: u8, value: &str| {
+        let mut field = vec![name_index, value.len() as u8];
+        field.extend(value.as_bytes());
+        field
+    };
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+    block.extend(literal(0x04, "/ledger.v1.LedgerService/StreamLedger")); // :path
+    block.extend([0x0f, 0x10, 16]); // content-type (static index 31)
+    block.extend(b"application/grpc");
+    block.extend([0x00, 2]);
+    block.extend(b"te");
+    block.push(8);
+    block.extend(b"trailers");
+    block
+}
+
+/// The "MadeYouReset" attack (CVE-2025-8671): a client makes the server reset streams, here
+/// with a WINDOW_UPDATE that overflows each stream's window (a stream error the server answers
+/// with RST_STREAM). Past
+/// `--max-local-reset-streams` the master ends the connection with GOAWAY; below it, it does
+/// not. The SETTINGS it sends advertise `--max-concurrent-streams` (issue 15, point 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provoked_resets_end_the_connection_and_streams_are_capped() {
+    let fx = start(&[
+        "--max-local-reset-streams",
+        "20",
+        "--max-concurrent-streams",
+        "100",
+    ]);
+    let provoke = |resets: u32| {
+        let addr = fx.master.addr;
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut out = ledger_proto::anylog::HTTP2_PREFACE.to_vec();
+            out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+            for n in 0..resets {
+                let stream = 1 + 2 * n;
+                out.extend(h2_frame(0x1, 0x4, stream, &stream_ledger_headers()));
+                // A window beyond 2^31 - 1: a stream error the server answers with RST_STREAM.
+                out.extend(h2_frame(0x8, 0, stream, &[0x7f, 0xff, 0xff, 0xff]));
+            }
+            tcp.write_all(&out).await.unwrap();
+            // Read the server's frames until GOAWAY, the end of the connection, or 3 s.
+            let (mut goaway, mut rst, mut max_streams) = (false, 0, None);
+            let mut buffer = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut chunk = [0u8; 16384];
+            while !goaway {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, tcp.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => buffer.extend(&chunk[..n]),
+                    _ => break,
+                }
+                while buffer.len() >= 9 {
+                    let len = u32::from_be_bytes([0, buffer[0], buffer[1], buffer[2]]) as usize;
+                    if buffer.len() < 9 + len {
+                        break;
+                    }
+                    let (kind, payload) = (buffer[3], buffer[9..9 + len].to_vec());
+                    match kind {
+                        0x3 => rst += 1,
+                        0x7 => goaway = true,
+                        0x4 => {
+                            for setting in payload.chunks(6) {
+                                if setting[..2] == [0, 3] {
+                                    max_streams =
+                                        Some(u32::from_be_bytes(setting[2..6].try_into().unwrap()));
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                    buffer.drain(..9 + len);
+                }
+            }
+            (goaway, rst, max_streams)
+        }
+    };
+    let (goaway, rst, max_streams) = provoke(10).await;
+    assert_eq!(max_streams, Some(100));
+    assert!(!goaway, "10 resets ended the connection");
+    assert_eq!(rst, 10, "the server reset each provoked stream");
+    let (goaway, _, _) = provoke(60).await;
+    assert!(
+        goaway,
+        "60 provoked resets on one connection drew no GOAWAY"
+    );
+    // The master goes on serving.
+    let mut client = fx.master.client().await;
+    insert(&mut client, &operator(1)).await.unwrap();
+}
