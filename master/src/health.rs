@@ -62,3 +62,57 @@ pub async fn watch_database(
         }
     }
 }
+
+/// `grpc.health.v1` with its `Watch` streams counted against the stream limits, as
+/// `StreamLedger` streams are: without, anyone could open thousands of them, unauthenticated.
+pub struct LimitedHealth<H> {
+    inner: H,
+    streams: crate::limits::StreamLimiter,
+}
+
+impl<H> LimitedHealth<H> {
+    /// `inner`, its `Watch` streams admitted by `streams`.
+    pub fn new(inner: H, streams: crate::limits::StreamLimiter) -> Self {
+        LimitedHealth { inner, streams }
+    }
+}
+
+type WatchStream = std::pin::Pin<
+    Box<
+        dyn tokio_stream::Stream<
+                Item = Result<tonic_health::pb::HealthCheckResponse, tonic::Status>,
+            > + Send,
+    >,
+>;
+
+#[tonic::async_trait]
+impl<H: tonic_health::pb::health_server::Health> tonic_health::pb::health_server::Health
+    for LimitedHealth<H>
+{
+    async fn check(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        use tokio_stream::StreamExt;
+        let permit = self
+            .streams
+            .admit(request.remote_addr().map(|addr| addr.ip()))
+            .map_err(tonic::Status::from)?;
+        let stream = self.inner.watch(request).await?.into_inner();
+        // The place is held for as long as the stream lives.
+        let stream = stream.map(move |item| {
+            let _held = &permit;
+            item
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}

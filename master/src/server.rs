@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
-use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
 
 use std::pin::Pin;
@@ -99,7 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.external_addr.unwrap_or(internal)
     );
     let incoming = start_anylog(&config, &ledger, listener, &streams_shutdown).await?;
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = HealthReporter::new();
     tokio::spawn(health::watch_database(
         ledger.storage().clone(),
         ledger.feed().clone(),
@@ -121,7 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         options,
         ledger.clone(),
         incoming,
-        (health, health_service),
+        health,
         shutdown,
         streams_shutdown,
     )
@@ -397,7 +397,7 @@ pub fn load_security(
 pub async fn serve(
     ledger: Arc<Ledger>,
     listener: TcpListener,
-    health: (HealthReporter, HealthServer<impl Health>),
+    health: HealthReporter,
     shutdown: impl Future<Output = ()>,
     streams_shutdown: CancellationToken,
     grace: Duration,
@@ -422,11 +422,16 @@ pub async fn serve_with(
     options: ServeOptions,
     ledger: Arc<Ledger>,
     incoming: impl Into<GrpcIncoming>,
-    (health, health_service): (HealthReporter, HealthServer<impl Health>),
+    health: HealthReporter,
     shutdown: impl Future<Output = ()>,
     streams_shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let grace = options.grace;
+    // `Watch` streams count against the stream limits like `StreamLedger` ones.
+    let health_service = HealthServer::new(health::LimitedHealth::new(
+        tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        options.access.streams.clone(),
+    ));
     health
         .set_serving::<LedgerServiceServer<LedgerGrpc>>()
         .await;

@@ -281,7 +281,7 @@ impl Relay {
             ..ServeOptions::default()
         };
         let task = tokio::spawn(async move {
-            let health = tonic_health::server::health_reporter();
+            let health = tonic_health::server::HealthReporter::new();
             if let Err(e) = ledger_master::server::serve_with(
                 options, ledger, listener, health, stopped, streams,
             )

@@ -1283,3 +1283,69 @@ async fn provoked_resets_end_the_connection_and_streams_are_capped() {
     let mut client = fx.master.client().await;
     insert(&mut client, &operator(1)).await.unwrap();
 }
+
+/// `grpc.health.v1` `Watch` streams count against `--max-streams` like `StreamLedger` ones: a
+/// client cannot hold thousands of them open (issue 15, point 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watch_streams_count_against_the_stream_limit() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let fx = start(&["--max-streams", "5", "--max-streams-per-client", "5"]);
+    let channel = tonic::transport::Endpoint::from_shared(fx.master.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let watch = |mut health: HealthClient<tonic::transport::Channel>| async move {
+        within(
+            30,
+            "Health/Watch",
+            health.watch(HealthCheckRequest {
+                service: String::new(),
+            }),
+        )
+        .await
+    };
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut stream = watch(health.clone()).await.unwrap().into_inner();
+        // Each answers with the current status first.
+        within(30, "the first status", stream.message())
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    let refused = watch(health.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // A ledger stream has no place either; a check (unary) is served.
+    let mut client = fx.master.client().await;
+    let refused = within(
+        30,
+        "StreamLedger",
+        client.stream_ledger(StreamLedgerRequest { after_seq: 0 }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    within(
+        30,
+        "Health/Check",
+        health.check(HealthCheckRequest {
+            service: String::new(),
+        }),
+    )
+    .await
+    .unwrap();
+    // A closed watch frees its place.
+    drop(held.pop());
+    let mut freed = false;
+    for _ in 0..100 {
+        if watch(health.clone()).await.is_ok() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed, "a closed Watch did not free its place");
+}
