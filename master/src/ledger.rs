@@ -22,6 +22,16 @@ use tonic::transport::Channel;
 /// The page size of `ListPolicies` when the client names none, and the largest it may ask.
 pub const DEFAULT_PAGE_SIZE: usize = 1000;
 
+/// The most rows one `ListPolicies` call reads (then it answers with a token to go on): each
+/// row is checked against every condition, so this bounds the work of one call.
+pub const LIST_ROW_BUDGET: usize = 10_000;
+
+/// The most conditions one `ListPolicies` call may carry.
+pub const MAX_CONDITIONS: usize = 64;
+
+/// The longest key or value of a condition, in bytes.
+pub const MAX_CONDITION_BYTES: usize = 1024;
+
 /// A `ListPolicies` query.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -340,12 +350,34 @@ impl Ledger {
     }
 
     /// One page of the policies that match `query`, in ledger order.
+    ///
+    /// The rows are read and filtered on the blocking pool, not on the async workers that
+    /// serve every other call, and one call reads at most [`LIST_ROW_BUDGET`] rows: a page may
+    /// then hold fewer policies than asked, with a token to go on from where it stopped.
+    /// Conditions are capped in number and length ([`MAX_CONDITIONS`], [`MAX_CONDITION_BYTES`]).
     pub async fn list(&self, query: ListQuery) -> Result<ListPage, LedgerError> {
+        if query.conditions.len() > MAX_CONDITIONS {
+            return Err(LedgerError::InvalidArgument(format!(
+                "{} conditions; at most {MAX_CONDITIONS} are accepted",
+                query.conditions.len()
+            )));
+        }
+        if let Some((key, value)) = query
+            .conditions
+            .iter()
+            .find(|(k, v)| k.len() > MAX_CONDITION_BYTES || v.len() > MAX_CONDITION_BYTES)
+        {
+            return Err(LedgerError::InvalidArgument(format!(
+                "a condition of {} + {} bytes; a key or a value has at most {MAX_CONDITION_BYTES}",
+                key.len(),
+                value.len()
+            )));
+        }
         let page_size = match query.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(DEFAULT_PAGE_SIZE),
         };
-        let mut cursor = match query.page_token.as_str() {
+        let start = match query.page_token.as_str() {
             "" => 0,
             token => token.parse::<u64>().map_err(|_| {
                 LedgerError::InvalidArgument(format!(
@@ -353,21 +385,22 @@ impl Ledger {
                 ))
             })?,
         };
-        let mut policies = Vec::new();
-        loop {
-            let policy_type = query.policy_type.clone();
-            let rows = blocking(self.storage(), move |s| {
-                s.list(policy_type.as_deref(), cursor, DEFAULT_PAGE_SIZE)
-            })
-            .await?;
-            let exhausted = rows.len() < DEFAULT_PAGE_SIZE;
-            let row_count = rows.len();
-            for (index, row) in rows.into_iter().enumerate() {
-                cursor = row.seq;
-                if matches_conditions(&row, &query.conditions) {
-                    policies.push(row);
-                    if policies.len() == page_size {
-                        let more = !exhausted || index + 1 < row_count;
+        blocking(self.storage(), move |s| {
+            let mut cursor = start;
+            let mut scanned = 0;
+            let mut policies = Vec::new();
+            loop {
+                let rows = s.list(query.policy_type.as_deref(), cursor, DEFAULT_PAGE_SIZE)?;
+                let exhausted = rows.len() < DEFAULT_PAGE_SIZE;
+                let row_count = rows.len();
+                for (index, row) in rows.into_iter().enumerate() {
+                    cursor = row.seq;
+                    scanned += 1;
+                    if matches_conditions(&row, &query.conditions) {
+                        policies.push(row);
+                    }
+                    let more = !exhausted || index + 1 < row_count;
+                    if policies.len() == page_size || (scanned >= LIST_ROW_BUDGET && more) {
                         return Ok(ListPage {
                             policies,
                             next_page_token: if more {
@@ -378,14 +411,15 @@ impl Ledger {
                         });
                     }
                 }
+                if exhausted {
+                    return Ok(ListPage {
+                        policies,
+                        next_page_token: String::new(),
+                    });
+                }
             }
-            if exhausted {
-                return Ok(ListPage {
-                    policies,
-                    next_page_token: String::new(),
-                });
-            }
-        }
+        })
+        .await
     }
 
     /// The head, size and digest of the ledger. Computed once for concurrent callers, and

@@ -1349,3 +1349,95 @@ async fn health_watch_streams_count_against_the_stream_limit() {
     }
     assert!(freed, "a closed Watch did not free its place");
 }
+
+/// `ListPolicies` conditions are capped in number and length, so 200,000 of them are refused
+/// at once instead of burning the runtime; and one call reads at most 10,000 rows, answering
+/// with a token to go on, so even allowed conditions cannot make one call unbounded (issue 15,
+/// point 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_conditions_are_capped_and_one_call_reads_a_bounded_number_of_rows() {
+    use ledger_proto::pb::Condition;
+    let fx = start(&[]);
+    let mut client = fx.master.client().await;
+    let condition = |key: &str, value: &str| Condition {
+        key: key.to_string(),
+        value: value.to_string(),
+    };
+    let list = |conditions: Vec<Condition>, page_token: String| ListPoliciesRequest {
+        r#type: String::new(),
+        conditions,
+        page_size: 0,
+        page_token,
+    };
+    let many = vec![condition("company", "Acme"); 200_000];
+    let refused = within(
+        30,
+        "ListPolicies",
+        client.list_policies(list(many, String::new())),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("at most 64"), "{refused:?}");
+    let refused = within(
+        30,
+        "ListPolicies",
+        client.list_policies(list(vec![condition(&"k".repeat(1025), "v")], String::new())),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    within(
+        30,
+        "ListPolicies",
+        client.list_policies(list(vec![condition("company", "Acme"); 64], String::new())),
+    )
+    .await
+    .unwrap();
+
+    // 10,050 policies, one of them at the end matching: the first call stops at 10,000 rows
+    // with nothing found and a token; the next finds it.
+    let mut writers = Vec::new();
+    for w in 0..16 {
+        let mut client = client.clone();
+        writers.push(tokio::spawn(async move {
+            for n in (w..10_049).step_by(16) {
+                insert(&mut client, &operator(n)).await.unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    insert(
+        &mut client,
+        r#"{"operator": {"name": "last", "company": "Needle"}}"#,
+    )
+    .await
+    .unwrap();
+    let needle = || vec![condition("company", "Needle")];
+    let first = within(
+        30,
+        "ListPolicies",
+        client.list_policies(list(needle(), String::new())),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(first.policies.is_empty(), "{} found", first.policies.len());
+    assert!(
+        !first.next_page_token.is_empty(),
+        "the budget gave no token"
+    );
+    let second = within(
+        30,
+        "ListPolicies",
+        client.list_policies(list(needle(), first.next_page_token)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(second.policies.len(), 1);
+    assert!(second.policies[0].json.contains("Needle"));
+    assert!(second.next_page_token.is_empty());
+}
