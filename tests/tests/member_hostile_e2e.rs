@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use ledger_member::paths::LedgerPaths;
 use ledger_member::state::SyncState;
 use ledger_proto::pb;
-use ledger_tests::client::{Client, info, insert};
-use ledger_tests::{Master, Member, wait_until, within};
+use ledger_tests::client::{all_policies as ledger, info, insert};
+use ledger_tests::{Master, Member, wait_until};
 
 /// A tmpfs mounted on a temporary directory; unmounted on drop.
 struct Tmpfs {
@@ -68,30 +68,6 @@ impl Drop for Tmpfs {
         if !unmounted {
             eprintln!("could not unmount the tmpfs at {}", self.path().display());
         }
-    }
-}
-
-/// Every policy of the master, in ledger order.
-async fn ledger(client: &mut Client) -> Vec<pb::Policy> {
-    let mut policies = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = within(
-            30,
-            "ListPolicies",
-            client.list_policies(pb::ListPoliciesRequest {
-                page_token,
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap()
-        .into_inner();
-        policies.extend(page.policies);
-        if page.next_page_token.is_empty() {
-            return policies;
-        }
-        page_token = page.next_page_token;
     }
 }
 

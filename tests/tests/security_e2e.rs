@@ -368,22 +368,19 @@ async fn refusals_are_logged_with_a_limit_and_a_count() {
     let auth = auth_file(dir.path());
     let master = Master::start(dir.path(), &["--auth-file", &auth]);
     let mut client = master.client().await;
-    for _ in 0..1000 {
-        let refused = client
-            .get_ledger_info(GetLedgerInfoRequest {})
-            .await
-            .unwrap_err();
-        assert_eq!(refused.code(), Code::Unauthenticated);
-    }
+    let mut refuse_1000 = async || {
+        for _ in 0..1000 {
+            let refused = client
+                .get_ledger_info(GetLedgerInfoRequest {})
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::Unauthenticated);
+        }
+    };
+    refuse_1000().await;
     // Past the interval, the next refusal is logged with the count of the ones before.
     tokio::time::sleep(std::time::Duration::from_millis(10_100)).await;
-    for _ in 0..1000 {
-        let refused = client
-            .get_ledger_info(GetLedgerInfoRequest {})
-            .await
-            .unwrap_err();
-        assert_eq!(refused.code(), Code::Unauthenticated);
-    }
+    refuse_1000().await;
     let logs = master.logs();
     let lines: Vec<&str> = logs.lines().filter(|l| l.contains("refused:")).collect();
     assert_eq!(lines.len(), 2, "{}", lines.join("\n"));
