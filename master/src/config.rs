@@ -67,6 +67,11 @@ pub struct Config {
     #[arg(long, env = "LEDGER_SUBSCRIBER_BUFFER", default_value_t = 4096)]
     pub subscriber_buffer: usize,
 
+    /// The most bytes of recent changes kept in memory for subscribers that lag (about twice
+    /// the policies' text): a subscriber that needs an older one reads it from the database.
+    #[arg(long, env = "LEDGER_SUBSCRIBER_BUFFER_BYTES", default_value_t = crate::feed::DEFAULT_KEPT_BYTES)]
+    pub subscriber_buffer_bytes: usize,
+
     /// The most inserts and deletes committed together in one transaction.
     #[arg(long, env = "LEDGER_MAX_BATCH", default_value_t = 1024)]
     pub max_batch: usize,
@@ -145,7 +150,21 @@ pub struct Config {
     #[arg(long, env = "LEDGER_MAX_LOCAL_RESET_STREAMS", default_value_t = 1024)]
     pub max_local_reset_streams: usize,
 
-    /// The most streams open at once from one client address.
+    /// The most snapshots read at once. Each holds a database connection while its client reads
+    /// it: keep it below --db-pool-size. Further ones wait for a turn.
+    #[arg(long, env = "LEDGER_MAX_SNAPSHOTS", default_value_t = crate::limits::DEFAULT_MAX_SNAPSHOTS)]
+    pub max_snapshots: usize,
+
+    /// The most snapshots read at once for one client address (an IPv6 client: its /64).
+    #[arg(long, env = "LEDGER_MAX_SNAPSHOTS_PER_CLIENT", default_value_t = crate::limits::DEFAULT_MAX_SNAPSHOTS_PER_CLIENT)]
+    pub max_snapshots_per_client: usize,
+
+    /// How long a snapshot waits for its client to read the next page before it is ended
+    /// (RESOURCE_EXHAUSTED) and its database connection freed.
+    #[arg(long, env = "LEDGER_SNAPSHOT_STALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub snapshot_stall_timeout: Duration,
+
+    /// The most streams open at once from one client address (an IPv6 client: its /64).
     #[arg(long, env = "LEDGER_MAX_STREAMS_PER_CLIENT", default_value_t = 64)]
     pub max_streams_per_client: usize,
 

@@ -29,6 +29,11 @@ pub enum LedgerError {
         /// The last seq it was sent, to resume from.
         resume_after: u64,
     },
+    /// A snapshot's client took none of it for this long; its turn went to other snapshots.
+    #[error(
+        "the snapshot was ended: the client read none of it for {0:?}; resume to get a new one"
+    )]
+    SnapshotStalled(std::time::Duration),
     /// The caller is not allowed.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),

@@ -1,8 +1,12 @@
 //! The change feed: fans every committed change out to the live subscribers, in seq order.
 //!
-//! One bounded broadcast ring holds the recent changes, each shared by every subscriber through
+//! A bounded broadcast ring announces the recent changes, each shared by every subscriber through
 //! an `Arc`, so memory does not grow with slow subscribers: a subscriber that falls more than the
 //! ring's capacity behind is told so by the ring and dropped (see [`crate::subscription`]).
+//! The ring is bounded in bytes too: the changes themselves are kept by the feed up to a byte
+//! budget, and the ring only holds weak references to them. A subscriber that reaches a change
+//! the feed no longer keeps reads it from the storage instead: large policies cannot pin the
+//! ring's capacity times their size.
 //! A [`SharedChange`] also keeps the change's wire encoding once a subscriber made it, so a
 //! change is encoded once, not once per subscriber.
 //!
@@ -10,8 +14,9 @@
 //! database, from the database's notifications; [`ChangeFeed::publish_committed`] orders both,
 //! reading from the storage whatever was committed in between, so the ring never holds a gap.
 
+use std::collections::VecDeque;
 use std::ops::Deref;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use prost::bytes::Bytes;
 use tokio::sync::{broadcast, watch};
@@ -56,22 +61,67 @@ impl Deref for SharedChange {
     }
 }
 
+impl SharedChange {
+    /// About how many bytes the change takes in memory, once encoded.
+    fn weight(&self) -> usize {
+        let text = match &self.change.kind {
+            ChangeKind::Inserted(policy) => {
+                policy.json.len() + policy.id.len() + policy.policy_type.len()
+            }
+            ChangeKind::Deleted { id } => id.len(),
+        };
+        // The change, and its encoding once a subscriber made it.
+        2 * text + 128
+    }
+}
+
+/// A change as the ring announces it: its seq, and the change while the feed still keeps it.
+#[derive(Debug, Clone)]
+pub struct Announced {
+    /// The change's seq.
+    pub seq: u64,
+    /// The change, unless the feed let it go to stay within its byte budget: then read it from
+    /// the storage.
+    pub change: Weak<SharedChange>,
+}
+
+/// The recent changes the feed keeps alive for the ring, within a byte budget.
+struct Kept {
+    changes: VecDeque<Arc<SharedChange>>,
+    bytes: usize,
+    max_count: usize,
+    max_bytes: usize,
+}
+
+/// The byte budget of the recent changes kept for lagging subscribers
+/// (`--subscriber-buffer-bytes`).
+pub const DEFAULT_KEPT_BYTES: usize = 64 << 20;
+
 /// The fan-out hub of committed changes. Cloning gives another handle to the same feed.
 #[derive(Clone)]
 pub struct ChangeFeed {
-    changes: broadcast::Sender<Arc<SharedChange>>,
-    /// The seq of the last published change; the lock orders concurrent publishers.
+    changes: broadcast::Sender<Announced>,
+    kept: Arc<Mutex<Kept>>,
+    /// The seq of the last published change; the lock orders concurrent publishers. A publisher
+    /// that panicked leaves the seq it reached, which is still true: a poisoned lock is used as is.
     published: Arc<Mutex<u64>>,
     head: Arc<watch::Sender<u64>>,
     database_up: Arc<watch::Sender<bool>>,
 }
 
 impl ChangeFeed {
-    /// A feed at `head_seq` that keeps up to `capacity` changes for subscribers that lag.
-    pub fn new(head_seq: u64, capacity: usize) -> Self {
+    /// A feed at `head_seq` that keeps up to `capacity` changes, and at most about `max_bytes`
+    /// of them, for subscribers that lag.
+    pub fn new(head_seq: u64, capacity: usize, max_bytes: usize) -> Self {
         let (changes, _) = broadcast::channel(capacity.max(1));
         ChangeFeed {
             changes,
+            kept: Arc::new(Mutex::new(Kept {
+                changes: VecDeque::new(),
+                bytes: 0,
+                max_count: capacity.max(1),
+                max_bytes,
+            })),
             published: Arc::new(Mutex::new(head_seq)),
             head: Arc::new(watch::channel(head_seq).0),
             database_up: Arc::new(watch::channel(true).0),
@@ -86,7 +136,10 @@ impl ChangeFeed {
         storage: &dyn Storage,
         changes: impl IntoIterator<Item = Change>,
     ) -> Result<(), StorageError> {
-        let mut published = self.published.lock().expect("feed lock");
+        let mut published = self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         for change in changes {
             if change.seq <= *published {
                 continue;
@@ -112,12 +165,18 @@ impl ChangeFeed {
     /// while the database was out of reach). Returns the seq published last. Blocks.
     pub fn catch_up(&self, storage: &dyn Storage) -> Result<u64, StorageError> {
         loop {
-            let after = *self.published.lock().expect("feed lock");
+            let after = *self
+                .published
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let changes = storage.changes_after(after, FILL_PAGE)?;
             let full = changes.len() == FILL_PAGE;
             self.publish_committed(storage, changes)?;
             if !full {
-                return Ok(*self.published.lock().expect("feed lock"));
+                return Ok(*self
+                    .published
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner));
             }
         }
     }
@@ -130,13 +189,32 @@ impl ChangeFeed {
             ChangeKind::Inserted(_) => 1.0,
             ChangeKind::Deleted { .. } => -1.0,
         });
+        let change = Arc::new(SharedChange::new(change));
+        let announced = Announced {
+            seq,
+            change: Arc::downgrade(&change),
+        };
+        {
+            let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+            kept.bytes += change.weight();
+            kept.changes.push_back(change);
+            // The newest change is always kept: the subscribers that are up to date take it
+            // from memory.
+            while kept.changes.len() > kept.max_count
+                || (kept.bytes > kept.max_bytes && kept.changes.len() > 1)
+            {
+                if let Some(old) = kept.changes.pop_front() {
+                    kept.bytes -= old.weight();
+                }
+            }
+        }
         // An error only means that nobody listens right now, which is fine.
-        let _ = self.changes.send(Arc::new(SharedChange::new(change)));
+        let _ = self.changes.send(announced);
         self.head.send_replace(seq);
     }
 
     /// A receiver of every change published from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<SharedChange>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Announced> {
         self.changes.subscribe()
     }
 
@@ -170,5 +248,53 @@ impl ChangeFeed {
     /// A watch of [`ChangeFeed::database_up`].
     pub fn watch_database(&self) -> watch::Receiver<bool> {
         self.database_up.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{DatabaseUrl, DieselStorage, StoredPolicy};
+
+    fn inserted(seq: u64, bytes: usize) -> Change {
+        Change {
+            seq,
+            kind: ChangeKind::Inserted(StoredPolicy {
+                id: format!("id{seq}"),
+                policy_type: "operator".into(),
+                json: "x".repeat(bytes),
+                seq,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_ring_keeps_changes_within_its_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let url: DatabaseUrl = format!("sqlite://{}", dir.path().join("l.db").display())
+            .parse()
+            .unwrap();
+        // Consecutive seqs never make the feed read the storage; it is only there to satisfy
+        // the signature.
+        let storage = DieselStorage::open(&url, 2).unwrap();
+        let feed = ChangeFeed::new(0, 100, 3 << 20);
+        let mut ring = feed.subscribe();
+        feed.publish_committed(&storage, (1..=10).map(|seq| inserted(seq, 1 << 20)))
+            .unwrap();
+        let announced: Vec<Announced> = (0..10).map(|_| ring.try_recv().unwrap()).collect();
+        let alive: Vec<u64> = announced
+            .iter()
+            .filter(|a| a.change.upgrade().is_some())
+            .map(|a| a.seq)
+            .collect();
+        // 1 MiB of text weighs about 2 MiB: one fits into 3 MiB, and the newest always stays.
+        assert_eq!(alive, vec![10], "only the newest change is kept in memory");
+        // Small changes are all kept, up to the ring's count.
+        feed.publish_committed(&storage, (11..=60).map(|seq| inserted(seq, 100)))
+            .unwrap();
+        let alive = (0..50)
+            .filter(|_| ring.try_recv().unwrap().change.upgrade().is_some())
+            .count();
+        assert_eq!(alive, 50);
     }
 }

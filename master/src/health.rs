@@ -6,16 +6,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ledger_proto::server::ledger_service_server::LedgerServiceServer;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::feed::ChangeFeed;
-use crate::follower;
 use crate::service::LedgerGrpc;
 use crate::storage::Storage;
+use crate::writer::WriterHealth;
+use crate::{follower, metrics};
+
+/// The health service name that says whether writes commit: `NOT_SERVING` while the database's
+/// disk is full (reads and streams go on, so the ledger's own service stays `SERVING`).
+pub const WRITES_SERVICE: &str = "ledger.v1.LedgerService/writes";
 
 /// Checks the database every `interval` until `shutdown` is cancelled, and reports each change
 /// of state once: in the log, on `health`, and on the feed (which ends the streams).
+///
+/// The check runs on a connection of its own ([`Storage::check`]): a pool whose connections are
+/// all held (slow snapshots, a burst of reads) is reported as busy, in the log and the metrics,
+/// and does not make the master `NOT_SERVING`.
 pub async fn watch_database(
     storage: Arc<dyn Storage>,
     feed: ChangeFeed,
@@ -23,15 +34,30 @@ pub async fn watch_database(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
+    let mut busy = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+        if let Some((in_use, size)) = storage.pool_usage() {
+            metrics::db_pool(in_use, size);
+            if (in_use >= size) != busy {
+                busy = in_use >= size;
+                if busy {
+                    tracing::warn!(
+                        connections = size,
+                        "every database connection is in use: calls wait for one (the database answers; still SERVING)"
+                    );
+                } else {
+                    tracing::info!("database connections are free again");
+                }
+            }
+        }
         let checked = storage.clone();
         let answer = tokio::time::timeout(
             interval.max(Duration::from_secs(1)),
-            tokio::task::spawn_blocking(move || checked.bounds()),
+            tokio::task::spawn_blocking(move || checked.check()),
         )
         .await;
         let error = match answer {
@@ -59,6 +85,52 @@ pub async fn watch_database(
                     .set_serving::<LedgerServiceServer<LedgerGrpc>>()
                     .await;
             }
+        }
+    }
+}
+
+/// Shows the writer's state on `health` ([`WRITES_SERVICE`]), in the log and the metrics, until
+/// the writer fails for good: then the whole master turns `NOT_SERVING` and this returns why,
+/// for the server to drain and stop. Never returns while the writer is sound.
+pub async fn watch_writer(
+    mut writer: watch::Receiver<WriterHealth>,
+    health: HealthReporter,
+) -> String {
+    health
+        .set_service_status(WRITES_SERVICE, ServingStatus::Serving)
+        .await;
+    metrics::writes_state(1.0);
+    loop {
+        let state = writer.borrow_and_update().clone();
+        match state {
+            WriterHealth::Writing => {
+                metrics::writes_state(1.0);
+                health
+                    .set_service_status(WRITES_SERVICE, ServingStatus::Serving)
+                    .await;
+            }
+            WriterHealth::DiskFull(reason) => {
+                tracing::error!(%reason, "the database's disk is full: writes are refused (RESOURCE_EXHAUSTED) until space is freed; reads and streams go on");
+                metrics::writes_state(0.0);
+                health
+                    .set_service_status(WRITES_SERVICE, ServingStatus::NotServing)
+                    .await;
+            }
+            WriterHealth::Failed(reason) => {
+                tracing::error!(%reason, "the writer stopped: NOT_SERVING; the master drains its calls and exits");
+                metrics::writes_state(-1.0);
+                health
+                    .set_service_status(WRITES_SERVICE, ServingStatus::NotServing)
+                    .await;
+                health
+                    .set_not_serving::<LedgerServiceServer<LedgerGrpc>>()
+                    .await;
+                return reason;
+            }
+        }
+        if writer.changed().await.is_err() {
+            // The writer stopped normally (shutdown): nothing more to show.
+            return std::future::pending().await;
         }
     }
 }

@@ -471,12 +471,13 @@ impl Ledger {
         Ok(file)
     }
 
-    /// The events of a subscriber that applied everything up to `after_seq`.
+    /// The events of a subscriber at `client` that applied everything up to `after_seq`.
     pub fn subscribe(
         &self,
         after_seq: u64,
+        client: Option<std::net::IpAddr>,
     ) -> impl Stream<Item = Result<Event, LedgerError>> + Send + 'static {
-        subscription::subscribe(self.subscriptions.clone(), after_seq)
+        subscription::subscribe(self.subscriptions.clone(), after_seq, client)
     }
 }
 

@@ -1,9 +1,15 @@
-//! Limits that keep one client from hurting the others: policy size and nesting, and how many
-//! streams are open in all and per client address.
+//! Limits that keep one client from hurting the others: policy size and nesting, how many
+//! streams are open and how many snapshots are read at once, in all and per client.
+//!
+//! A client is its IPv4 address, or the /64 network of its IPv6 address: one IPv6 host usually
+//! holds a whole /64, and would otherwise count as billions of clients.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use crate::error::LedgerError;
 
@@ -80,13 +86,14 @@ impl StreamLimiter {
 
     /// A place for one more stream from `client`, or RESOURCE_EXHAUSTED-worthy refusal.
     pub fn admit(&self, client: Option<IpAddr>) -> Result<StreamPermit, LedgerError> {
-        let mut open = self.open.lock().expect("stream counts");
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.total >= self.max_total {
             return Err(LedgerError::TooManyStreams(format!(
                 "{} streams are open; the limit is {}",
                 open.total, self.max_total
             )));
         }
+        let client = client.map(client_key);
         if let Some(ip) = client {
             let mine = open.per_client.entry(ip).or_default();
             if *mine >= self.max_per_client {
@@ -107,7 +114,7 @@ impl StreamLimiter {
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
-        let mut open = self.open.lock().expect("stream counts");
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         open.total -= 1;
         if let Some(ip) = self.client
             && let Some(mine) = open.per_client.get_mut(&ip)
@@ -117,6 +124,158 @@ impl Drop for StreamPermit {
                 open.per_client.remove(&ip);
             }
         }
+    }
+}
+
+/// The key a client's limits are counted under: its IPv4 address, or its IPv6 /64 network.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let network = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(network))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+/// Snapshots read at once, in all (`--max-snapshots`).
+pub const DEFAULT_MAX_SNAPSHOTS: usize = 8;
+/// Snapshots read at once for one client (`--max-snapshots-per-client`).
+pub const DEFAULT_MAX_SNAPSHOTS_PER_CLIENT: usize = 2;
+/// How long a snapshot may wait for its client to read (`--snapshot-stall-timeout`).
+pub const DEFAULT_SNAPSHOT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Admits snapshot reads, in all and per client. A snapshot holds a database connection and a
+/// blocking thread for as long as its client takes to read it: without a cap, clients that
+/// stop reading (or a reconnect storm of members that all need one) take every connection.
+/// Callers over the cap wait for a turn, holding nothing.
+#[derive(Clone)]
+pub struct SnapshotLimiter {
+    max_total: usize,
+    max_per_client: usize,
+    /// How long a snapshot's reader waits for its client to take the next page before it gives
+    /// up and frees its connection.
+    pub stall_timeout: Duration,
+    running: Arc<Mutex<SnapshotCounts>>,
+    freed: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct SnapshotCounts {
+    total: usize,
+    waiting: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+impl Default for SnapshotLimiter {
+    fn default() -> Self {
+        SnapshotLimiter::new(
+            DEFAULT_MAX_SNAPSHOTS,
+            DEFAULT_MAX_SNAPSHOTS_PER_CLIENT,
+            DEFAULT_SNAPSHOT_STALL_TIMEOUT,
+        )
+    }
+}
+
+/// A running snapshot's turn; dropping it lets the next one run.
+pub struct SnapshotPermit {
+    running: Arc<Mutex<SnapshotCounts>>,
+    freed: Arc<Notify>,
+    client: Option<IpAddr>,
+}
+
+impl SnapshotLimiter {
+    /// At most `max_total` snapshots at once, `max_per_client` of one client; a reader whose
+    /// client takes no page for `stall_timeout` is ended.
+    pub fn new(max_total: usize, max_per_client: usize, stall_timeout: Duration) -> Self {
+        SnapshotLimiter {
+            max_total: max_total.max(1),
+            max_per_client: max_per_client.max(1),
+            stall_timeout,
+            running: Arc::default(),
+            freed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Waits for a turn to read a snapshot for `client`.
+    pub async fn acquire(&self, client: Option<IpAddr>) -> SnapshotPermit {
+        let client = client.map(client_key);
+        // Counted among the waiters from its first refusal until its turn, or until the stream
+        // is dropped while it waits.
+        let mut waiter = Waiter {
+            running: &self.running,
+            counted: false,
+        };
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check, so a turn freed in between is not missed.
+            freed.as_mut().enable();
+            {
+                let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+                let mine = client.map_or(0, |c| running.per_client.get(&c).copied().unwrap_or(0));
+                if running.total < self.max_total && mine < self.max_per_client {
+                    running.total += 1;
+                    if let Some(c) = client {
+                        *running.per_client.entry(c).or_default() += 1;
+                    }
+                    if waiter.counted {
+                        running.waiting -= 1;
+                        waiter.counted = false;
+                    }
+                    crate::metrics::snapshots(running.total, running.waiting);
+                    return SnapshotPermit {
+                        running: self.running.clone(),
+                        freed: self.freed.clone(),
+                        client,
+                    };
+                }
+                if !waiter.counted {
+                    waiter.counted = true;
+                    running.waiting += 1;
+                    crate::metrics::snapshots(running.total, running.waiting);
+                }
+            }
+            freed.await;
+        }
+    }
+}
+
+/// A caller of [`SnapshotLimiter::acquire`] while it is counted as waiting.
+struct Waiter<'a> {
+    running: &'a Mutex<SnapshotCounts>,
+    counted: bool,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            running.waiting -= 1;
+            crate::metrics::snapshots(running.total, running.waiting);
+        }
+    }
+}
+
+impl Drop for SnapshotPermit {
+    fn drop(&mut self) {
+        {
+            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            running.total -= 1;
+            if let Some(c) = self.client
+                && let Some(mine) = running.per_client.get_mut(&c)
+            {
+                *mine -= 1;
+                if *mine == 0 {
+                    running.per_client.remove(&c);
+                }
+            }
+            crate::metrics::snapshots(running.total, running.waiting);
+        }
+        self.freed.notify_waiters();
     }
 }
 
@@ -147,6 +306,69 @@ mod tests {
         assert!(
             limiter.admit(Some(a)).is_ok(),
             "a closed stream frees its place"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_network() {
+        let limiter = StreamLimiter::new(10, 1);
+        let _first = limiter.admit(Some("2001:db8::1".parse().unwrap())).unwrap();
+        assert!(
+            limiter
+                .admit(Some("2001:db8::ffff:2".parse().unwrap()))
+                .is_err(),
+            "another address of the same /64"
+        );
+        assert!(
+            limiter
+                .admit(Some("2001:db8:0:1::1".parse().unwrap()))
+                .is_ok(),
+            "another /64"
+        );
+        assert_eq!(
+            client_key("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap(),
+            "an IPv4-mapped address is its IPv4 address"
+        );
+    }
+
+    #[tokio::test]
+    async fn snapshots_wait_for_a_turn_in_all_and_per_client() {
+        let limiter = SnapshotLimiter::new(2, 1, Duration::from_secs(1));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        let first = limiter.acquire(Some(a)).await;
+        let short = Duration::from_millis(50);
+        assert!(
+            tokio::time::timeout(short, limiter.acquire(Some(a)))
+                .await
+                .is_err(),
+            "a second snapshot of one client waits"
+        );
+        let _second = limiter.acquire(Some(b)).await;
+        assert!(
+            tokio::time::timeout(short, limiter.acquire(Some(c)))
+                .await
+                .is_err(),
+            "a third snapshot waits for the overall cap"
+        );
+        let waiting = tokio::spawn({
+            let limiter = limiter.clone();
+            async move { limiter.acquire(Some(c)).await }
+        });
+        tokio::time::sleep(short).await;
+        drop(first);
+        let third = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("a freed turn goes to a waiter")
+            .unwrap();
+        drop(third);
+        let counts = limiter.running.lock().unwrap();
+        assert_eq!(
+            (counts.total, counts.waiting),
+            (1, 0),
+            "waiters that gave up are not counted"
         );
     }
 }

@@ -27,6 +27,9 @@ fn main() -> ExitCode {
         eprintln!("master: {e}");
         return ExitCode::from(2);
     }
+    // Reads FAILPOINTS in builds with the `failpoints` feature (the fault suite's); a no-op in
+    // release builds.
+    let _failpoints = fail::FailScenario::setup();
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();

@@ -137,6 +137,7 @@ pub fn error_outcome(error: &LedgerError) -> &'static str {
         LedgerError::InvalidPolicy(_) | LedgerError::InvalidArgument(_) => "invalid",
         LedgerError::Rejected(Rejection::AlreadyExists(_)) => "already_exists",
         LedgerError::Rejected(Rejection::NotFound(_)) | LedgerError::NotFound(_) => "not_found",
+        LedgerError::Storage(e) if e.is_disk_full() => "disk_full",
         LedgerError::Storage(e) if e.is_unavailable() => "unavailable",
         LedgerError::ShuttingDown => "unavailable",
         LedgerError::Auth(_) => "denied",
@@ -200,4 +201,27 @@ pub fn anylog_bytes_sent(bytes: usize) {
 /// The ledger was read whole to compute its digest (`GetLedgerInfo`, or a node's ledger file).
 pub fn digest_full_read() {
     counter!("ledger_digest_full_reads_total").increment(1);
+}
+
+/// Whether writes commit (1), fail for a full disk (0) or stopped for good (-1): see
+/// [`crate::writer::WriterHealth`].
+pub fn writes_state(state: f64) {
+    gauge!("ledger_writes_state").set(state);
+}
+
+/// How many of the database pool's connections are in use, and how many it may open.
+pub fn db_pool(in_use: u32, size: u32) {
+    gauge!("ledger_db_connections_in_use").set(in_use as f64);
+    gauge!("ledger_db_connections_max").set(size as f64);
+}
+
+/// How many snapshots are being read now, and how many wait for their turn.
+pub fn snapshots(running: usize, waiting: usize) {
+    gauge!("ledger_snapshots_running").set(running as f64);
+    gauge!("ledger_snapshots_waiting").set(waiting as f64);
+}
+
+/// A snapshot was ended because its client read nothing for the stall timeout.
+pub fn snapshot_stalled() {
+    counter!("ledger_snapshots_stalled_total").increment(1);
 }

@@ -26,7 +26,7 @@ use crate::auth::Authorizer;
 use crate::config::{AnyLogListen, Config, WriteFrom};
 use crate::feed::ChangeFeed;
 use crate::ledger::{Ledger, PolicyLimits, WritePath};
-use crate::limits::StreamLimiter;
+use crate::limits::{SnapshotLimiter, StreamLimiter};
 use crate::registration;
 use crate::service::{Access, LedgerGrpc};
 use crate::storage::{DatabaseUrl, DieselStorage, Storage};
@@ -60,8 +60,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     metrics::database_up(true);
     tracing::info!(database = %config.database_url, head_seq = bounds.head_seq, policy_count, "ledger opened");
 
-    let feed = ChangeFeed::new(bounds.head_seq, config.subscriber_buffer);
-    let (writer, writer_thread) = Writer::start(
+    let feed = ChangeFeed::new(
+        bounds.head_seq,
+        config.subscriber_buffer,
+        config.subscriber_buffer_bytes,
+    );
+    let (writer, writer_thread, writer_health) = Writer::start(
         storage.clone(),
         feed.clone(),
         WriterOptions {
@@ -78,6 +82,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 feed,
                 progress_interval: config.progress_interval,
                 shutdown: streams_shutdown.clone(),
+                snapshots: SnapshotLimiter::new(
+                    config.max_snapshots,
+                    config.max_snapshots_per_client,
+                    config.snapshot_stall_timeout,
+                ),
             },
         )
         .with_policy_limits(PolicyLimits {
@@ -117,6 +126,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ));
     }
     let options = ServeOptions::from_config(&config)?;
+    // A writer that failed for good stops the master as a signal would, after the drain: a
+    // supervisor (systemd, Kubernetes) restarts it, and clients go to another master meanwhile.
+    let writer_failure = Arc::new(std::sync::OnceLock::new());
+    let watched = health::watch_writer(writer_health, health.clone());
+    let failure = writer_failure.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            reason = watched => {
+                let _ = failure.set(reason);
+            }
+        }
+    };
     let result = serve_with(
         options,
         ledger.clone(),
@@ -133,6 +155,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .await?
         .map_err(|_| "the writer thread panicked")?;
     result?;
+    if let Some(reason) = writer_failure.get() {
+        return Err(format!("stopped because writes cannot be committed: {reason}").into());
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -98,9 +98,9 @@ impl From<LedgerError> for Status {
             LedgerError::Rejected(Rejection::NotFound(_)) | LedgerError::NotFound(_) => {
                 Status::not_found(message)
             }
-            LedgerError::SubscriberLagged { .. } | LedgerError::TooManyStreams(_) => {
-                Status::resource_exhausted(message)
-            }
+            LedgerError::SubscriberLagged { .. }
+            | LedgerError::TooManyStreams(_)
+            | LedgerError::SnapshotStalled(_) => Status::resource_exhausted(message),
             LedgerError::Auth(AuthError::Unauthenticated(_)) => Status::unauthenticated(message),
             LedgerError::Auth(AuthError::PermissionDenied { .. }) => {
                 Status::permission_denied(message)
@@ -108,6 +108,7 @@ impl From<LedgerError> for Status {
             LedgerError::ShuttingDown => Status::unavailable(message),
             // A relay passes its upstream's answer on unchanged.
             LedgerError::Upstream(status) => status,
+            LedgerError::Storage(e) if e.is_disk_full() => Status::resource_exhausted(message),
             LedgerError::Storage(e) if e.is_unavailable() => Status::unavailable(message),
             LedgerError::Storage(e) => {
                 tracing::error!(error = %e, "storage failure");
@@ -282,7 +283,8 @@ impl LedgerService for LedgerGrpc {
             .admit(request.remote_addr().map(|addr| addr.ip()))?;
         let after_seq = request.get_ref().after_seq;
         tracing::debug!(after_seq, client = %who, "subscriber joined");
-        let events = self.ledger.subscribe(after_seq).map(move |event| {
+        let client = request.remote_addr().map(|addr| addr.ip());
+        let events = self.ledger.subscribe(after_seq, client).map(move |event| {
             // The permit lives as long as the stream.
             let _open = &permit;
             event.map(event_frame).map_err(Status::from)
@@ -388,7 +390,7 @@ mod tests {
             .parse()
             .unwrap();
         let storage: Arc<dyn Storage> = Arc::new(DieselStorage::open(&url, 4).unwrap());
-        let feed = ChangeFeed::new(0, 16);
+        let feed = ChangeFeed::new(0, 16, crate::feed::DEFAULT_KEPT_BYTES);
         // Only streams are opened: the write path is never used.
         let upstream = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
         let ledger = Ledger::new(
@@ -398,6 +400,7 @@ mod tests {
                 feed: feed.clone(),
                 progress_interval: Duration::from_secs(60),
                 shutdown: CancellationToken::new(),
+                snapshots: Default::default(),
             },
         );
         let service = LedgerGrpc::new(Arc::new(ledger));

@@ -5,6 +5,7 @@
 //! changes seen in both are recognised by their seq and sent once. A seq that jumps ahead of
 //! the next expected one is filled from the storage, so no change is ever skipped.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,9 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::LedgerError;
-use crate::feed::{ChangeFeed, SharedChange};
+use crate::feed::{Announced, ChangeFeed, SharedChange};
+use crate::limits::SnapshotLimiter;
+use crate::log_limit::{self, LogLimit};
 use crate::metrics;
 use crate::storage::{SnapshotPart, Storage, StorageError, StoredPolicy};
 
@@ -58,6 +61,8 @@ pub struct SubscriptionContext {
     pub progress_interval: Duration,
     /// Cancelled when the master shuts down: streams end with [`LedgerError::ShuttingDown`].
     pub shutdown: CancellationToken,
+    /// Turns to read a snapshot, and how long a reader waits for a client that does not read.
+    pub snapshots: SnapshotLimiter,
 }
 
 /// Runs a blocking storage call on the blocking pool.
@@ -91,7 +96,7 @@ impl Drop for SubscriberGauge {
 
 /// What woke the live loop up.
 enum Wake {
-    Change(Result<Arc<SharedChange>, broadcast::error::RecvError>),
+    Change(Result<Announced, broadcast::error::RecvError>),
     Idle,
     Shutdown,
     DatabaseDown,
@@ -105,10 +110,12 @@ fn database_down() -> LedgerError {
     .into()
 }
 
-/// The events of a subscription of a client that applied everything up to `after_seq`.
+/// The events of a subscription of `client` (its address, for the per-client limits), which
+/// applied everything up to `after_seq`.
 pub fn subscribe(
     ctx: SubscriptionContext,
     after_seq: u64,
+    client: Option<IpAddr>,
 ) -> impl Stream<Item = Result<Event, LedgerError>> + Send + 'static {
     async_stream::stream! {
         let _counted = SubscriberGauge::new();
@@ -165,12 +172,42 @@ pub fn subscribe(
                 }
             }
         } else {
-            // The reader thread holds one read transaction for the whole snapshot and waits on the
-            // bounded channel while the client is slow; a dropped stream ends it.
+            // The reader thread holds one read transaction (a pooled connection) for the whole
+            // snapshot and waits on the bounded channel while the client is slow. So snapshots
+            // take turns, and a reader whose client takes no page for the stall timeout gives
+            // up and frees its connection; a dropped stream ends it at once.
+            let turn = tokio::select! {
+                turn = ctx.snapshots.acquire(client) => turn,
+                _ = ctx.shutdown.cancelled() => {
+                    yield Err(LedgerError::ShuttingDown);
+                    return;
+                }
+            };
             let (pages, mut received) = mpsc::channel(2);
             let storage = ctx.storage.clone();
+            let stall = ctx.snapshots.stall_timeout;
+            let runtime = tokio::runtime::Handle::current();
             let reader = tokio::task::spawn_blocking(move || {
-                storage.snapshot(PAGE_SIZE, &mut |part| pages.blocking_send(part).is_ok())
+                let _turn = turn;
+                let mut stalled = false;
+                storage.snapshot(PAGE_SIZE, &mut |part| {
+                    match runtime.block_on(tokio::time::timeout(stall, pages.send(part))) {
+                        Ok(sent) => sent.is_ok(),
+                        Err(_) => {
+                            stalled = true;
+                            false
+                        }
+                    }
+                })?;
+                if stalled {
+                    metrics::snapshot_stalled();
+                    static STALLS: LogLimit = LogLimit::new(Duration::from_secs(10));
+                    if let Some(suppressed) = STALLS.admit() {
+                        tracing::warn!(client = ?client, "ended a snapshot whose client read nothing for {stall:?}{}", log_limit::more(suppressed));
+                    }
+                    return Err(LedgerError::SnapshotStalled(stall));
+                }
+                Ok(())
             });
             last = 0;
             loop {
@@ -197,7 +234,7 @@ pub fn subscribe(
             match reader.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    yield Err(e.into());
+                    yield Err(e);
                     return;
                 }
                 Err(e) => {
@@ -230,13 +267,16 @@ pub fn subscribe(
                 Wake::Idle => {
                     yield Ok(Event::Progress { head_seq: ctx.feed.head().max(last) });
                 }
-                Wake::Change(Ok(change)) => {
-                    if change.seq <= last {
+                Wake::Change(Ok(announced)) => {
+                    if announced.seq <= last {
                         continue;
                     }
-                    // A change committed elsewhere may be announced out of order: fetch what lies
-                    // between from the storage rather than skip it.
-                    while change.seq > last + 1 {
+                    // A change committed elsewhere may be announced out of order, and a change
+                    // the feed no longer keeps (its byte budget) is gone from memory: read what
+                    // is missing from the storage rather than skip it.
+                    let change = announced.change.upgrade();
+                    let through = if change.is_some() { announced.seq - 1 } else { announced.seq };
+                    while last < through {
                         let missing = match blocking(&ctx.storage, move |s| s.changes_after(last, PAGE_SIZE)).await {
                             Ok(missing) => missing,
                             Err(e) => {
@@ -247,17 +287,19 @@ pub fn subscribe(
                         if missing.is_empty() {
                             yield Err(StorageError::Corrupt(format!(
                                 "change {} was announced but changes after {last} are missing",
-                                change.seq
+                                announced.seq
                             )).into());
                             return;
                         }
-                        for missed in missing.into_iter().take_while(|c| c.seq < change.seq) {
+                        for missed in missing.into_iter().take_while(|c| c.seq <= through) {
                             last = missed.seq;
                             yield Ok(Event::Change(Arc::new(SharedChange::new(missed))));
                         }
                     }
-                    last = change.seq;
-                    yield Ok(Event::Change(change));
+                    if let Some(change) = change {
+                        last = change.seq;
+                        yield Ok(Event::Change(change));
+                    }
                 }
                 Wake::Change(Err(broadcast::error::RecvError::Lagged(missed))) => {
                     metrics::subscriber_dropped();

@@ -5,9 +5,10 @@
 //! to the [`ChangeFeed`]. One writer per master means seqs are published in the order they
 //! commit; acknowledging only after the commit keeps every acknowledged write durable.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::LedgerError;
 use crate::feed::ChangeFeed;
@@ -27,6 +28,18 @@ pub struct Writer {
     requests: mpsc::Sender<Request>,
 }
 
+/// Whether writes can be committed, as the writer last found out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriterHealth {
+    /// The last transaction committed (or none was tried yet).
+    Writing,
+    /// The last transaction failed because the database's disk is full; the next one may
+    /// succeed once space is freed.
+    DiskFull(String),
+    /// The writer thread failed and stopped: no write will be committed again by this process.
+    Failed(String),
+}
+
 /// Options of the writer.
 #[derive(Debug, Clone, Copy)]
 pub struct WriterOptions {
@@ -38,18 +51,39 @@ pub struct WriterOptions {
 
 impl Writer {
     /// Starts the writer thread; the returned handle finishes when every [`Writer`] is dropped
-    /// and the queued writes are committed.
+    /// and the queued writes are committed. The watch tells whether writes commit: the server
+    /// shows it in health, and stops when the writer failed.
     pub fn start(
         storage: Arc<dyn Storage>,
         feed: ChangeFeed,
         options: WriterOptions,
-    ) -> (Writer, std::thread::JoinHandle<()>) {
+    ) -> (
+        Writer,
+        std::thread::JoinHandle<()>,
+        watch::Receiver<WriterHealth>,
+    ) {
         let (requests, queue) = mpsc::channel(QUEUE_DEPTH);
+        let (health, watched) = watch::channel(WriterHealth::Writing);
         let thread = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || run(storage, feed, queue, options))
+            .spawn(move || {
+                // A panic must not leave a master that looks healthy but never writes: it is
+                // caught here and reported, and the server stops (the queue, dropped by the
+                // unwinding, answers every waiting caller UNAVAILABLE).
+                let run = AssertUnwindSafe(|| run(storage, feed, queue, options, &health));
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let reason = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    health.send_replace(WriterHealth::Failed(format!(
+                        "the writer thread panicked: {reason}"
+                    )));
+                }
+            })
             .expect("spawning the writer thread");
-        (Writer { requests }, thread)
+        (Writer { requests }, thread, watched)
     }
 
     /// Commits `op` and returns its change once durable.
@@ -68,6 +102,7 @@ fn run(
     feed: ChangeFeed,
     mut queue: mpsc::Receiver<Request>,
     options: WriterOptions,
+    health: &watch::Sender<WriterHealth>,
 ) {
     let max_batch = options.max_batch.max(1);
     let mut batch = Vec::with_capacity(max_batch);
@@ -82,8 +117,17 @@ fn run(
             }
         }
         let ops: Vec<WriteOp> = batch.iter().map(|r| r.op.clone()).collect();
+        fail::fail_point!("writer-apply");
         match storage.apply(&ops) {
             Ok(results) => {
+                health.send_if_modified(|h| {
+                    let changed = *h != WriterHealth::Writing;
+                    if changed {
+                        tracing::info!("writes commit again");
+                    }
+                    *h = WriterHealth::Writing;
+                    changed
+                });
                 let committed: Vec<_> = results.iter().flatten().cloned().collect();
                 let head = committed.last().map(|change| change.seq);
                 // Publish before answering: by the time a client holds its acknowledgement,
@@ -107,12 +151,27 @@ fn run(
             }
             Err(e) => {
                 tracing::error!(error = %e, writes = batch.len(), "write transaction failed; nothing of it was committed");
-                let message = e.to_string();
+                use crate::storage::StorageError;
+                let disk_full = e.is_disk_full();
+                let message = match &e {
+                    // The inner text, not the error's own: it is wrapped again for each caller.
+                    StorageError::Unavailable(m)
+                    | StorageError::Busy(m)
+                    | StorageError::DiskFull(m)
+                    | StorageError::Failed(m) => m.clone(),
+                    StorageError::Query(e) => e.to_string(),
+                    other => other.to_string(),
+                };
+                if disk_full {
+                    health.send_replace(WriterHealth::DiskFull(message.clone()));
+                }
                 for request in batch.drain(..) {
-                    let error = if e.is_unavailable() {
-                        crate::storage::StorageError::Unavailable(message.clone())
+                    let error = if disk_full {
+                        StorageError::DiskFull(message.clone())
+                    } else if e.is_unavailable() {
+                        StorageError::Unavailable(message.clone())
                     } else {
-                        crate::storage::StorageError::Failed(message.clone())
+                        StorageError::Failed(message.clone())
                     };
                     let _ = request.reply.send(Err(error.into()));
                 }

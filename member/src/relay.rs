@@ -255,7 +255,11 @@ impl Relay {
 
     fn generation(&self) -> Result<Generation, String> {
         let storage = self.mirror.storage().clone();
-        let feed = ChangeFeed::new(self.mirror.head(), SUBSCRIBER_BUFFER);
+        let feed = ChangeFeed::new(
+            self.mirror.head(),
+            SUBSCRIBER_BUFFER,
+            ledger_master::feed::DEFAULT_KEPT_BYTES,
+        );
         let streams = CancellationToken::new();
         let client = self.upstream.lazy_client(&self.client, self.timeout)?;
         let ledger = Arc::new(Ledger::new(
@@ -265,6 +269,7 @@ impl Relay {
                 feed: feed.clone(),
                 progress_interval: PROGRESS_INTERVAL,
                 shutdown: streams.clone(),
+                snapshots: Default::default(),
             },
         ));
         let listener = self

@@ -927,8 +927,21 @@ async fn insert_many(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_never_reads_does_not_block_inserts() {
+    stream_read_late(&[]).await;
+}
+
+/// As above, with the ring's byte budget (1 MB) far below the 16 MB inserted: the changes the
+/// feed let go are read from the database, in order, none skipped (issue 15, point 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reader_past_the_byte_budget_gets_every_change_from_the_database() {
+    stream_read_late(&["--subscriber-buffer-bytes", "1000000"]).await;
+}
+
+/// A stream opened and not read while 2,000 8 KiB policies are inserted: the inserts are not
+/// held up, and the stream, read at last, has every change in order.
+async fn stream_read_late(args: &[&str]) {
     const INSERTS: usize = 2000;
-    let fixture = start(&[]);
+    let fixture = start(args);
     let master = &fixture.master;
     seed(master, 3).await;
     let mut watcher = Watcher::open(master).await;
@@ -1440,4 +1453,162 @@ async fn list_conditions_are_capped_and_one_call_reads_a_bounded_number_of_rows(
     assert_eq!(second.policies.len(), 1);
     assert!(second.policies[0].json.contains("Needle"));
     assert!(second.next_page_token.is_empty());
+}
+
+/// Seeds `count` policies from 16 concurrent clients.
+async fn seed_concurrently(master: &Master, count: usize) {
+    let client = master.client().await;
+    let mut set = tokio::task::JoinSet::new();
+    for task in 0..16 {
+        let mut client = client.clone();
+        set.spawn(async move {
+            for n in (task..count).step_by(16) {
+                insert(&mut client, &operator(n)).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        done.unwrap();
+    }
+}
+
+/// One connection from 127.0.0.2 (another client address: all of 127/8 is loopback) that
+/// advertises a stream window of 0 and opens `streams` `StreamLedger(after_seq = 0)` calls: the
+/// master can send their headers but no data, so each snapshot stalls at once. The connection
+/// answers the master's SETTINGS and PINGs, as a live client does, for as long as it is held.
+async fn stalled_snapshots(master: &Master, streams: u32) -> tokio::task::JoinHandle<()> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = socket.connect(master.addr).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
+    let mut out = ledger_proto::anylog::HTTP2_PREFACE.to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0])); // SETTINGS_INITIAL_WINDOW_SIZE = 0
+    let request = StreamLedgerRequest { after_seq: 0 }.encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend((request.len() as u32).to_be_bytes());
+    body.extend(request);
+    for n in 0..streams {
+        let stream = 1 + 2 * n;
+        out.extend(h2_frame(0x1, 0x4, stream, &stream_ledger_headers()));
+        out.extend(h2_frame(0x0, 0x1, stream, &body));
+    }
+    write.write_all(&out).await.unwrap();
+    tokio::spawn(async move {
+        let mut buffer = Vec::new();
+        let mut chunk = [0u8; 16384];
+        loop {
+            match read.read(&mut chunk).await {
+                Ok(n) if n > 0 => buffer.extend(&chunk[..n]),
+                _ => return,
+            }
+            while buffer.len() >= 9 {
+                let len = u32::from_be_bytes([0, buffer[0], buffer[1], buffer[2]]) as usize;
+                if buffer.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buffer[3], buffer[4]);
+                let answer = match kind {
+                    0x4 if flags & 1 == 0 => Some(h2_frame(0x4, 1, 0, &[])),
+                    0x6 if flags & 1 == 0 => Some(h2_frame(0x6, 1, 0, &buffer[9..9 + len])),
+                    _ => None,
+                };
+                if let Some(answer) = answer
+                    && write.write_all(&answer).await.is_err()
+                {
+                    return;
+                }
+                buffer.drain(..9 + len);
+            }
+        }
+    })
+}
+
+/// Twenty snapshots whose client reads nothing, on a 20,000-policy ledger, do not take the
+/// master down: each held a pooled connection and a thread, the health check waited behind
+/// them, and the master went NOT_SERVING, ending every stream (issue 15, point 1). Now
+/// snapshots take turns (at most 2 per client), the health check has a connection of its own,
+/// and a snapshot whose client reads nothing is ended after `--snapshot-stall-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_snapshots_do_not_take_the_master_down() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    const POLICIES: usize = 20_000;
+    let fx = start(&["--snapshot-stall-timeout", "3s"]);
+    let master = &fx.master;
+    within(
+        120,
+        "seeding 20,000 policies",
+        seed_concurrently(master, POLICIES),
+    )
+    .await;
+    let mut watcher = Watcher::open(master).await;
+    let mut health = HealthClient::new(
+        tonic::transport::Endpoint::from_shared(master.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let attack = stalled_snapshots(master, 20).await;
+    // Before the fix the master was NOT_SERVING about 1 s after the attack began.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut client = master.client().await;
+    for round in 0..4 {
+        let started = Instant::now();
+        let policy = insert(&mut client, &operator(POLICIES + round))
+            .await
+            .unwrap();
+        let change = within(5, "the watcher's change", next_change(&mut watcher.stream)).await;
+        let elapsed = started.elapsed();
+        assert_eq!(change.seq, policy.seq);
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "round {round}: the insert reached a subscriber after {elapsed:?}"
+        );
+        for service in ["", "ledger.v1.LedgerService"] {
+            let status = within(
+                5,
+                "Health/Check",
+                health.check(HealthCheckRequest {
+                    service: service.into(),
+                }),
+            )
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+            assert_eq!(
+                status,
+                ServingStatus::Serving as i32,
+                "round {round}, {service:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A client at another address gets a whole snapshot meanwhile.
+    let mut fresh_client = master.client().await;
+    let mut fresh = stream(&mut fresh_client, 0).await;
+    let (snapshot, _) = within(
+        30,
+        "a snapshot beside the stalled ones",
+        until_caught_up(&mut fresh),
+    )
+    .await;
+    let policies = snapshot
+        .iter()
+        .filter(|e| matches!(e.event, Some(Event::Inserted(_))))
+        .count();
+    assert_eq!(policies, POLICIES + 4);
+    // Past the stall timeout, the stalled readers are ended and their connections freed.
+    within(30, "the stalled snapshots to be ended", async {
+        while !master
+            .logs()
+            .contains("ended a snapshot whose client read nothing")
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    attack.abort();
 }

@@ -13,7 +13,7 @@ pub mod listener;
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -356,7 +356,10 @@ impl AnyLogEdge {
     async fn refuse(&self, node: &Node, refusal: Refusal) {
         metrics::anylog_message("unsupported", "refused");
         let first_time = {
-            let mut logged = self.unsupported_logged.lock().expect("unsupported words");
+            let mut logged = self
+                .unsupported_logged
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             logged.len() < MAX_REMEMBERED_WORDS && logged.insert(refusal.words.clone())
         };
         if first_time {

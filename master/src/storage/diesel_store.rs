@@ -256,12 +256,18 @@ struct WriteConnection {
 /// restarted meanwhile (HikariCP skips its check for 500 ms the same way).
 const WRITE_CONNECTION_TRUSTED_FOR: Duration = Duration::from_millis(500);
 
+/// About how many bytes of policies one snapshot page holds.
+const SNAPSHOT_PAGE_BYTES: usize = 1 << 20;
+
 /// The ledger in SQLite or PostgreSQL.
 pub struct DieselStorage {
     pool: Pool<Manager>,
     url: DatabaseUrl,
     /// Kept for [`Storage::apply`]: one writer thread makes every write, one after the other.
     writes: Mutex<Option<WriteConnection>>,
+    /// Kept for [`Storage::check`], outside the pool: the health check must not wait behind
+    /// calls that hold every pooled connection.
+    health: Mutex<Option<AnyConnection>>,
 }
 
 impl DieselStorage {
@@ -298,6 +304,7 @@ impl DieselStorage {
             pool,
             url: url.clone(),
             writes: Mutex::new(None),
+            health: Mutex::new(None),
         };
         storage.migrate()?;
         Ok(storage)
@@ -376,9 +383,19 @@ impl DieselStorage {
     }
 
     fn conn(&self) -> Result<PooledConnection<Manager>, StorageError> {
-        self.pool
-            .get()
-            .map_err(|e| StorageError::Unavailable(format!("{}: {e}", self.url)))
+        self.pool.get().map_err(|e| {
+            let state = self.pool.state();
+            if state.connections == self.pool.max_size() && state.idle_connections == 0 {
+                StorageError::Busy(format!(
+                    "all {} connections to {} stayed in use for {:?}",
+                    state.connections,
+                    self.url,
+                    self.pool.connection_timeout()
+                ))
+            } else {
+                StorageError::Unavailable(format!("{}: {e}", self.url))
+            }
+        })
     }
 
     fn migrate(&self) -> Result<(), StorageError> {
@@ -863,6 +880,33 @@ impl Storage for DieselStorage {
         read_bounds(&mut *self.conn()?)
     }
 
+    fn check(&self) -> Result<Bounds, StorageError> {
+        // A check still waiting for the database (the watch gave up on it) holds the lock: the
+        // database has not answered it, so it does not answer this one either.
+        let mut kept = self.health.try_lock().map_err(|_| {
+            StorageError::Unavailable(format!("{}: the previous check has not answered", self.url))
+        })?;
+        let mut conn = match kept.take() {
+            Some(conn) => conn,
+            None => self
+                .url
+                .connect()
+                .map_err(|e| StorageError::Unavailable(format!("{}: {e}", self.url)))?,
+        };
+        // A connection that failed is dropped: the next check opens a new one.
+        let bounds = read_bounds(&mut conn)?;
+        *kept = Some(conn);
+        Ok(bounds)
+    }
+
+    fn pool_usage(&self) -> Option<(u32, u32)> {
+        let state = self.pool.state();
+        Some((
+            state.connections - state.idle_connections,
+            self.pool.max_size(),
+        ))
+    }
+
     fn policy_count(&self) -> Result<u64, StorageError> {
         let count: i64 = ledger::table.count().get_result(&mut *self.conn()?)?;
         Ok(count as u64)
@@ -891,11 +935,16 @@ impl Storage for DieselStorage {
                 return Ok(());
             }
             let mut after = 0i64;
+            // Pages are bounded in bytes as well as rows: a page waits in memory while the client
+            // reads the one before, and policies may be large. The first page is small; the next
+            // ones take as many rows as the average so far fits into SNAPSHOT_PAGE_BYTES.
+            let mut rows_per_page = page_size.min(16);
+            let (mut rows_read, mut bytes_read) = (0usize, 0usize);
             loop {
                 let rows = ledger::table
                     .filter(ledger::seq.gt(after))
                     .order(ledger::seq.asc())
-                    .limit(page_size as i64)
+                    .limit(rows_per_page as i64)
                     .select((
                         ledger::policy_id,
                         ledger::policy_type,
@@ -905,7 +954,14 @@ impl Storage for DieselStorage {
                     .load::<PolicyRow>(c)?;
                 let Some(last) = rows.last() else { break };
                 after = last.3;
-                let full = rows.len() == page_size;
+                let full = rows.len() == rows_per_page;
+                rows_read += rows.len();
+                bytes_read += rows
+                    .iter()
+                    .map(|(id, _, json, _)| id.len() + json.as_ref().map_or(0, String::len))
+                    .sum::<usize>();
+                rows_per_page =
+                    (SNAPSHOT_PAGE_BYTES * rows_read / bytes_read.max(1)).clamp(1, page_size);
                 let page = rows
                     .into_iter()
                     .map(stored_policy)

@@ -130,6 +130,13 @@ pub enum StorageError {
     /// The database could not be reached or a connection could not be opened.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The database answers, but every pooled connection stayed in use for the whole wait: the
+    /// master is overloaded, not cut off (health stays SERVING).
+    #[error("database busy: {0}")]
+    Busy(String),
+    /// The disk of the database is full: nothing of the write was committed.
+    #[error("the database's disk is full; nothing of the write was committed: {0}")]
+    DiskFull(String),
     /// A statement failed.
     #[error("database error: {0}")]
     Query(#[from] diesel::result::Error),
@@ -151,7 +158,7 @@ impl StorageError {
     pub fn is_unavailable(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error};
         match self {
-            StorageError::Unavailable(_) => true,
+            StorageError::Unavailable(_) | StorageError::Busy(_) => true,
             StorageError::Query(Error::BrokenTransactionManager) => true,
             StorageError::Query(Error::DatabaseError(
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
@@ -167,6 +174,30 @@ impl StorageError {
         }
     }
 }
+
+impl StorageError {
+    /// Whether the error says the disk is full: SQLite's `SQLITE_FULL`, PostgreSQL's
+    /// `53100 disk_full` or an `ENOSPC` it passes on. Worth telling apart: the operator frees
+    /// space, and nothing else is wrong.
+    pub fn is_disk_full(&self) -> bool {
+        use diesel::result::Error;
+        match self {
+            StorageError::DiskFull(_) => true,
+            StorageError::Query(Error::DatabaseError(_, info)) => {
+                let message = info.message();
+                DISK_FULL.iter().any(|sign| message.contains(sign))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What SQLite's and PostgreSQL's messages say when the disk is full.
+const DISK_FULL: &[&str] = &[
+    "database or disk is full",
+    "No space left on device",
+    "could not extend file",
+];
 
 /// What libpq's messages say when the connection, not the statement, failed.
 const CONNECTION_LOST: &[&str] = &[
@@ -203,6 +234,18 @@ pub trait Storage: Send + Sync + 'static {
 
     /// The head seq and the pruned prefix of the change log.
     fn bounds(&self) -> Result<Bounds, StorageError>;
+
+    /// [`Storage::bounds`] for the health check, on a connection kept for it alone: a pool whose
+    /// connections are all taken (slow snapshots, a burst of reads) is busy, not down.
+    fn check(&self) -> Result<Bounds, StorageError> {
+        self.bounds()
+    }
+
+    /// How many of the pool's connections are in use, and how many it may open; `None` for a
+    /// storage without a pool.
+    fn pool_usage(&self) -> Option<(u32, u32)> {
+        None
+    }
 
     /// How many policies the ledger holds (a full count: not for hot paths).
     fn policy_count(&self) -> Result<u64, StorageError>;
