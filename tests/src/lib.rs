@@ -11,6 +11,7 @@ pub mod postgres;
 pub mod process;
 pub mod sql;
 pub mod tls;
+pub mod tmpfs;
 
 use std::future::Future;
 use std::time::Duration;

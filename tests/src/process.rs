@@ -58,25 +58,36 @@ pub struct Master {
     /// Its working directory (where the default `blockchain.db` lives).
     pub dir: PathBuf,
     args: Vec<String>,
+    /// Environment variables set for every run (cleared by [`Master::clear_env`]).
+    env: Vec<(String, String)>,
     log: Log,
 }
 
 impl Master {
     /// Starts `master` in `dir` on an ephemeral loopback port with `args` added.
     pub fn start(dir: &Path, args: &[&str]) -> Master {
+        Self::start_with_env(dir, args, &[])
+    }
+
+    /// [`Master::start`] with environment variables (`FAILPOINTS`, for the fault suite).
+    pub fn start_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Master {
         Self::start_at(
             dir,
             "127.0.0.1:0",
             args.iter().map(|a| a.to_string()).collect(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         )
     }
 
-    fn start_at(dir: &Path, listen: &str, args: Vec<String>) -> Master {
+    fn start_at(dir: &Path, listen: &str, args: Vec<String>, env: Vec<(String, String)>) -> Master {
         let log: Log = Arc::default();
         let mut child = Command::new(binary("master"))
             .current_dir(dir)
             .args(["--listen", listen, "--bind"])
             .args(&args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("LEDGER_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -107,14 +118,31 @@ impl Master {
             addr: addr.parse().expect("the address master logged"),
             dir: dir.to_path_buf(),
             args,
+            env,
             log,
         }
+    }
+
+    /// Forgets the environment variables given at start, for the next [`Master::restart`].
+    pub fn clear_env(&mut self) {
+        self.env.clear();
+    }
+
+    /// Waits (up to `timeout`) for the process to exit by itself and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("master is running");
+        wait_for(&mut child, timeout, "master", &self.log)
     }
 
     /// Starts a new process with the same directory, port and arguments (after a kill).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart after kill9 or terminate");
-        let again = Self::start_at(&self.dir, &self.addr.to_string(), self.args.clone());
+        let again = Self::start_at(
+            &self.dir,
+            &self.addr.to_string(),
+            self.args.clone(),
+            self.env.clone(),
+        );
         let old_log = std::mem::take(&mut *self.log.lock().unwrap());
         again.log.lock().unwrap().splice(0..0, old_log);
         *self = again;
