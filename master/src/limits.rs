@@ -127,6 +127,96 @@ impl Drop for StreamPermit {
     }
 }
 
+/// A gRPC service (reflection) whose every call counts against a [`StreamLimiter`] for as long
+/// as its answer is being sent: its calls are streams a client could otherwise open by the
+/// thousand. A call over the limit is answered RESOURCE_EXHAUSTED.
+#[derive(Clone)]
+pub struct CountedStreams<S> {
+    inner: S,
+    streams: StreamLimiter,
+}
+
+impl<S> CountedStreams<S> {
+    /// `inner`, its calls admitted by `streams`.
+    pub fn new(inner: S, streams: StreamLimiter) -> Self {
+        CountedStreams { inner, streams }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CountedStreams<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CountedStreams<S>
+where
+    S: tower::Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let client = request
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|info| info.remote_addr())
+            .map(|addr| addr.ip());
+        let permit = match self.streams.admit(client) {
+            Ok(permit) => permit,
+            Err(e) => {
+                let refused = tonic::Status::from(e).into_http();
+                return Box::pin(std::future::ready(Ok(refused)));
+            }
+        };
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            Ok(response.map(|body| tonic::body::Body::new(PermitBody { body, permit })))
+        })
+    }
+}
+
+/// A response body that holds its stream's place until it is dropped.
+struct PermitBody {
+    body: tonic::body::Body,
+    permit: StreamPermit,
+}
+
+impl http_body::Body for PermitBody {
+    type Data = <tonic::body::Body as http_body::Body>::Data;
+    type Error = <tonic::body::Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let _held = &self.permit;
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The key a client's limits are counted under: its IPv4 address, or its IPv6 /64 network.
 pub fn client_key(ip: IpAddr) -> IpAddr {
     match ip {

@@ -26,7 +26,7 @@ use crate::auth::Authorizer;
 use crate::config::{AnyLogListen, Config, WriteFrom};
 use crate::feed::ChangeFeed;
 use crate::ledger::{Ledger, PolicyLimits, WritePath};
-use crate::limits::{SnapshotLimiter, StreamLimiter};
+use crate::limits::{CountedStreams, SnapshotLimiter, StreamLimiter};
 use crate::registration;
 use crate::service::{Access, LedgerGrpc};
 use crate::storage::{DatabaseUrl, DieselStorage, Storage};
@@ -452,6 +452,7 @@ pub async fn serve_with(
     streams_shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let grace = options.grace;
+    let streams = options.access.streams.clone();
     // `Watch` streams count against the stream limits like `StreamLedger` ones.
     let health_service = HealthServer::new(health::LimitedHealth::new(
         tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -497,8 +498,9 @@ pub async fn serve_with(
                 undecodable_is_invalid_argument,
             ))
             .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+            // Reflection's calls are streams too: counted like the others.
+            .add_service(CountedStreams::new(reflection_v1, streams.clone()))
+            .add_service(CountedStreams::new(reflection_v1alpha, streams))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {
                 shutdown.await;

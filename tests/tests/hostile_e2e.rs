@@ -1612,3 +1612,71 @@ async fn stalled_snapshots_do_not_take_the_master_down() {
     .await;
     attack.abort();
 }
+
+/// Reflection's `ServerReflectionInfo` calls are streams: they count against the stream limits
+/// like `StreamLedger` and `Health/Watch` ones, and free their place when they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_streams_count_against_the_stream_limit() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    let fx = start(&["--max-streams", "3", "--max-streams-per-client", "3"]);
+    let channel = tonic::transport::Endpoint::from_shared(fx.master.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let reflection = ServerReflectionClient::new(channel);
+    // Each call's requests stay open (a channel never closed), so the stream stays open.
+    let open = |mut reflection: ServerReflectionClient<tonic::transport::Channel>| async move {
+        let (requests, receiver) = tokio::sync::mpsc::channel(1);
+        requests
+            .send(ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            })
+            .await
+            .unwrap();
+        let answer = within(
+            30,
+            "ServerReflectionInfo",
+            reflection
+                .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(receiver)),
+        )
+        .await;
+        (answer, requests)
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (answer, requests) = open(reflection.clone()).await;
+        let mut answers = answer.unwrap().into_inner();
+        within(30, "the list of services", answers.message())
+            .await
+            .unwrap()
+            .expect("an answer");
+        held.push((answers, requests));
+    }
+    let (refused, _) = open(reflection.clone()).await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let mut client = fx.master.client().await;
+    let refused = within(
+        30,
+        "StreamLedger",
+        client.stream_ledger(StreamLedgerRequest { after_seq: 0 }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // An ended call frees its place.
+    drop(held.pop());
+    let mut freed = false;
+    for _ in 0..100 {
+        if open(reflection.clone()).await.0.is_ok() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed, "an ended reflection call did not free its place");
+}
