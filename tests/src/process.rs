@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// The path of a workspace binary (`master`, `member`), built next to the test executable.
 pub fn binary(name: &str) -> PathBuf {
@@ -158,6 +161,31 @@ impl Master {
         LedgerServiceClient::connect(self.url())
             .await
             .unwrap_or_else(|e| panic!("connecting to master at {}: {e}", self.addr))
+    }
+
+    /// A connected `grpc.health.v1` client.
+    pub async fn health_client(&self) -> HealthClient<Channel> {
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to master at {}: {e}", self.addr));
+        HealthClient::new(channel)
+    }
+
+    /// The `grpc.health.v1` status of `service` ("" for the whole server), within 10 s.
+    pub async fn health(&self, service: &str) -> ServingStatus {
+        let mut client = self.health_client().await;
+        let answer = crate::within(
+            10,
+            "Health/Check",
+            client.check(HealthCheckRequest {
+                service: service.into(),
+            }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("Health/Check {service:?}: {e}"));
+        ServingStatus::try_from(answer.into_inner().status).expect("a known status")
     }
 
     /// Kills the process with SIGKILL: no chance to clean up.

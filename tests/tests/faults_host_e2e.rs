@@ -12,7 +12,6 @@ use ledger_tests::{Master, Member, ledger_digest, wait_until, within};
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// A policy of about `padding` bytes.
 fn policy(n: usize, padding: usize) -> String {
@@ -22,29 +21,6 @@ fn policy(n: usize, padding: usize) -> String {
         n % 250,
         "p".repeat(padding)
     )
-}
-
-/// The health status of `service` on `master`.
-async fn health(master: &Master, service: &str) -> ServingStatus {
-    let mut client = HealthClient::new(
-        tonic::transport::Endpoint::from_shared(master.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
-    let status = within(
-        10,
-        "Health/Check",
-        client.check(HealthCheckRequest {
-            service: service.into(),
-        }),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-    .status;
-    ServingStatus::try_from(status).unwrap()
 }
 
 /// The master's disk fills up: inserts are refused with RESOURCE_EXHAUSTED naming the full disk,
@@ -75,11 +51,11 @@ async fn a_full_disk_under_the_master() {
         "the refusal names the full disk: {refusal:?}"
     );
     assert_eq!(
-        health(&master, "ledger.v1.LedgerService/writes").await,
+        master.health("ledger.v1.LedgerService/writes").await,
         ServingStatus::NotServing
     );
     assert_eq!(
-        health(&master, "ledger.v1.LedgerService").await,
+        master.health("ledger.v1.LedgerService").await,
         ServingStatus::Serving,
         "reads and streams go on"
     );
@@ -111,7 +87,7 @@ async fn a_full_disk_under_the_master() {
     let writes_back = freed.elapsed();
     acknowledged.push(again);
     assert_eq!(
-        health(&master, "ledger.v1.LedgerService/writes").await,
+        master.health("ledger.v1.LedgerService/writes").await,
         ServingStatus::Serving
     );
     // A crash loses nothing acknowledged.
@@ -234,14 +210,9 @@ async fn a_failed_writer_stops_the_master() {
     for n in 0..2 {
         acknowledged.push(insert(&mut client, &policy(n, 10)).await.unwrap());
     }
-    let mut health_client = HealthClient::new(
-        tonic::transport::Endpoint::from_shared(master.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
-    let mut watch = health_client
+    let mut watch = master
+        .health_client()
+        .await
         .watch(HealthCheckRequest {
             service: "ledger.v1.LedgerService".into(),
         })
