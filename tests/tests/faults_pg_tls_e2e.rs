@@ -248,7 +248,8 @@ async fn wait_listening(masters: &TwoMasters, listening: bool) {
 struct Propagation {
     acknowledged: usize,
     lost: usize,
-    /// From A's acknowledgement to the change read on B's stream, for each change seen.
+    /// From the insert sent to A to the change read on B's stream, for each change seen: B's
+    /// subscriber often has it before A's client has the answer.
     delays: Vec<Duration>,
 }
 
@@ -275,14 +276,16 @@ impl Propagation {
     }
 }
 
-/// Inserts `count` policies through A, one at a time, and waits up to `limit` for each to
-/// reach `b_stream` (a caught-up subscription of B); one that does not is lost.
+/// Inserts `count` policies through A, one at a time, each after a random pause of less than
+/// `jitter` (so that inserts do not fall in step with a periodic read), and waits up to `limit`
+/// for each to reach `b_stream` (a caught-up subscription of B); one that does not is lost.
 async fn propagate(
     a: &mut Client,
     b_stream: &mut Streaming<ledger_proto::pb::StreamLedgerResponse>,
     case: &str,
     count: usize,
     limit: Duration,
+    jitter: Duration,
 ) -> Propagation {
     let mut result = Propagation {
         acknowledged: 0,
@@ -290,9 +293,12 @@ async fn propagate(
         delays: Vec::new(),
     };
     for n in 0..count {
+        if !jitter.is_zero() {
+            tokio::time::sleep(jitter.mul_f64(fastrand::f64())).await;
+        }
         let json = format!(r#"{{"config": {{"case": "{case}", "n": {n}}}}}"#);
+        let sent = Instant::now();
         let id = insert_ok(a, &json).await.id;
-        let acknowledged = Instant::now();
         result.acknowledged += 1;
         let seen = timeout(limit, async {
             loop {
@@ -304,7 +310,7 @@ async fn propagate(
         })
         .await;
         match seen {
-            Ok(()) => result.delays.push(acknowledged.elapsed()),
+            Ok(()) => result.delays.push(sent.elapsed()),
             Err(_) => result.lost += 1,
         }
     }
@@ -330,7 +336,15 @@ async fn two_masters_listen_over_tls(query: &str, case: &str) {
     let mut b = masters.b.client().await;
     let mut b_stream = stream(&mut b, 0).await;
     until_caught_up(&mut b_stream).await;
-    let propagation = propagate(&mut a, &mut b_stream, case, 50, Duration::from_secs(2)).await;
+    let propagation = propagate(
+        &mut a,
+        &mut b_stream,
+        case,
+        50,
+        Duration::from_secs(2),
+        Duration::ZERO,
+    )
+    .await;
     propagation.figures(case);
     assert_eq!(propagation.lost, 0, "acknowledged by A, never seen on B");
     assert!(propagation.max() < Duration::from_secs(2));
@@ -371,7 +385,15 @@ async fn a_master_that_cannot_listen_gets_every_commit_by_the_fallback_read() {
     let mut b_stream = stream(&mut b, 0).await;
     until_caught_up(&mut b_stream).await;
     // Both ways work first, and both masters' pools hold connections.
-    let warm = propagate(&mut a, &mut b_stream, "warm", 3, Duration::from_secs(2)).await;
+    let warm = propagate(
+        &mut a,
+        &mut b_stream,
+        "warm",
+        3,
+        Duration::from_secs(2),
+        Duration::ZERO,
+    )
+    .await;
     assert_eq!(warm.lost, 0);
 
     pg.server.admin(&format!(
@@ -386,7 +408,15 @@ async fn a_master_that_cannot_listen_gets_every_commit_by_the_fallback_read() {
     })
     .await;
     let margin = Duration::from_secs(2);
-    let propagation = propagate(&mut a, &mut b_stream, "no-listen", 8, fallback + margin).await;
+    let propagation = propagate(
+        &mut a,
+        &mut b_stream,
+        "no-listen",
+        8,
+        fallback + margin,
+        fallback,
+    )
+    .await;
     propagation.figures("LISTEN refused, fallback 1 s");
     assert_eq!(propagation.lost, 0, "acknowledged by A, never seen on B");
     assert!(propagation.max() < fallback + margin);
@@ -407,6 +437,14 @@ async fn a_master_that_cannot_listen_gets_every_commit_by_the_fallback_read() {
     wait_listening(&masters, true).await;
     let logs = masters.b.logs();
     assert_eq!(logs.matches("listening again").count(), 1, "{logs}");
-    let again = propagate(&mut a, &mut b_stream, "again", 3, Duration::from_secs(2)).await;
+    let again = propagate(
+        &mut a,
+        &mut b_stream,
+        "again",
+        3,
+        Duration::from_secs(2),
+        Duration::ZERO,
+    )
+    .await;
     assert_eq!(again.lost, 0);
 }
