@@ -228,7 +228,7 @@ struct HostTarget {
     port: u16,
 }
 
-/// An open connection and whether TLS was used.
+/// An open connection, and the mode that opened it.
 pub struct Listening {
     /// The client: the connection closes when it is dropped.
     pub client: Client,
