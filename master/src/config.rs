@@ -95,7 +95,8 @@ pub struct Config {
     pub db_check_interval: Duration,
 
     /// PostgreSQL: how often the master reads the changes other masters committed even without
-    /// a notification (a fallback for a lost one; notifications are the main path).
+    /// a notification (a fallback for a lost one, or for a master that cannot listen;
+    /// notifications are the main path). It runs whether the master listens or not.
     #[arg(long, env = "LEDGER_NOTIFY_FALLBACK", default_value = "10s", value_parser = humantime::parse_duration)]
     pub notify_fallback: Duration,
 

@@ -1,27 +1,47 @@
 //! Following the other masters on a shared PostgreSQL database.
 //!
 //! Every commit sends `NOTIFY ledger_changes` (see the storage); each master `LISTEN`s on a
-//! connection of its own and, on a notification, publishes to its feed whatever was committed
-//! after the last change it published. The notification is only a wake-up: the changes are
-//! always read from the database, so a lost or merged notification loses nothing, and a slow
-//! fallback read catches what a notification lost while the listening connection was down.
+//! connection of its own ([`connect`]: the URL's TLS settings mean there what they mean to
+//! libpq) and, on a notification, publishes to its feed whatever was committed after the last
+//! change it published. The notification is only a wake-up: the changes are always read from
+//! the database, so a lost or merged notification loses nothing. A fallback read every
+//! `--notify-fallback` runs whatever the listening connection does, so that no master misses
+//! the others' commits for longer than that even when it cannot listen at all.
+//!
+//! Whether the master listens is in the log (once per change) and in the metrics
+//! (`ledger_follower_listening`, `ledger_follower_listen_failures_total`); it does not make the
+//! master `NOT_SERVING`, since the fallback read still delivers every change, later.
+
+pub mod connect;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio::time::MissedTickBehavior;
+use tokio_postgres::AsyncMessage;
+use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::ChangeFeed;
+use crate::metrics;
 use crate::storage::{NOTIFY_CHANNEL, Storage};
+use connect::{ListenError, ListenTarget, Listening};
+
+/// The first wait before trying to reconnect the listening connection, doubled at each failure.
+const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
 /// The longest wait between two attempts to reconnect the listening connection.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
+/// How long the listening connection may take to answer a check before it is taken for dead: a
+/// connection whose peer vanished without a reset would otherwise look alive for hours.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Publishes the changes other masters commit, until `shutdown` is cancelled. `url` is the
-/// PostgreSQL URL of the shared database; `fallback` is how often the database is read anyway.
+/// PostgreSQL URL of the shared database; `fallback` is how often the database is read anyway,
+/// listening or not.
 pub async fn follow(
     url: String,
     storage: Arc<dyn Storage>,
@@ -32,19 +52,91 @@ pub async fn follow(
     let wake = Arc::new(Notify::new());
     // The highest head seq notified since the last look.
     let notified_head = Arc::new(AtomicU64::new(0));
-    let mut delay = Duration::from_millis(100);
-    let mut failing = false;
+    metrics::follower_listening(false);
+    let listener = tokio::spawn(listen(
+        url,
+        wake.clone(),
+        notified_head.clone(),
+        fallback,
+        shutdown.clone(),
+    ));
+    // An interval, not a sleep restarted by every wake-up: the master's own commits wake it
+    // too, and must not put the fallback read off for ever.
+    let mut fallback_reads = tokio::time::interval(fallback.max(Duration::from_millis(1)));
+    fallback_reads.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first tick of an interval is immediate; the first read is one interval away.
+    fallback_reads.reset();
     loop {
-        let connected = tokio::select! {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            // This master's own commits are notified too; those it published already need no
+            // read (a round trip and a pooled connection per commit).
+            _ = wake.notified() => {
+                if notified_head.swap(0, Ordering::Relaxed) > feed.head() {
+                    catch_up(&storage, &feed).await;
+                }
+            }
+            _ = fallback_reads.tick() => catch_up(&storage, &feed).await,
+        }
+    }
+    // It stops on the same token.
+    let _ = listener.await;
+}
+
+/// Keeps a connection `LISTEN`ing to [`NOTIFY_CHANNEL`] until `shutdown` is cancelled: records
+/// the highest notified head in `notified_head` and wakes `wake` up; reconnects with a backoff.
+/// Says in the log when it starts or stops listening, once each time, and in the metrics.
+async fn listen(
+    url: String,
+    wake: Arc<Notify>,
+    notified_head: Arc<AtomicU64>,
+    fallback: Duration,
+    shutdown: CancellationToken,
+) {
+    let target = match ListenTarget::parse(&url) {
+        Ok(target) => target,
+        Err(e) => {
+            metrics::follower_listen_failed();
+            tracing::error!(
+                error = %e,
+                ?fallback,
+                "cannot listen for the other masters' commits: they arrive only by the fallback \
+                 read, every --notify-fallback"
+            );
+            return;
+        }
+    };
+    let mut delay = FIRST_RECONNECT_DELAY;
+    // Whether the last attempt failed or the last connection was lost (logged already).
+    let mut down = false;
+    loop {
+        let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
-            connected = tokio_postgres::connect(&url, NoTls) => connected,
+            opened = open(&target, &wake, &notified_head) => opened,
         };
-        let (client, mut connection) = match connected {
-            Ok(pair) => pair,
+        let (client, mut driver, tls) = match opened {
+            Ok(opened) => opened,
             Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "cannot listen for the other masters' commits; retrying");
-                    failing = true;
+                metrics::follower_listen_failed();
+                if e.is_permanent() {
+                    tracing::error!(
+                        error = %e,
+                        ?fallback,
+                        "cannot listen for the other masters' commits: they arrive only by the \
+                         fallback read, every --notify-fallback"
+                    );
+                    return;
+                }
+                if down {
+                    tracing::debug!(error = %e, "still cannot listen for the other masters' commits");
+                } else {
+                    tracing::warn!(
+                        error = %e,
+                        ?fallback,
+                        "cannot listen for the other masters' commits: they arrive by the \
+                         fallback read, every --notify-fallback, until it works again; retrying"
+                    );
+                    down = true;
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -54,63 +146,113 @@ pub async fn follow(
                 continue;
             }
         };
-        // The connection delivers notifications through its own polling, not through the client.
-        let woken = wake.clone();
-        let notified = notified_head.clone();
-        let mut driver = tokio::spawn(async move {
-            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                match message {
-                    Ok(AsyncMessage::Notification(n)) => {
-                        // A payload that is not a seq (another version of the master) means
-                        // "read anyway".
-                        let head = n.payload().parse().unwrap_or(u64::MAX);
-                        notified.fetch_max(head, Ordering::Relaxed);
-                        woken.notify_one();
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Some(e),
-                }
-            }
-            None
-        });
-        if let Err(e) = client
-            .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
-            .await
-        {
-            tracing::warn!(error = %e, "LISTEN failed; retrying");
-            driver.abort();
-            continue;
+        metrics::follower_listening(true);
+        if down {
+            tracing::info!(tls, "listening again for the other masters' commits");
+        } else {
+            tracing::info!(tls, "listening for the other masters' commits");
         }
-        tracing::info!("listening for the other masters' commits");
-        failing = false;
-        delay = Duration::from_millis(100);
+        delay = FIRST_RECONNECT_DELAY;
         // Commits made while not listening are read now.
         notified_head.store(u64::MAX, Ordering::Relaxed);
         wake.notify_one();
-        loop {
+        let mut checks = tokio::time::interval(fallback.max(Duration::from_secs(1)));
+        checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        checks.reset();
+        let reason = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     driver.abort();
+                    metrics::follower_listening(false);
                     return;
                 }
-                // This master's own commits are notified too; those it published already need
-                // no read (a round trip and a pooled connection per commit).
-                _ = wake.notified() => {
-                    if notified_head.swap(0, Ordering::Relaxed) > feed.head() {
-                        catch_up(&storage, &feed).await;
+                ended = &mut driver => break match ended {
+                    Ok(Some(e)) => connect::describe_postgres_error(&e),
+                    Ok(None) => "closed by the server".to_string(),
+                    Err(e) => e.to_string(),
+                },
+                _ = checks.tick() => {
+                    match tokio::time::timeout(CHECK_TIMEOUT, client.simple_query("")).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => break connect::describe_postgres_error(&e),
+                        Err(_) => break format!("no answer to a check within {CHECK_TIMEOUT:?}"),
                     }
                 }
-                _ = tokio::time::sleep(fallback) => catch_up(&storage, &feed).await,
-                ended = &mut driver => {
-                    let reason = match ended {
-                        Ok(Some(e)) => e.to_string(),
-                        Ok(None) => "closed by the server".to_string(),
-                        Err(e) => e.to_string(),
-                    };
-                    tracing::warn!(%reason, "lost the connection that listens for the other masters' commits; reconnecting");
-                    break;
-                }
             }
+        };
+        driver.abort();
+        drop(client);
+        metrics::follower_listening(false);
+        metrics::follower_listen_failed();
+        tracing::warn!(
+            %reason,
+            ?fallback,
+            "lost the connection that listens for the other masters' commits: they arrive by the \
+             fallback read, every --notify-fallback, until it is back; reconnecting"
+        );
+        down = true;
+    }
+}
+
+/// The task that drives a listening connection: it ends with the connection's error, or `None`
+/// when the server closed it.
+type Driver = tokio::task::JoinHandle<Option<tokio_postgres::Error>>;
+
+/// Connects to `target`, starts the task that delivers its notifications, and `LISTEN`s.
+/// Returns the client (the connection lives as long as it does), the task, and whether the
+/// connection uses TLS.
+async fn open(
+    target: &ListenTarget,
+    wake: &Arc<Notify>,
+    notified_head: &Arc<AtomicU64>,
+) -> Result<(tokio_postgres::Client, Driver, bool), ListenError> {
+    let Listening {
+        client,
+        mut connection,
+        attempt,
+    } = target.connect().await?;
+    // The connection delivers notifications through its own polling, not through the client.
+    let woken = wake.clone();
+    let notified = notified_head.clone();
+    let driver = tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    // A payload that is not a seq (another version of the master) means "read
+                    // anyway".
+                    let head = n.payload().parse().unwrap_or(u64::MAX);
+                    notified.fetch_max(head, Ordering::Relaxed);
+                    woken.notify_one();
+                }
+                Ok(_) => {}
+                Err(e) => return Some(e),
+            }
+        }
+        None
+    });
+    let listened = async {
+        client
+            .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+            .await?;
+        // `prefer` does not say whether the server took TLS: ask it.
+        let tls = match attempt {
+            PgSslMode::Disable => false,
+            PgSslMode::Require => true,
+            _ => client
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await?
+                .try_get(0)?,
+        };
+        Ok::<bool, tokio_postgres::Error>(tls)
+    };
+    match listened.await {
+        Ok(tls) => Ok((client, driver, tls)),
+        Err(e) => {
+            driver.abort();
+            Err(ListenError::Connect(e))
         }
     }
 }

@@ -186,6 +186,17 @@ pub fn database_up(up: bool) {
     gauge!("ledger_database_up").set(if up { 1.0 } else { 0.0 });
 }
 
+/// Whether the follower's connection `LISTEN`s for the other masters' commits (1) or not (0),
+/// on PostgreSQL. At 0 their commits arrive only by the read every `--notify-fallback`.
+pub fn follower_listening(listening: bool) {
+    gauge!("ledger_follower_listening").set(if listening { 1.0 } else { 0.0 });
+}
+
+/// The follower's listening connection could not be opened, or was lost.
+pub fn follower_listen_failed() {
+    counter!("ledger_follower_listen_failures_total").increment(1);
+}
+
 /// An AnyLog message (`command`: `push`, `get_blockchain`, ...; `none` when it could not be
 /// read) was handled with `outcome`.
 pub fn anylog_message(command: &'static str, outcome: &'static str) {

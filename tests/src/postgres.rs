@@ -4,6 +4,9 @@
 //! user may create databases); otherwise the first test that asks starts a private cluster with
 //! the server binaries installed on the machine, and it is stopped when the test process exits.
 //! Without either, the tests fail: PostgreSQL tests never skip.
+//!
+//! [`PostgresServer::tls_only`] is another private cluster, for the tests of TLS to the database:
+//! it takes TLS connections only, with a certificate signed by a test CA.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +16,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 
+use crate::tls::{CertFiles, TestPki};
+
 /// A PostgreSQL server the tests may create databases on.
 pub struct PostgresServer {
     /// `postgres://USER@HOST:PORT` without a database.
@@ -21,6 +26,7 @@ pub struct PostgresServer {
 
 static SERVER: OnceLock<PostgresServer> = OnceLock::new();
 static SHARED_CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static TLS_ONLY: OnceLock<TlsPostgres> = OnceLock::new();
 static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
 
 impl PostgresServer {
@@ -36,6 +42,43 @@ impl PostgresServer {
                 PostgresServer { base_url }
             }
             _ => start_cluster(),
+        })
+    }
+
+    /// The private cluster of this test process that takes only TLS connections, started on
+    /// first use and stopped when the process exits.
+    pub fn tls_only() -> &'static TlsPostgres {
+        TLS_ONLY.get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("ledger-pg-pki-")
+                .tempdir()
+                .expect("a temporary directory")
+                .keep();
+            let pki = TestPki::new(&dir);
+            let other_dir = dir.join("other");
+            std::fs::create_dir(&other_dir).unwrap();
+            let other_ca = TestPki::new(&other_dir).ca;
+            let client = pki.client(CERT_USER);
+            // libpq (and the master's listening connection) refuse a key others may read.
+            set_mode(&client.key, 0o600);
+            let cluster = Cluster::start_with(false, Some(&pki));
+            let tls = TlsPostgres {
+                server: PostgresServer {
+                    base_url: cluster.base_url.clone(),
+                },
+                port: cluster.port,
+                ca: pki.ca.clone(),
+                other_ca,
+                client,
+            };
+            tls.server
+                .admin(&format!("CREATE ROLE {CERT_USER} LOGIN SUPERUSER"));
+            // It lives as long as the test process: stopped at exit.
+            if TLS_CLUSTER.set(cluster).is_ok() {
+                // SAFETY: registering a plain extern "C" function; it runs at process exit.
+                unsafe { libc::atexit(stop_tls_cluster) };
+            }
+            tls
         })
     }
 
@@ -141,57 +184,148 @@ extern "C" fn stop_cluster() {
     }
 }
 
+static TLS_CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+extern "C" fn stop_tls_cluster() {
+    if let Some(cluster) = TLS_CLUSTER.get() {
+        cluster.stop();
+    }
+}
+
+/// The role of [`TlsPostgres`] that logs in with a client certificate (its common name).
+pub const CERT_USER: &str = "ledger_cert";
+
+/// A private cluster that takes only TLS connections on loopback (`hostssl` lines, every
+/// `hostnossl` connection rejected): its certificate, for `localhost` and `127.0.0.1`, signed by
+/// the test CA [`TlsPostgres::ca`]; SCRAM passwords (so channel binding is offered); and the role
+/// [`CERT_USER`] authenticated by a client certificate signed by the same CA.
+pub struct TlsPostgres {
+    /// The server: URLs `postgres://ledger:PASSWORD@127.0.0.1:PORT/...`, with no `sslmode`
+    /// (libpq's default, `prefer`, takes TLS).
+    pub server: PostgresServer,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// The CA that signed the server's certificate and [`TlsPostgres::client`] (PEM file).
+    pub ca: PathBuf,
+    /// A CA that signed nothing the server has, for the checks that must fail (PEM file).
+    pub other_ca: PathBuf,
+    /// [`CERT_USER`]'s client certificate and key (mode 0600).
+    pub client: CertFiles,
+}
+
+impl TlsPostgres {
+    /// The server's password of the role `ledger`, as the URLs carry it.
+    pub fn password(&self) -> &str {
+        let after_user = &self.server.base_url["postgres://ledger:".len()..];
+        &after_user[..after_user.find('@').expect("a URL with a password")]
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// Gives `path` (recursively) to the `postgres` user when we are root: the server runs as it.
+fn give_to_postgres(path: &Path) {
+    if !is_root() {
+        return;
+    }
+    let status = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(path)
+        .status()
+        .expect("chown");
+    assert!(
+        status.success(),
+        "chown of {} to postgres failed",
+        path.display()
+    );
+}
+
 /// A private PostgreSQL cluster in a temporary directory, stopped and removed on drop.
 pub struct Cluster {
     bin: PathBuf,
     dir: PathBuf,
-    /// `postgres://ledger@127.0.0.1:PORT`, without a database.
+    /// `postgres://ledger@127.0.0.1:PORT` (`postgres://ledger:PASSWORD@...` with TLS), without
+    /// a database.
     pub base_url: String,
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
 }
 
 impl Cluster {
     /// Starts a cluster with the server binaries installed on the machine. `durable` keeps
     /// fsync on (for measurements); tests run without it (throwaway data, faster).
     pub fn start(durable: bool) -> Cluster {
+        Self::start_with(durable, None)
+    }
+
+    /// [`Cluster::start`]; with `tls`, the cluster takes only TLS connections over TCP, with a
+    /// server certificate from `tls` and SCRAM passwords (see [`TlsPostgres`]).
+    pub fn start_with(durable: bool, tls: Option<&TestPki>) -> Cluster {
         let bin = server_bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("ledger-pg-")
             .tempdir()
             .expect("a temporary directory")
             .keep();
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .expect("chown");
-            assert!(
-                status.success(),
-                "chown of {} to postgres failed",
-                dir.display()
-            );
-        }
+        let password = format!("pw{:016x}", fastrand::u64(..));
+        let pwfile = dir.join("password");
+        std::fs::write(&pwfile, format!("{password}\n")).unwrap();
+        give_to_postgres(&dir);
         let data = dir.join("data");
         let data_str = data.to_str().unwrap();
-        run(
-            &bin.join("initdb"),
-            &[
-                "-D",
-                data_str,
-                "-U",
-                "ledger",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        );
+        let mut initdb = vec![
+            "-D",
+            data_str,
+            "-U",
+            "ledger",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ];
+        let pwfile_arg = format!("--pwfile={}", pwfile.display());
+        if tls.is_some() {
+            initdb.push(&pwfile_arg);
+        }
+        run(&bin.join("initdb"), &initdb);
+        // TLS: the server's certificate and key in its data directory (the key readable by the
+        // server alone, or it refuses to start), the CA for client certificates, and
+        // authentication rules that accept TCP connections only over TLS.
+        let mut tls_options = String::new();
+        if let Some(pki) = tls {
+            let server = pki.server();
+            std::fs::copy(&server.cert, data.join("server.crt")).unwrap();
+            std::fs::copy(&server.key, data.join("server.key")).unwrap();
+            std::fs::copy(&pki.ca, data.join("root.crt")).unwrap();
+            set_mode(&data.join("server.key"), 0o600);
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                format!(
+                    "local all all trust\n\
+                     hostssl all {CERT_USER} 127.0.0.1/32 cert\n\
+                     hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                     hostnossl all all 0.0.0.0/0 reject\n\
+                     hostnossl all all ::/0 reject\n"
+                ),
+            )
+            .unwrap();
+            give_to_postgres(&data);
+            tls_options = " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key \
+                            -c ssl_ca_file=root.crt"
+                .into();
+        }
+        let _ = std::fs::remove_file(&pwfile);
         let fsync = if durable { "on" } else { "off" };
         let log = dir.join("postgres.log");
         let mut cluster = Cluster {
             bin,
             dir,
             base_url: String::new(),
+            port: 0,
         };
         // PostgreSQL needs its port up front: one that was free a moment ago may be taken
         // before the server binds it, so a start that fails on the bind tries another port.
@@ -199,11 +333,16 @@ impl Cluster {
         for attempt in 1..=ATTEMPTS {
             let port = free_port();
             let options = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync={fsync} -c max_connections=300",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync={fsync} -c max_connections=300{tls_options}",
                 cluster.dir.display()
             );
             let logged_before = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
-            cluster.base_url = format!("postgres://ledger@127.0.0.1:{port}");
+            cluster.port = port;
+            cluster.base_url = if tls.is_some() {
+                format!("postgres://ledger:{password}@127.0.0.1:{port}")
+            } else {
+                format!("postgres://ledger@127.0.0.1:{port}")
+            };
             let started = try_run(
                 &cluster.bin.join("pg_ctl"),
                 &[
