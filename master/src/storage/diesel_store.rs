@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -268,6 +269,9 @@ pub struct DieselStorage {
     /// Kept for [`Storage::check`], outside the pool: the health check must not wait behind
     /// calls that hold every pooled connection.
     health: Mutex<Option<AnyConnection>>,
+    /// Set when a check failed: the database may have ended every connection since the last
+    /// write, so the connection kept for writes is checked before it is trusted again.
+    writes_suspect: AtomicBool,
 }
 
 impl DieselStorage {
@@ -305,6 +309,7 @@ impl DieselStorage {
             url: url.clone(),
             writes: Mutex::new(None),
             health: Mutex::new(None),
+            writes_suspect: AtomicBool::new(false),
         };
         storage.migrate()?;
         Ok(storage)
@@ -363,9 +368,10 @@ impl DieselStorage {
         write: impl FnOnce(&mut AnyConnection) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
         let mut kept = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
+        let suspect = self.writes_suspect.swap(false, Ordering::Relaxed);
         let reusable = kept.take().and_then(|mut w| {
-            let alive =
-                w.used.elapsed() < WRITE_CONNECTION_TRUSTED_FOR || check_alive(&mut w.conn).is_ok();
+            let trusted = !suspect && w.used.elapsed() < WRITE_CONNECTION_TRUSTED_FOR;
+            let alive = trusted || check_alive(&mut w.conn).is_ok();
             alive.then_some(w.conn)
         });
         let mut conn = match reusable {
@@ -886,17 +892,23 @@ impl Storage for DieselStorage {
         let mut kept = self.health.try_lock().map_err(|_| {
             StorageError::Unavailable(format!("{}: the previous check has not answered", self.url))
         })?;
-        let mut conn = match kept.take() {
-            Some(conn) => conn,
+        let checked = match kept.take() {
+            Some(conn) => Ok(conn),
             None => self
                 .url
                 .connect()
-                .map_err(|e| StorageError::Unavailable(format!("{}: {e}", self.url)))?,
-        };
-        // A connection that failed is dropped: the next check opens a new one.
-        let bounds = read_bounds(&mut conn)?;
-        *kept = Some(conn);
-        Ok(bounds)
+                .map_err(|e| StorageError::Unavailable(format!("{}: {e}", self.url))),
+        }
+        .and_then(|mut conn| {
+            // A connection that failed is dropped: the next check opens a new one.
+            let bounds = read_bounds(&mut conn)?;
+            *kept = Some(conn);
+            Ok(bounds)
+        });
+        if checked.is_err() {
+            self.writes_suspect.store(true, Ordering::Relaxed);
+        }
+        checked
     }
 
     fn pool_usage(&self) -> Option<(u32, u32)> {
