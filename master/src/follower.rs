@@ -8,9 +8,10 @@
 //! `--notify-fallback` runs whatever the listening connection does, so that no master misses
 //! the others' commits for longer than that even when it cannot listen at all.
 //!
-//! Whether the master listens is in the log (once per change) and in the metrics
-//! (`ledger_follower_listening`, `ledger_follower_listen_failures_total`); it does not make the
-//! master `NOT_SERVING`, since the fallback read still delivers every change, later.
+//! Whether the master listens is in the log (once per change), in the metrics
+//! (`ledger_follower_listening`, `ledger_follower_listen_failures_total`) and in health, as the
+//! service [`LISTEN_SERVICE`]; it does not make the master `NOT_SERVING`, since the fallback
+//! read still delivers every change, later.
 
 pub mod connect;
 
@@ -23,11 +24,28 @@ use tokio::time::MissedTickBehavior;
 use tokio_postgres::AsyncMessage;
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::feed::ChangeFeed;
 use crate::metrics;
 use crate::storage::{NOTIFY_CHANNEL, Storage};
 use connect::{ListenError, ListenTarget, Listening};
+
+/// The health service name that says whether the master listens for the other masters'
+/// commits: `NOT_SERVING` while they arrive only by the fallback read.
+pub const LISTEN_SERVICE: &str = "ledger.v1.LedgerService/listen";
+
+/// Shows whether the master listens: in the metrics and in health.
+async fn report_listening(health: &HealthReporter, listening: bool) {
+    metrics::follower_listening(listening);
+    let status = if listening {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status(LISTEN_SERVICE, status).await;
+}
 
 /// The first wait before trying to reconnect the listening connection, doubled at each failure.
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
@@ -47,14 +65,16 @@ pub async fn follow(
     storage: Arc<dyn Storage>,
     feed: ChangeFeed,
     fallback: Duration,
+    health: HealthReporter,
     shutdown: CancellationToken,
 ) {
     let wake = Arc::new(Notify::new());
     // The highest head seq notified since the last look.
     let notified_head = Arc::new(AtomicU64::new(0));
-    metrics::follower_listening(false);
+    report_listening(&health, false).await;
     let listener = tokio::spawn(listen(
         url,
+        health,
         wake.clone(),
         notified_head.clone(),
         fallback,
@@ -88,6 +108,7 @@ pub async fn follow(
 /// Says in the log when it starts or stops listening, once each time, and in the metrics.
 async fn listen(
     url: String,
+    health: HealthReporter,
     wake: Arc<Notify>,
     notified_head: Arc<AtomicU64>,
     fallback: Duration,
@@ -146,7 +167,7 @@ async fn listen(
                 continue;
             }
         };
-        metrics::follower_listening(true);
+        report_listening(&health, true).await;
         if down {
             tracing::info!(tls, "listening again for the other masters' commits");
         } else {
@@ -163,7 +184,7 @@ async fn listen(
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     driver.abort();
-                    metrics::follower_listening(false);
+                    report_listening(&health, false).await;
                     return;
                 }
                 ended = &mut driver => break match ended {
@@ -182,7 +203,7 @@ async fn listen(
         };
         driver.abort();
         drop(client);
-        metrics::follower_listening(false);
+        report_listening(&health, false).await;
         metrics::follower_listen_failed();
         tracing::warn!(
             %reason,

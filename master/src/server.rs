@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ledger.storage().clone(),
             ledger.feed().clone(),
             config.notify_fallback,
+            health.clone(),
             streams_shutdown.clone(),
         ));
     }

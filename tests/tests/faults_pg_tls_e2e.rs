@@ -242,6 +242,15 @@ async fn wait_listening(masters: &TwoMasters, listening: bool) {
         || async { b_sample(masters, "ledger_follower_listening").await == want },
     )
     .await;
+    // Health says the same, as its own service; the master serves either way.
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let listen = if listening {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    assert_eq!(masters.b.health("ledger.v1.LedgerService/listen").await, listen);
+    assert_eq!(masters.b.health("").await, ServingStatus::Serving);
 }
 
 /// How `count` inserts acknowledged by A reached the stream of a subscriber of B.
