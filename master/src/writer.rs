@@ -106,13 +106,25 @@ fn run(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = batch.len(), "write transaction failed; nothing of it was committed");
+                use crate::storage::StorageError;
+                let unknown = e.outcome_unknown();
+                if unknown {
+                    // The database may have committed before the connection went: the writes
+                    // are answered as such, and what did commit is published once the
+                    // database answers again (the health check's catch-up, or the gap filled
+                    // at the next commit).
+                    tracing::error!(error = %e, writes = batch.len(), "write transaction cut off with its connection to the database: whether it committed is unknown");
+                } else {
+                    tracing::error!(error = %e, writes = batch.len(), "write transaction failed; nothing of it was committed");
+                }
                 let message = e.to_string();
                 for request in batch.drain(..) {
-                    let error = if e.is_unavailable() {
-                        crate::storage::StorageError::Unavailable(message.clone())
+                    let error = if unknown {
+                        StorageError::OutcomeUnknown(message.clone())
+                    } else if e.is_unavailable() {
+                        StorageError::Unavailable(message.clone())
                     } else {
-                        crate::storage::StorageError::Failed(message.clone())
+                        StorageError::Failed(message.clone())
                     };
                     let _ = request.reply.send(Err(error.into()));
                 }
