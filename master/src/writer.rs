@@ -150,14 +150,24 @@ fn run(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = batch.len(), "write transaction failed; nothing of it was committed");
                 use crate::storage::StorageError;
                 let disk_full = e.is_disk_full();
+                let unknown = e.outcome_unknown();
+                if unknown {
+                    // The database may have committed before the connection went: the writes
+                    // are answered as such, and what did commit is published once the
+                    // database answers again (the health check's catch-up, or the gap filled
+                    // at the next commit).
+                    tracing::error!(error = %e, writes = batch.len(), "write transaction cut off with its connection to the database: whether it committed is unknown");
+                } else {
+                    tracing::error!(error = %e, writes = batch.len(), "write transaction failed; nothing of it was committed");
+                }
                 let message = match &e {
                     // The inner text, not the error's own: it is wrapped again for each caller.
                     StorageError::Unavailable(m)
                     | StorageError::Busy(m)
                     | StorageError::DiskFull(m)
+                    | StorageError::OutcomeUnknown(m)
                     | StorageError::Failed(m) => m.clone(),
                     StorageError::Query(e) => e.to_string(),
                     other => other.to_string(),
@@ -168,6 +178,8 @@ fn run(
                 for request in batch.drain(..) {
                     let error = if disk_full {
                         StorageError::DiskFull(message.clone())
+                    } else if unknown {
+                        StorageError::OutcomeUnknown(message.clone())
                     } else if e.is_unavailable() {
                         StorageError::Unavailable(message.clone())
                     } else {

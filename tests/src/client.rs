@@ -27,6 +27,32 @@ pub async fn insert(client: &mut Client, json: &str) -> Result<Policy, Status> {
     .await
 }
 
+/// `InsertPolicy` by a client with a deadline: the deadline is sent (`grpc-timeout`) and the
+/// call is given up after it, answered `DEADLINE_EXCEEDED` whatever the server does (tonic's
+/// own `CANCELLED: Timeout expired` included).
+pub async fn insert_with_deadline(
+    client: &mut Client,
+    json: &str,
+    deadline: std::time::Duration,
+) -> Result<Policy, Status> {
+    let mut request = tonic::Request::new(InsertPolicyRequest {
+        policy_json: json.to_string(),
+    });
+    request.set_timeout(deadline);
+    let started = std::time::Instant::now();
+    let given_up = || Status::deadline_exceeded(format!("no answer within {deadline:?}"));
+    match tokio::time::timeout(deadline, client.insert_policy(request)).await {
+        Ok(Ok(answer)) => Ok(answer.into_inner().policy.expect("a policy")),
+        Ok(Err(status))
+            if status.code() == tonic::Code::Cancelled && started.elapsed() >= deadline =>
+        {
+            Err(given_up())
+        }
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(given_up()),
+    }
+}
+
 /// `InsertPolicy`, which must succeed: the stored policy.
 pub async fn insert_ok(client: &mut Client, json: &str) -> Policy {
     insert(client, json)

@@ -149,6 +149,22 @@ impl Member {
         }
     }
 
+    /// Kills the process with SIGKILL as soon as `moment` holds, to hit a short phase of its
+    /// work (a snapshot being received, a rewrite): `moment` is polled every 100 µs or so, for
+    /// up to `timeout`. Returns whether it killed; when the moment never came, the process runs
+    /// on. Blocks the calling thread (from async code: `tokio::task::block_in_place`).
+    pub fn kill9_when(&mut self, timeout: Duration, mut moment: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if moment() {
+                self.kill9();
+                return true;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        false
+    }
+
     /// Sends SIGTERM and waits (up to 30 s) for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("member is running");
@@ -308,4 +324,61 @@ pub fn applied_seq(file: &Path) -> Option<u64> {
         .ok()
         .flatten()
         .map(|state| state.seq)
+}
+
+/// Waits (up to `seconds`) until `file` is the ledger the master (or relay) at `client` holds:
+/// its md5 equal to `GetLedgerInfo.digest`, and the seq recorded beside it equal to the head.
+pub async fn wait_converged(client: &crate::client::Client, file: &Path, seconds: u64) {
+    let what = format!("{} to equal the master's ledger", file.display());
+    wait_until(seconds, &what, || {
+        let mut client = client.clone();
+        async move {
+            let Ok(info) = client
+                .get_ledger_info(ledger_proto::pb::GetLedgerInfoRequest {})
+                .await
+            else {
+                return false;
+            };
+            let info = info.into_inner();
+            file_md5(file) == Some(info.digest) && applied_seq(file) == Some(info.head_seq)
+        }
+    })
+    .await;
+}
+
+/// Reads a ledger file as AnyLog does, with Python's `json.loads` line by line, failing the
+/// test unless every line is a complete JSON object with one key (the policy's type) whose value
+/// holds a string `id`, and the file ends with a line break. Returns the ids in file order.
+pub async fn python_ledger_ids(file: &Path) -> Vec<String> {
+    const SCRIPT: &str = r#"
+import json, sys
+data = open(sys.argv[1], "rb").read()
+assert data == b"" or data.endswith(b"\n"), "the file does not end with a line break"
+for number, line in enumerate(data.split(b"\n")[:-1], 1):
+    policy = json.loads(line.decode("utf-8"))
+    assert isinstance(policy, dict) and len(policy) == 1, "line %d is not one policy" % number
+    (body,) = policy.values()
+    assert isinstance(body, dict) and isinstance(body.get("id"), str), "line %d has no id" % number
+    print(body["id"])
+"#;
+    let output = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(file)
+        .kill_on_drop(true)
+        .output();
+    let output = within(60, "python3 reading the ledger file", output)
+        .await
+        .expect("running python3");
+    assert!(
+        output.status.success(),
+        "python3 could not read {} as a ledger: {}",
+        file.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("ids in UTF-8")
+        .lines()
+        .map(str::to_string)
+        .collect()
 }

@@ -253,6 +253,8 @@ pub struct Cluster {
     pub base_url: String,
     /// The port it listens on (127.0.0.1).
     pub port: u16,
+    /// The server options it was started with (port included), for [`Cluster::restart`].
+    options: String,
 }
 
 impl Cluster {
@@ -326,6 +328,7 @@ impl Cluster {
             dir,
             base_url: String::new(),
             port: 0,
+            options: String::new(),
         };
         // PostgreSQL needs its port up front: one that was free a moment ago may be taken
         // before the server binds it, so a start that fails on the bind tries another port.
@@ -357,6 +360,7 @@ impl Cluster {
                 ],
             );
             let Err(e) = started else {
+                cluster.options = options;
                 return cluster;
             };
             let logged = std::fs::read(&log).unwrap_or_default();
@@ -388,6 +392,107 @@ impl Cluster {
         });
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+impl Cluster {
+    /// A [`PostgresServer`] for this cluster: databases created on it live in this cluster.
+    pub fn server(&self) -> PostgresServer {
+        PostgresServer {
+            base_url: self.base_url.clone(),
+        }
+    }
+
+    /// Kills the server as a crash does: SIGKILL to the postmaster and to every process it
+    /// started (backends, checkpointer, WAL writer, ...), so nothing is flushed or checkpointed
+    /// on the way out. The data directory stays as the crash left it: [`Cluster::restart`]
+    /// recovers it from the WAL. Returns once every one of them is gone; the number killed.
+    pub fn kill9(&self) -> usize {
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", pid_file.display()));
+        let postmaster: i32 = text
+            .lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {}: {text:?}", pid_file.display()));
+        // Stopped first, so that it starts no process while its children are listed.
+        // SAFETY: kill(2) on the pid its lock file names, which is alive (it answers queries).
+        let stopped = unsafe { libc::kill(postmaster, libc::SIGSTOP) };
+        assert_eq!(stopped, 0, "SIGSTOP of the postmaster {postmaster}");
+        let mut victims = children_of(postmaster);
+        victims.push(postmaster);
+        for &pid in &victims {
+            // SAFETY: kill(2) on the postmaster and its children, listed while it is stopped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while victims.iter().any(|&pid| is_alive(pid)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PostgreSQL processes {victims:?} still alive 30s after SIGKILL"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        victims.len()
+    }
+
+    /// Starts the server again on the same data directory, port and options (after
+    /// [`Cluster::kill9`]); returns once it accepts connections, crash recovery done.
+    pub fn restart(&self) {
+        let data = self.dir.join("data");
+        let log = self.dir.join("postgres.log");
+        // A postmaster that died without being reaped (as a zombie) would still hold the lock
+        // file's pid: it is dead, so the lock file is stale.
+        let pid_file = data.join("postmaster.pid");
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<i32>().ok())
+            && !is_alive(pid)
+            && std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_file(&pid_file);
+        }
+        run(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &self.options,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+    }
+}
+
+/// The pids whose parent is `parent` (from `/proc/PID/stat`).
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| proc_stat(pid).is_some_and(|(_, ppid)| ppid == parent))
+        .collect()
+}
+
+/// The state letter and parent pid of `pid`, from `/proc/PID/stat` (`None` when it is gone).
+fn proc_stat(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses, so after the last ')'.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Whether `pid` runs (a zombie, dead but not reaped, does not).
+fn is_alive(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
 }
 
 impl Drop for Cluster {

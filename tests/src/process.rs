@@ -196,6 +196,23 @@ impl Master {
         }
     }
 
+    /// Freezes the process (SIGSTOP): its sockets stay open and the kernel keeps accepting
+    /// connections into its backlog, but it answers nothing until [`Master::resume`].
+    pub fn pause(&self) {
+        signal(
+            self.child.as_ref().expect("master is running"),
+            libc::SIGSTOP,
+        );
+    }
+
+    /// Lets a process frozen by [`Master::pause`] go on (SIGCONT).
+    pub fn resume(&self) {
+        signal(
+            self.child.as_ref().expect("master is running"),
+            libc::SIGCONT,
+        );
+    }
+
     /// Sends SIGTERM and waits (up to 30 s) for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("master is running");

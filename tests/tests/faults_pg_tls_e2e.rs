@@ -249,7 +249,10 @@ async fn wait_listening(masters: &TwoMasters, listening: bool) {
     } else {
         ServingStatus::NotServing
     };
-    assert_eq!(masters.b.health("ledger.v1.LedgerService/listen").await, listen);
+    assert_eq!(
+        masters.b.health("ledger.v1.LedgerService/listen").await,
+        listen
+    );
     assert_eq!(masters.b.health("").await, ServingStatus::Serving);
 }
 

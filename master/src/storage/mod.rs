@@ -147,6 +147,14 @@ pub enum StorageError {
     /// request it held).
     #[error("database error: {0}")]
     Failed(String),
+    /// The connection was lost while a write was on its way to the database or being
+    /// committed: the database may have committed it. A retried insert then answers
+    /// `ALREADY_EXISTS` (a retried delete `NOT_FOUND`), and what was committed reaches the
+    /// streams once the database answers again.
+    #[error(
+        "the connection to the database was lost during the write, which may have been committed (a retry then answers ALREADY_EXISTS, or NOT_FOUND for a delete): {0}"
+    )]
+    OutcomeUnknown(String),
     /// A stored row does not hold what the ledger wrote.
     #[error("corrupt ledger row: {0}")]
     Corrupt(String),
@@ -158,7 +166,9 @@ impl StorageError {
     pub fn is_unavailable(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error};
         match self {
-            StorageError::Unavailable(_) | StorageError::Busy(_) => true,
+            StorageError::Unavailable(_)
+            | StorageError::Busy(_)
+            | StorageError::OutcomeUnknown(_) => true,
             StorageError::Query(Error::BrokenTransactionManager) => true,
             StorageError::Query(Error::DatabaseError(
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
@@ -170,6 +180,17 @@ impl StorageError {
                 let message = info.message();
                 CONNECTION_LOST.iter().any(|sign| message.contains(sign))
             }
+            _ => false,
+        }
+    }
+
+    /// Whether a write that failed with this error may have been committed all the same: its
+    /// statement or commit was cut off with the connection, so only the database knows. (A
+    /// connection that could not be had, [`StorageError::Unavailable`], sent nothing.)
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            StorageError::OutcomeUnknown(_) => true,
+            StorageError::Query(_) => self.is_unavailable(),
             _ => false,
         }
     }
