@@ -312,6 +312,10 @@ impl DieselStorage {
             writes_suspect: AtomicBool::new(false),
         };
         storage.migrate()?;
+        // The health check's connection is opened now, with the pool's: a database that takes
+        // no new connection later (a connection limit reached, a failover in progress) must not
+        // fail a check that the connections already open would pass.
+        storage.check()?;
         Ok(storage)
     }
 
