@@ -95,6 +95,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }),
     );
 
+    // TLS and auth files are read before the port is bound: a master that says it listens
+    // has the settings it will serve with (or it fails first, naming the file).
+    let options = ServeOptions::from_config(&config)?;
     let listener = listen(config.bind_addr())
         .map_err(|e| format!("cannot listen on {}: {e}", config.bind_addr()))?;
     let local: SocketAddr = listener.local_addr()?;
@@ -126,7 +129,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             streams_shutdown.clone(),
         ));
     }
-    let options = ServeOptions::from_config(&config)?;
     // A writer that failed for good stops the master as a signal would, after the drain: a
     // supervisor (systemd, Kubernetes) restarts it, and clients go to another master meanwhile.
     let writer_failure = Arc::new(std::sync::OnceLock::new());
