@@ -1,5 +1,5 @@
-//! Policy parsing and completion (`ledger_proto::policy`) and the Python text forms
-//! (`ledger_proto::pyformat`) on arbitrary input. No input may panic, and:
+//! Policy parsing and completion (`ledger_anylog::policy`) and the Python text forms
+//! (`ledger_anylog::pyformat`) on arbitrary input. No input may panic, and:
 //!
 //! - on `Ok`, the stored line reads back with `parse_stored` to one root key (the type), a body
 //!   with the returned `id` and `ledger: "global"`; the line is `json.dumps` of what it reads back
@@ -10,8 +10,8 @@
 #![no_main]
 
 use chrono::{TimeZone, Utc};
-use ledger_proto::policy::{self, LEDGER_GLOBAL};
-use ledger_proto::pyformat::{json_dumps, py_repr, py_str};
+use ledger_anylog::policy::{self, LEDGER_GLOBAL};
+use ledger_anylog::pyformat::{json_dumps, py_repr, py_str};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

@@ -3,7 +3,7 @@
 //! no trailing zero in the digits), and as a JSON float literal it prints the same.
 #![no_main]
 
-use ledger_proto::pyformat::{json_dumps, py_float_repr};
+use ledger_anylog::pyformat::{json_dumps, py_float_repr};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

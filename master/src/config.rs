@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::LogFormat;
-use crate::storage::DatabaseUrl;
+use ledger_ops::logging::LogFormat;
+use ledger_storage::DatabaseUrl;
 
 /// The Ledger master: stores the network's policies and streams every change to the members.
 #[derive(Debug, Clone, Parser)]
@@ -69,7 +69,7 @@ pub struct Config {
 
     /// The most bytes of recent changes kept in memory for subscribers that lag (about twice
     /// the policies' text): a subscriber that needs an older one reads it from the database.
-    #[arg(long, env = "LEDGER_SUBSCRIBER_BUFFER_BYTES", default_value_t = crate::feed::DEFAULT_KEPT_BYTES)]
+    #[arg(long, env = "LEDGER_SUBSCRIBER_BUFFER_BYTES", default_value_t = ledger_server::feed::DEFAULT_KEPT_BYTES)]
     pub subscriber_buffer_bytes: usize,
 
     /// The most inserts and deletes committed together in one transaction.
@@ -153,11 +153,11 @@ pub struct Config {
 
     /// The most snapshots read at once. Each holds a database connection while its client reads
     /// it: keep it below --db-pool-size. Further ones wait for a turn.
-    #[arg(long, env = "LEDGER_MAX_SNAPSHOTS", default_value_t = crate::limits::DEFAULT_MAX_SNAPSHOTS)]
+    #[arg(long, env = "LEDGER_MAX_SNAPSHOTS", default_value_t = ledger_server::limits::DEFAULT_MAX_SNAPSHOTS)]
     pub max_snapshots: usize,
 
     /// The most snapshots read at once for one client address (an IPv6 client: its /64).
-    #[arg(long, env = "LEDGER_MAX_SNAPSHOTS_PER_CLIENT", default_value_t = crate::limits::DEFAULT_MAX_SNAPSHOTS_PER_CLIENT)]
+    #[arg(long, env = "LEDGER_MAX_SNAPSHOTS_PER_CLIENT", default_value_t = ledger_server::limits::DEFAULT_MAX_SNAPSHOTS_PER_CLIENT)]
     pub max_snapshots_per_client: usize,
 
     /// How long a snapshot waits for its client to read the next page before it is ended

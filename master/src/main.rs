@@ -1,10 +1,17 @@
 //! `master`: serves the Ledger API on a SQLite or PostgreSQL ledger.
 
+#![warn(missing_docs)]
+
+mod config;
+mod registration;
+mod run;
+
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
-use ledger_master::cli;
-use ledger_master::config::Config;
+use ledger_ops::{config_file, logging};
+
+use crate::config::Config;
 
 // Every request allocates (HTTP/2 frames, JSON, SQL rows) on several threads; with glibc's
 // malloc that was ~8% of the master's CPU at 64 concurrent clients (free-list consolidation),
@@ -15,15 +22,18 @@ use ledger_master::config::Config;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    if let Err(e) = cli::apply_config_file(&Config::command()) {
-        eprintln!("master: {e}");
-        return ExitCode::from(2);
-    }
-    let config = match Config::from_arg_matches(&Config::command().get_matches()) {
+    let command = match config_file::with_config_file(Config::command()) {
+        Ok(command) => command,
+        Err(e) => {
+            eprintln!("master: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::from_arg_matches(&command.get_matches()) {
         Ok(config) => config,
         Err(e) => e.exit(),
     };
-    if let Err(e) = cli::init_logging(&config.log_level, config.log_format) {
+    if let Err(e) = logging::init_logging(&config.log_level, config.log_format) {
         eprintln!("master: {e}");
         return ExitCode::from(2);
     }
@@ -48,37 +58,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(ledger_master::server::run(config, shutdown_signal())) {
+    match runtime.block_on(run::run(config, ledger_ops::signals::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("master: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Completes on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => tracing::info!("received Ctrl-C"),
-                    _ = term.recv() => tracing::info!("received SIGTERM"),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the master");
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
     }
 }

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use serde_json::json;
 
 use crate::config::Config;
-use crate::error::LedgerError;
-use crate::ledger::Ledger;
-use crate::storage::Rejection;
+use ledger_server::error::LedgerError;
+use ledger_server::ledger::Ledger;
+use ledger_storage::Rejection;
 
 /// The `master` policy describing this master. `internal` is the address it listens on (with
 /// the real port when an ephemeral one was asked for).

@@ -7,8 +7,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::time::Duration;
 
+use ledger_anylog::policy;
 use ledger_proto::pb;
-use ledger_proto::policy;
 use md5::{Digest, Md5};
 use tonic::{Code, Response, Status};
 

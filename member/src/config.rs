@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ledger_master::cli::LogFormat;
-use ledger_master::storage::DatabaseUrl;
+use ledger_ops::logging::LogFormat;
+use ledger_storage::DatabaseUrl;
 
 use crate::masters::{ClientOptions, MasterAddr, TlsFiles};
 use crate::node::NodeTarget;

@@ -21,9 +21,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use ledger_anylog::policy;
+use ledger_anylog::pyformat::json_dumps;
 use ledger_proto::pb;
-use ledger_proto::policy;
-use ledger_proto::pyformat::json_dumps;
 use serde_json::{Value, json};
 use tonic::Code;
 

@@ -4,7 +4,7 @@
 //! The check at write time is what lets the start-up scan reject anything it finds wrong: a
 //! line this member wrote always passes it.
 
-use ledger_proto::policy;
+use ledger_anylog::policy;
 
 /// A policy line, valid and without its line break.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,10 +5,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{CommandFactory, FromArgMatches};
-use ledger_master::auth::Authorizer;
-use ledger_master::cli;
-use ledger_master::server::{SecurityFiles, load_security};
-use ledger_master::storage::DatabaseUrl;
 use ledger_member::commands::{self, CommandError};
 use ledger_member::config::{Cli, Command, DaemonArgs};
 use ledger_member::masters::ClientOptions;
@@ -17,20 +13,26 @@ use ledger_member::paths::LedgerPaths;
 use ledger_member::relay::RelayOptions;
 use ledger_member::sidecar::Sidecar;
 use ledger_member::sync::{self, SyncError, SyncOptions};
+use ledger_ops::{config_file, logging};
+use ledger_server::auth::Authorizer;
+use ledger_server::serve::{SecurityFiles, load_security};
+use ledger_storage::DatabaseUrl;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::ServerTlsConfig;
 
 fn main() -> ExitCode {
-    // Before the runtime's threads exist: the file's settings become environment variables.
-    if let Err(e) = cli::apply_config_file(&Cli::command()) {
-        eprintln!("member: {e}");
-        return ExitCode::from(2);
-    }
-    let cli = match Cli::from_arg_matches(&Cli::command().get_matches()) {
+    let command = match config_file::with_config_file(Cli::command()) {
+        Ok(command) => command,
+        Err(e) => {
+            eprintln!("member: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    if let Err(e) = cli::init_logging(&cli.log_level, cli.log_format) {
+    if let Err(e) = logging::init_logging(&cli.log_level, cli.log_format) {
         eprintln!("member: {e}");
         return ExitCode::from(2);
     }
@@ -88,7 +90,7 @@ async fn daemon(cli: Cli, client: ClientOptions) -> ExitCode {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        ledger_ops::signals::shutdown_signal().await;
         signal.cancel();
     });
     let sidecar = Sidecar::open(&cli.ledger_file);
@@ -171,24 +173,6 @@ async fn operator(
         ),
         Command::Status => {
             commands::status(&cli.masters, client, cli.timeout, &cli.ledger_file).await
-        }
-    }
-}
-
-/// Completes on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let ctrl_c = tokio::signal::ctrl_c();
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => tracing::info!("received Ctrl-C; stopping"),
-                _ = term.recv() => tracing::info!("received SIGTERM; stopping"),
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the member");
-            let _ = ctrl_c.await;
         }
     }
 }

@@ -17,7 +17,7 @@ static HEAD: AtomicU64 = AtomicU64::new(0);
 static APPLIED: AtomicU64 = AtomicU64::new(0);
 
 /// Serves the member's `/metrics` on `addr` and returns the address bound (port 0: a free port),
-/// through the master's endpoint ([`ledger_master::metrics::serve`]), which logs it. Must run
+/// through the master's endpoint ([`ledger_ops::metrics_endpoint::serve`]), which logs it. Must run
 /// inside the tokio runtime.
 pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
     let builder = PrometheusBuilder::new()
@@ -29,7 +29,7 @@ pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
             ],
         )
         .map_err(|e| e.to_string())?;
-    ledger_master::metrics::serve(addr, builder).await
+    ledger_ops::metrics_endpoint::serve(addr, builder).await
 }
 
 /// Every change up to `seq` is durable in the file.

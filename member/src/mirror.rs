@@ -8,10 +8,8 @@
 
 use std::sync::Arc;
 
-use ledger_master::feed::ChangeFeed;
-use ledger_master::storage::{
-    Change, DatabaseUrl, DieselStorage, Storage, StorageError, StoredPolicy,
-};
+use ledger_server::feed::ChangeFeed;
+use ledger_storage::{Change, DatabaseUrl, DieselStorage, Storage, StorageError, StoredPolicy};
 
 /// Database connections of the mirror: one writer (the sync loop) and a few readers (the
 /// streams and queries of the members below).

@@ -22,7 +22,7 @@ use hyper::body::Bytes;
 use hyper::header::{CONNECTION, CONTENT_LENGTH, HOST, USER_AGENT};
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
-use ledger_proto::anylog::{Envelope, Message, info_type, write_message};
+use ledger_anylog::wire::{Envelope, Message, info_type, write_message};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;

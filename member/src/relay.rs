@@ -2,7 +2,7 @@
 //!
 //! Besides its ledger file, the relay keeps a [`Mirror`] of the ledger with the master's seqs
 //! and serves `LedgerService` from it with the master's own code
-//! ([`ledger_master::server::serve`]): reads and streams are answered from the mirror, so seqs,
+//! ([`ledger_server::serve::serve`]): reads and streams are answered from the mirror, so seqs,
 //! digests and resumption mean what they mean on the master; inserts and deletes are forwarded
 //! to the relay's current upstream (a master or another relay) and its answer is returned
 //! unchanged ([`WritePath::Upstream`]).
@@ -21,14 +21,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ledger_master::auth::Authorizer;
-use ledger_master::feed::ChangeFeed;
-use ledger_master::ledger::{Ledger, WritePath};
-use ledger_master::limits::StreamLimiter;
-use ledger_master::server::ServeOptions;
-use ledger_master::service::Access;
-use ledger_master::storage::{Change, DatabaseUrl, StorageError};
-use ledger_master::subscription::SubscriptionContext;
+use ledger_server::auth::Authorizer;
+use ledger_server::feed::ChangeFeed;
+use ledger_server::ledger::{Ledger, WritePath};
+use ledger_server::limits::StreamLimiter;
+use ledger_server::serve::ServeOptions;
+use ledger_server::service::Access;
+use ledger_server::subscription::SubscriptionContext;
+use ledger_storage::{Change, DatabaseUrl, StorageError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::ServerTlsConfig;
@@ -258,7 +258,7 @@ impl Relay {
         let feed = ChangeFeed::new(
             self.mirror.head(),
             SUBSCRIBER_BUFFER,
-            ledger_master::feed::DEFAULT_KEPT_BYTES,
+            ledger_server::feed::DEFAULT_KEPT_BYTES,
         );
         let streams = CancellationToken::new();
         let client = self.upstream.lazy_client(&self.client, self.timeout)?;
@@ -287,7 +287,7 @@ impl Relay {
         };
         let task = tokio::spawn(async move {
             let health = tonic_health::server::HealthReporter::new();
-            if let Err(e) = ledger_master::server::serve_with(
+            if let Err(e) = ledger_server::serve::serve_with(
                 options, ledger, listener, health, stopped, streams,
             )
             .await

@@ -12,9 +12,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use ledger_master::storage::{Change, ChangeKind, StoredPolicy};
 use ledger_proto::pb;
 use ledger_proto::pb::stream_ledger_response::Event;
+use ledger_storage::{Change, ChangeKind, StoredPolicy};
 
 use crate::ledger_file::{FileError, LedgerFile, Snapshot};
 use crate::line::PolicyLine;

@@ -1,11 +1,7 @@
 //! The Ledger contract shared by the master, the member and every client: the gRPC API
-//! generated from `proto/ledger/v1/ledger.proto`, and the AnyLog policy format (completion,
-//! ids, the `blockchain.json` line format) that both sides must agree on byte for byte, and
-//! AnyLog's TCP message format, which EdgeLake nodes speak to their master.
+//! generated from `proto/ledger/v1/ledger.proto`. The AnyLog policy format both sides agree on
+//! is `ledger-anylog` (`proto/anylog`).
 
-pub mod anylog;
-pub mod policy;
-pub mod pyformat;
 pub mod server;
 
 /// The generated `ledger.v1` messages and client; the server is [`server`].

@@ -1,7 +1,7 @@
 //! The `ledger` table read with plain SQL, as an operator or an EdgeLake master reads it.
 
 use diesel::{Connection, PgConnection, RunQueryDsl, SqliteConnection};
-use ledger_master::storage::DatabaseUrl;
+use ledger_storage::DatabaseUrl;
 
 /// One row of the `ledger` table: the columns EdgeLake's master fills.
 #[derive(diesel::QueryableByName, Debug, Clone, PartialEq, Eq)]

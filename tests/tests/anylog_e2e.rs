@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ledger_master::storage::DatabaseUrl;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoResponse, Policy, StreamLedgerResponse};
+use ledger_storage::DatabaseUrl;
 use ledger_tests::anylog::{
     self, BLOCK_SIZE, Node, SendOptions, block_capacity, encode_message, error_code, generic_flag,
     info_type, offset, send_bytes, set_u16, set_u32,

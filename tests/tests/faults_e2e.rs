@@ -697,7 +697,7 @@ async fn a_member_killed_while_it_appends() {
         let recorded = &bytes[..state.len as usize];
         assert_eq!(FileMd5::of(recorded), state.md5);
         for line in std::str::from_utf8(recorded).unwrap().lines() {
-            ledger_proto::policy::parse_stored(line).expect("a recorded line is a policy");
+            ledger_anylog::policy::parse_stored(line).expect("a recorded line is a policy");
         }
         let tail = bytes.len() as u64 - state.len;
         if tail > 0 {

@@ -1238,7 +1238,7 @@ async fn provoked_resets_end_the_connection_and_streams_are_capped() {
         let addr = fx.master.addr;
         async move {
             let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let mut out = ledger_proto::anylog::HTTP2_PREFACE.to_vec();
+            let mut out = ledger_anylog::wire::HTTP2_PREFACE.to_vec();
             out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
             for n in 0..resets {
                 let stream = 1 + 2 * n;
@@ -1481,7 +1481,7 @@ async fn stalled_snapshots(master: &Master, streams: u32) -> tokio::task::JoinHa
     socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
     let tcp = socket.connect(master.addr).await.unwrap();
     let (mut read, mut write) = tcp.into_split();
-    let mut out = ledger_proto::anylog::HTTP2_PREFACE.to_vec();
+    let mut out = ledger_anylog::wire::HTTP2_PREFACE.to_vec();
     out.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0])); // SETTINGS_INITIAL_WINDOW_SIZE = 0
     let request = StreamLedgerRequest { after_seq: 0 }.encode_to_vec();
     let mut body = vec![0u8];

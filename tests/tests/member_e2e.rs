@@ -123,7 +123,7 @@ async fn inserts_and_deletes_converge_in_every_member() {
         let old_ids: Vec<String> = old
             .lines()
             .map(|line| {
-                let (_, body) = ledger_proto::policy::parse_stored(line).expect("a policy line");
+                let (_, body) = ledger_anylog::policy::parse_stored(line).expect("a policy line");
                 body["id"].as_str().unwrap().to_string()
             })
             .collect();
@@ -204,7 +204,7 @@ async fn a_member_killed_in_a_burst_resumes_without_a_snapshot() {
     let recorded = std::str::from_utf8(&bytes[..state.len as usize]).expect("UTF-8");
     assert!(recorded.is_empty() || recorded.ends_with('\n'));
     for line in recorded.lines() {
-        ledger_proto::policy::parse_stored(line).expect("a valid policy line");
+        ledger_anylog::policy::parse_stored(line).expect("a valid policy line");
     }
 
     member.restart();

@@ -104,7 +104,7 @@ fn check_not_torn(file: &Path, master_ledger: &[pb::Policy]) -> (SyncState, u64)
     for line in recorded.lines() {
         serde_json::from_str::<serde_json::Value>(line)
             .unwrap_or_else(|e| panic!("a line is not JSON ({e}): {line:?}"));
-        ledger_proto::policy::parse_stored(line).expect("a valid policy line");
+        ledger_anylog::policy::parse_stored(line).expect("a valid policy line");
     }
     // Past the record there may be lines written but not recorded yet: they must be whole
     // lines of valid policies too, never a torn one.
@@ -122,7 +122,7 @@ fn check_not_torn(file: &Path, master_ledger: &[pb::Policy]) -> (SyncState, u64)
         &tail[tail.rfind('\n').map_or(0, |at| at + 1)..][..60.min(tail.len())]
     );
     for line in tail.lines() {
-        ledger_proto::policy::parse_stored(line)
+        ledger_anylog::policy::parse_stored(line)
             .unwrap_or_else(|e| panic!("an unrecorded line is not a valid policy ({e}): {line:?}"));
     }
     (state, bytes.len() as u64)

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use ledger_master::auth::token_hash;
 use ledger_proto::pb::GetLedgerInfoRequest;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
+use ledger_server::auth::token_hash;
 use ledger_tests::member::{CommandOutput, member_command};
 use ledger_tests::metrics::{sample, scrape_async};
 use ledger_tests::tls::{CertFiles, TestPki};

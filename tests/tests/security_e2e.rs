@@ -1,11 +1,11 @@
 //! TLS, mTLS and roles against the real `master` binary, with certificates made at test time.
 
-use ledger_master::auth::token_hash;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::{
     DeletePolicyRequest, GetLedgerInfoRequest, InsertPolicyRequest, ListPoliciesRequest,
     StreamLedgerRequest,
 };
+use ledger_server::auth::token_hash;
 use ledger_tests::tls::{CertFiles, TestPki};
 use ledger_tests::{Master, within};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};

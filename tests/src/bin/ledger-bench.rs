@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
-use ledger_proto::anylog;
+use ledger_anylog::wire;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoRequest, InsertPolicyRequest, StreamLedgerRequest};
@@ -562,7 +562,7 @@ async fn throughput(addr: &str, clients: usize, seconds: f64) -> f64 {
 /// A node's side of the AnyLog protocol: its TCP server, where the master's answers arrive.
 struct AnyLogNode {
     server: tokio::net::TcpListener,
-    envelope: anylog::Envelope,
+    envelope: wire::Envelope,
 }
 
 impl AnyLogNode {
@@ -571,11 +571,11 @@ impl AnyLogNode {
         let port = server.local_addr().unwrap().port();
         AnyLogNode {
             server,
-            envelope: anylog::Envelope {
+            envelope: wire::Envelope {
                 source_ip: "127.0.0.1".into(),
                 source_port: u32::from(port),
-                info_type: anylog::info_type::COMMAND,
-                ..anylog::Envelope::default()
+                info_type: wire::info_type::COMMAND,
+                ..wire::Envelope::default()
             },
         }
     }
@@ -598,24 +598,24 @@ impl AnyLogNode {
             .connect(addr.parse().expect("the master's address"))
             .await
             .expect("connect");
-        let message = anylog::Message {
+        let message = wire::Message {
             envelope: self.envelope.clone(),
             command: command.into(),
             auth: Vec::new(),
             data: Vec::new(),
         };
-        anylog::write_message(&mut stream, &message, false, Duration::from_secs(30))
+        wire::write_message(&mut stream, &message, false, Duration::from_secs(30))
             .await
             .expect("sending an AnyLog message");
     }
 
     /// The next message the master sends this node.
-    async fn receive(&self) -> anylog::Message {
+    async fn receive(&self) -> wire::Message {
         let (mut stream, _) = tokio::time::timeout(Duration::from_secs(60), self.server.accept())
             .await
             .expect("the master answered within 60 s")
             .unwrap();
-        anylog::read_message(&mut stream, u32::MAX, Duration::from_secs(30))
+        wire::read_message(&mut stream, u32::MAX, Duration::from_secs(30))
             .await
             .expect("a message from the master")
     }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::LedgerError;
 use crate::feed::ChangeFeed;
-use crate::storage::{Change, Storage, WriteOp};
+use ledger_storage::{Change, Storage, WriteOp};
 
 /// How many waiting requests the writer queues before callers wait for room.
 const QUEUE_DEPTH: usize = 8192;
@@ -150,7 +150,7 @@ fn run(
                 }
             }
             Err(e) => {
-                use crate::storage::StorageError;
+                use ledger_storage::StorageError;
                 let disk_full = e.is_disk_full();
                 let unknown = e.outcome_unknown();
                 if unknown {

@@ -22,7 +22,7 @@ use prost::bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
 use crate::metrics;
-use crate::storage::{Change, ChangeKind, Storage, StorageError};
+use ledger_storage::{Change, ChangeKind, Storage, StorageError};
 
 /// Changes read from the storage per query when filling a gap.
 const FILL_PAGE: usize = 1000;
@@ -254,7 +254,7 @@ impl ChangeFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{DatabaseUrl, DieselStorage, StoredPolicy};
+    use ledger_storage::{DatabaseUrl, DieselStorage, StoredPolicy};
 
     fn inserted(seq: u64, bytes: usize) -> Change {
         Change {

@@ -411,7 +411,7 @@ mod tests {
     fn vectors_give_edgelake_ids() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../tests/data/policy-ids.jsonl"
+            "/../../tests/data/policy-ids.jsonl"
         );
         let data = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let lines: Vec<&str> = data.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -536,7 +536,7 @@ mod tests {
     fn complete_policy_vectors_are_stored_as_python_dumps_them() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../tests/data/complete-policies.jsonl"
+            "/../../tests/data/complete-policies.jsonl"
         );
         let data = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let lines: Vec<&str> = data.lines().filter(|l| !l.trim().is_empty()).collect();

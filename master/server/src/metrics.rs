@@ -1,22 +1,15 @@
 //! The master's Prometheus metrics: every name and label is defined here, and recorded through
 //! the `metrics` facade (a no-op until [`install`] runs, so tests and library users pay nothing).
-//! [`serve`], the `/metrics` endpoint, is shared with the member.
+//! The `/metrics` endpoint is `ledger_ops::metrics_endpoint`, shared with the member.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::error::LedgerError;
-use crate::storage::Rejection;
+use ledger_storage::Rejection;
 
 /// Serves the master's `/metrics` on `addr` and returns the address bound (see [`serve`]).
 pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
@@ -28,99 +21,7 @@ pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
             ],
         )
         .map_err(|e| e.to_string())?;
-    serve(addr, builder).await
-}
-
-/// How often the recorder's upkeep runs (drains the histograms' buffers): the exporter's own
-/// `install` spawns it every 5 s, `install_recorder` leaves it to the caller.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Binds `addr`, installs `builder`'s recorder as the global one and serves its Prometheus text
-/// on that listener (any path but `/health`, which answers `OK`, as the exporter's own listener
-/// did); logs and returns the address actually bound. Must run inside the tokio runtime.
-///
-/// The listener is bound here rather than by the exporter so that the bound address is known:
-/// with port 0 the kernel picks a free port, and the log line `metrics on http://ADDR/metrics`
-/// tells the operator (and the tests) which one, with no race for a port chosen beforehand.
-/// Shared by the master and the member, which differ only in their buckets.
-pub async fn serve(addr: SocketAddr, builder: PrometheusBuilder) -> Result<SocketAddr, String> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
-    let handle = builder
-        .install_recorder()
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(UPKEEP_INTERVAL);
-        loop {
-            ticks.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
-    tokio::spawn(accept(listener, handle));
-    tracing::info!("metrics on http://{bound}/metrics");
-    Ok(bound)
-}
-
-/// Answers every connection to `listener` with HTTP/1.1, for as long as the runtime runs.
-async fn accept(listener: TcpListener, handle: PrometheusHandle) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors, typically: a pause instead of a busy loop, and the
-                // scrape is retried by Prometheus anyway.
-                tracing::warn!("metrics: cannot accept a connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request| respond(request, handle.clone()));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!("metrics: connection ended: {e}");
-            }
-        });
-    }
-}
-
-/// The answer to one request: `OK` for `/health`, the Prometheus text otherwise.
-async fn respond(
-    request: Request<Incoming>,
-    handle: PrometheusHandle,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    if request.uri().path() == "/health" {
-        let mut response = Response::new(Full::new(Bytes::from_static(b"OK")));
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        return Ok(response);
-    }
-    // Rendering walks every series under locks: off the async workers, which serve gRPC.
-    let text = match tokio::task::spawn_blocking(move || handle.render()).await {
-        Ok(text) => text,
-        Err(e) => {
-            tracing::warn!("metrics: rendering failed: {e}");
-            let mut response = Response::new(Full::default());
-            *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
-            return Ok(response);
-        }
-    };
-    let mut response = Response::new(Full::new(Bytes::from(text)));
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    Ok(response)
+    ledger_ops::metrics_endpoint::serve(addr, builder).await
 }
 
 /// The `outcome` label of a write.

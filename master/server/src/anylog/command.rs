@@ -4,7 +4,7 @@
 //! `push ignore`) travels as a tab, so both separate the leading words. The policy JSON of a push
 //! is the rest of the text, taken as it is.
 
-use ledger_proto::anylog::error_code;
+use ledger_anylog::wire::error_code;
 
 /// What a node asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]

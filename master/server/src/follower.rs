@@ -29,8 +29,8 @@ use tonic_health::server::HealthReporter;
 
 use crate::feed::ChangeFeed;
 use crate::metrics;
-use crate::storage::{NOTIFY_CHANNEL, Storage};
 use connect::{ListenError, ListenTarget, Listening};
+use ledger_storage::{NOTIFY_CHANNEL, Storage};
 
 /// The health service name that says whether the master listens for the other masters'
 /// commits: `NOT_SERVING` while they arrive only by the fallback read.

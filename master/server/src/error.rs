@@ -1,8 +1,8 @@
 //! The errors of the ledger, typed; [`crate::service`] maps them to gRPC statuses in one place.
 
-use ledger_proto::policy::PolicyError;
+use ledger_anylog::policy::PolicyError;
 
-use crate::storage::{Rejection, StorageError};
+use ledger_storage::{Rejection, StorageError};
 
 /// Why a ledger operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ledger_proto::anylog::{HTTP2_PREFACE, looks_like_anylog};
+use ledger_anylog::wire::{HTTP2_PREFACE, looks_like_anylog};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

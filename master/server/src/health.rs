@@ -13,9 +13,9 @@ use tonic_health::server::HealthReporter;
 
 use crate::feed::ChangeFeed;
 use crate::service::LedgerGrpc;
-use crate::storage::Storage;
 use crate::writer::WriterHealth;
 use crate::{follower, metrics};
+use ledger_storage::Storage;
 
 /// The health service name that says whether writes commit: `NOT_SERVING` while the database's
 /// disk is full (reads and streams go on, so the ledger's own service stays `SERVING`).

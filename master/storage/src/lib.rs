@@ -43,7 +43,7 @@ pub struct Change {
     pub kind: ChangeKind,
 }
 
-/// A policy ready to be inserted: completed and validated by [`ledger_proto::policy`].
+/// A policy ready to be inserted: completed and validated by [`ledger_anylog::policy`].
 #[derive(Debug, Clone)]
 pub struct NewPolicy {
     /// The policy id (unique in the ledger).

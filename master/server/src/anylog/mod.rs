@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use ledger_proto::anylog::{self, Envelope, Message, error_code, generic_flag, info_type};
-use ledger_proto::policy::{self, PolicyError};
+use ledger_anylog::policy::{self, PolicyError};
+use ledger_anylog::wire::{self, Envelope, Message, error_code, generic_flag, info_type};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -27,8 +27,8 @@ use crate::error::LedgerError;
 use crate::ledger::Ledger;
 use crate::log_limit::{self, LogLimit};
 use crate::metrics;
-use crate::storage::Rejection;
 use command::{Refusal, Request, clip};
+use ledger_storage::Rejection;
 
 /// How the AnyLog edge serves nodes.
 #[derive(Debug, Clone)]
@@ -121,7 +121,7 @@ impl AnyLogEdge {
     }
 
     async fn serve_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let message = anylog::read_message(
+        let message = wire::read_message(
             &mut stream,
             self.options.max_message_blocks,
             self.options.block_timeout,
@@ -410,7 +410,7 @@ impl AnyLogEdge {
     }
 
     /// Connects to the node and sends it a message; false if the node could not be reached or
-    /// did not take it. A `file write` follows the rules of files (see [`anylog::encode`]).
+    /// did not take it. A `file write` follows the rules of files (see [`wire::encode`]).
     async fn send(&self, node: &Node, envelope: &Envelope, command: &str, data: &[u8]) -> bool {
         let file_rules = command.starts_with("file write");
         let result = async {
@@ -431,8 +431,8 @@ impl AnyLogEdge {
                     })?
                     .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
             let _ = stream.set_nodelay(true);
-            let blocks = anylog::encode(envelope, command, data, file_rules)?;
-            anylog::write_blocks(&mut stream, blocks, self.options.block_timeout)
+            let blocks = wire::encode(envelope, command, data, file_rules)?;
+            wire::write_blocks(&mut stream, blocks, self.options.block_timeout)
                 .await
                 .map_err(|e| format!("sending to {addr}: {e}"))?;
             metrics::anylog_bytes_sent(data.len());

@@ -15,8 +15,8 @@ use crate::error::LedgerError;
 use crate::ledger::{Ledger, ListQuery};
 use crate::limits::StreamLimiter;
 use crate::log_limit::{self, LogLimit};
-use crate::storage::{Change, ChangeKind, Rejection, StoredPolicy};
 use crate::subscription::Event;
+use ledger_storage::{Change, ChangeKind, Rejection, StoredPolicy};
 use std::time::Duration;
 
 /// The `LedgerService` of a master.
@@ -331,8 +331,8 @@ mod tests {
     use super::*;
     use crate::feed::{ChangeFeed, SharedChange};
     use crate::ledger::WritePath;
-    use crate::storage::{DatabaseUrl, DieselStorage, Storage};
     use crate::subscription::SubscriptionContext;
+    use ledger_storage::{DatabaseUrl, DieselStorage, Storage};
 
     fn policy(seq: u64) -> StoredPolicy {
         StoredPolicy {

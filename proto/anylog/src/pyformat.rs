@@ -389,7 +389,7 @@ mod tests {
     fn golden_against_cpython() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../tests/data/pyformat-golden.jsonl"
+            "/../../tests/data/pyformat-golden.jsonl"
         );
         let data = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let mut count = 0;

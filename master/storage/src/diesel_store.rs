@@ -15,8 +15,8 @@ use diesel::prelude::*;
 use diesel::r2d2::{ManageConnection, Pool, PooledConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-use super::schema::{ledger, ledger_changes, ledger_head};
-use super::{
+use crate::schema::{ledger, ledger_changes, ledger_head};
+use crate::{
     Bounds, Change, ChangeKind, NewPolicy, Rejection, SnapshotPart, Storage, StorageError,
     StoredPolicy, WriteOp,
 };
@@ -542,7 +542,7 @@ struct RowColumns {
 
 impl RowColumns {
     fn of(json: &str) -> RowColumns {
-        let Ok((_, body)) = ledger_proto::policy::parse_stored(json) else {
+        let Ok((_, body)) = ledger_anylog::policy::parse_stored(json) else {
             return RowColumns::default();
         };
         let text = |key: &str| body.get(key)?.as_str().map(str::to_string);
@@ -551,7 +551,7 @@ impl RowColumns {
             status: text("status"),
             date: text("date")
                 .as_deref()
-                .and_then(ledger_proto::policy::parse_date),
+                .and_then(ledger_anylog::policy::parse_date),
         }
     }
 }

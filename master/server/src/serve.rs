@@ -1,169 +1,32 @@
-//! Assembles a master: storage, change feed, writer, ledger and the gRPC server with health and
-//! reflection; runs it until the shutdown signal.
+//! Serving a [`Ledger`] over gRPC: `LedgerService` with its auth and limits, `grpc.health.v1`
+//! and reflection, on a listener or on the gRPC half of a port shared with AnyLog; the TLS and
+//! auth files read; a graceful shutdown. The master's binary assembles a master around it.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ledger_proto::server::ledger_service_server::LedgerServiceServer;
-use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
-
 use tonic::codegen::http;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
 
-use std::pin::Pin;
-
-use tokio::net::TcpStream;
-use tokio_stream::Stream;
-
-use crate::anylog::{self, AnyLogEdge, AnyLogOptions};
+use crate::anylog;
 use crate::auth::Authorizer;
-use crate::config::{AnyLogListen, Config, WriteFrom};
-use crate::feed::ChangeFeed;
-use crate::ledger::{Ledger, PolicyLimits, WritePath};
-use crate::limits::{CountedStreams, SnapshotLimiter, StreamLimiter};
-use crate::registration;
+use crate::health;
+use crate::ledger::Ledger;
+use crate::limits::CountedStreams;
 use crate::service::{Access, LedgerGrpc};
-use crate::storage::{DatabaseUrl, DieselStorage, Storage};
-use crate::subscription::SubscriptionContext;
-use crate::writer::{Writer, WriterOptions};
-use crate::{follower, health, metrics};
 
 /// A failure that stops the master from starting or serving.
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Runs the master described by `config` until `shutdown` completes, then stops accepting,
-/// ends the streams, finishes the in-flight calls and commits the queued writes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    if let Some(addr) = config.metrics_addr {
-        // It logs the address bound, the one to scrape when ADDR asks for port 0.
-        metrics::install(addr).await?;
-    }
-    let url = config.database_url.clone();
-    let pool_size = config.db_pool_size;
-    let db_timeout = config.db_timeout;
-    let storage = tokio::task::spawn_blocking(move || {
-        DieselStorage::open_with_timeout(&url, pool_size, db_timeout)
-    })
-    .await?
-    .map_err(|e| format!("cannot open the ledger at {}: {e}", config.database_url))?;
-    let storage: Arc<dyn Storage> = Arc::new(storage);
-    let bounds = storage.bounds()?;
-    let policy_count = storage.policy_count()?;
-    metrics::head(bounds.head_seq);
-    metrics::policies(policy_count);
-    metrics::database_up(true);
-    tracing::info!(database = %config.database_url, head_seq = bounds.head_seq, policy_count, "ledger opened");
-
-    let feed = ChangeFeed::new(
-        bounds.head_seq,
-        config.subscriber_buffer,
-        config.subscriber_buffer_bytes,
-    );
-    let (writer, writer_thread, writer_health) = Writer::start(
-        storage.clone(),
-        feed.clone(),
-        WriterOptions {
-            max_batch: config.max_batch,
-            change_retention: config.change_retention,
-        },
-    );
-    let streams_shutdown = CancellationToken::new();
-    let ledger = Arc::new(
-        Ledger::new(
-            WritePath::Local(writer),
-            SubscriptionContext {
-                storage,
-                feed,
-                progress_interval: config.progress_interval,
-                shutdown: streams_shutdown.clone(),
-                snapshots: SnapshotLimiter::new(
-                    config.max_snapshots,
-                    config.max_snapshots_per_client,
-                    config.snapshot_stall_timeout,
-                ),
-            },
-        )
-        .with_policy_limits(PolicyLimits {
-            max_bytes: config.max_policy_bytes,
-            max_depth: config.max_policy_depth as usize,
-        }),
-    );
-
-    // TLS and auth files are read before the port is bound: a master that says it listens
-    // has the settings it will serve with (or it fails first, naming the file).
-    let options = ServeOptions::from_config(&config)?;
-    let listener = listen(config.bind_addr())
-        .map_err(|e| format!("cannot listen on {}: {e}", config.bind_addr()))?;
-    let local: SocketAddr = listener.local_addr()?;
-    let internal = SocketAddr::new(config.listen.ip(), local.port());
-    if config.register {
-        registration::register(&ledger, &config, internal).await?;
-    }
-
-    tracing::info!(
-        "listening on {local} (internal {internal}, external {})",
-        config.external_addr.unwrap_or(internal)
-    );
-    let incoming = start_anylog(&config, &ledger, listener, &streams_shutdown).await?;
-    let health = HealthReporter::new();
-    tokio::spawn(health::watch_database(
-        ledger.storage().clone(),
-        ledger.feed().clone(),
-        health.clone(),
-        config.db_check_interval,
-        streams_shutdown.clone(),
-    ));
-    if let DatabaseUrl::Postgres(url) = &config.database_url {
-        tokio::spawn(follower::follow(
-            url.clone(),
-            ledger.storage().clone(),
-            ledger.feed().clone(),
-            config.notify_fallback,
-            health.clone(),
-            streams_shutdown.clone(),
-        ));
-    }
-    // A writer that failed for good stops the master as a signal would, after the drain: a
-    // supervisor (systemd, Kubernetes) restarts it, and clients go to another master meanwhile.
-    let writer_failure = Arc::new(std::sync::OnceLock::new());
-    let watched = health::watch_writer(writer_health, health.clone());
-    let failure = writer_failure.clone();
-    let shutdown = async move {
-        tokio::select! {
-            _ = shutdown => {}
-            reason = watched => {
-                let _ = failure.set(reason);
-            }
-        }
-    };
-    let result = serve_with(
-        options,
-        ledger.clone(),
-        incoming,
-        health,
-        shutdown,
-        streams_shutdown,
-    )
-    .await;
-    // The last handle to the writer goes with the ledger: the writer commits what is queued
-    // and stops.
-    drop(ledger);
-    tokio::task::spawn_blocking(move || writer_thread.join())
-        .await?
-        .map_err(|_| "the writer thread panicked")?;
-    result?;
-    if let Some(reason) = writer_failure.get() {
-        return Err(format!("stopped because writes cannot be committed: {reason}").into());
-    }
-    tracing::info!("stopped");
-    Ok(())
-}
 
 /// How many connections may wait to be accepted. The socket library's default, 128, overflowed
 /// when nodes opened a connection per message (AnyLog) or many members reconnected at once: the
@@ -171,7 +34,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// A listening socket on `addr` with [`LISTEN_BACKLOG`] (the kernel caps it at `somaxconn`).
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -194,87 +57,6 @@ pub enum GrpcIncoming {
 impl From<TcpListener> for GrpcIncoming {
     fn from(listener: TcpListener) -> Self {
         GrpcIncoming::Listener(listener)
-    }
-}
-
-/// Starts the AnyLog protocol as `--anylog-listen` says: on the gRPC port (whose gRPC
-/// connections are returned), on a port of its own, or not at all.
-async fn start_anylog(
-    config: &Config,
-    ledger: &Arc<Ledger>,
-    listener: TcpListener,
-    shutdown: &CancellationToken,
-) -> Result<GrpcIncoming, StartError> {
-    let grpc_port = listener.local_addr()?.port();
-    let own = match config.anylog_listen {
-        AnyLogListen::Off => {
-            tracing::info!("the AnyLog protocol is off (--anylog-listen off)");
-            return Ok(GrpcIncoming::Listener(listener));
-        }
-        AnyLogListen::Shared => None,
-        AnyLogListen::Own(addr) => Some(
-            listen(addr).map_err(|e| format!("cannot listen for AnyLog nodes on {addr}: {e}"))?,
-        ),
-    };
-    let port = match &own {
-        Some(own) => own.local_addr()?.port(),
-        None => grpc_port,
-    };
-    // Where nodes would answer this master: its external address, else its internal one (an
-    // unspecified one makes each node use the address the connection came from).
-    let reply_ip = config
-        .external_addr
-        .map_or(config.listen.ip(), |external| external.ip());
-    let write_from = match (&config.anylog_write_from, &config.auth_file) {
-        (Some(WriteFrom::Any), _) | (None, None) => None,
-        (Some(WriteFrom::Networks(networks)), _) => Some(networks.clone()),
-        (None, Some(_)) => Some(Vec::new()),
-    };
-    match &write_from {
-        None => tracing::warn!(
-            "the AnyLog protocol has no authentication: anyone who reaches port {port} can insert and delete policies (restrict it with --anylog-write-from)"
-        ),
-        Some(networks) if networks.is_empty() => tracing::info!(
-            "AnyLog nodes may read but not write (--anylog-write-from none, the default with --auth-file)"
-        ),
-        Some(networks) => tracing::info!(
-            "AnyLog nodes may write from {}",
-            networks
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-    let edge = AnyLogEdge::new(
-        ledger.clone(),
-        AnyLogOptions {
-            write_from,
-            reply_ip: reply_ip.to_string(),
-            reply_port: port,
-            block_timeout: config.anylog_timeout,
-            connect_timeout: config.anylog_timeout,
-            // A policy of --max-policy-bytes takes this many blocks through the large-message
-            // path (each carries at least ~1,800 bytes of it), and some more for the command.
-            max_message_blocks: (config.max_policy_bytes / 1_024 + 8) as u32,
-            max_connections: config.anylog_max_connections,
-        },
-        shutdown.clone(),
-    );
-    match own {
-        Some(own) => {
-            tracing::info!("anylog on {}", own.local_addr()?);
-            tokio::spawn(anylog::listener::serve(own, edge, shutdown.clone()));
-            Ok(GrpcIncoming::Listener(listener))
-        }
-        None => {
-            tracing::info!("anylog on {} (shared with gRPC)", listener.local_addr()?);
-            Ok(GrpcIncoming::Shared(anylog::listener::share(
-                listener,
-                edge,
-                config.keepalive_interval,
-            )))
-        }
     }
 }
 
@@ -309,34 +91,6 @@ impl Default for ServeOptions {
             max_concurrent_streams: 200,
             max_local_reset_streams: 1024,
         }
-    }
-}
-
-impl ServeOptions {
-    /// The options a master's command line asks for; reads the TLS and auth files.
-    pub fn from_config(config: &Config) -> Result<Self, StartError> {
-        let (tls, authorizer) = load_security(
-            &SecurityFiles {
-                cert: config.tls_cert.as_deref(),
-                key: config.tls_key.as_deref(),
-                client_ca: config.tls_client_ca.as_deref(),
-                client_optional: config.tls_client_optional,
-                auth_file: config.auth_file.as_deref(),
-            },
-            "this master",
-        )?;
-        Ok(ServeOptions {
-            tls,
-            access: Access {
-                authorizer,
-                streams: StreamLimiter::new(config.max_streams, config.max_streams_per_client),
-            },
-            max_message_bytes: config.max_message_bytes,
-            keepalive: (config.keepalive_interval, config.keepalive_timeout),
-            grace: config.shutdown_grace,
-            max_concurrent_streams: config.max_concurrent_streams,
-            max_local_reset_streams: config.max_local_reset_streams,
-        })
     }
 }
 

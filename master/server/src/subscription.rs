@@ -19,7 +19,7 @@ use crate::feed::{Announced, ChangeFeed, SharedChange};
 use crate::limits::SnapshotLimiter;
 use crate::log_limit::{self, LogLimit};
 use crate::metrics;
-use crate::storage::{SnapshotPart, Storage, StorageError, StoredPolicy};
+use ledger_storage::{SnapshotPart, Storage, StorageError, StoredPolicy};
 
 /// Policies or changes read from the storage per query.
 const PAGE_SIZE: usize = 1000;

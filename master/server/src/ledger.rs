@@ -3,20 +3,20 @@
 
 use std::sync::Arc;
 
-use ledger_proto::policy;
+use ledger_anylog::policy;
 use md5::{Digest, Md5};
 use tokio_stream::Stream;
 
 use crate::error::LedgerError;
 use crate::feed::ChangeFeed;
 use crate::metrics;
-use crate::storage::{
-    ChangeKind, NewPolicy, SnapshotPart, Storage, StorageError, StoredPolicy, WriteOp,
-};
 use crate::subscription::{self, Event, SubscriptionContext, blocking};
 use crate::writer::Writer;
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
+use ledger_storage::{
+    ChangeKind, NewPolicy, SnapshotPart, Storage, StorageError, StoredPolicy, WriteOp,
+};
 use tonic::transport::Channel;
 
 /// The page size of `ListPolicies` when the client names none, and the largest it may ask.
