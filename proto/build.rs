@@ -8,14 +8,17 @@ const PROTO: &str = "ledger/v1/ledger.proto";
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // protoc is not installed on the build machines; the vendored one always is.
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
-    // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
-    unsafe { std::env::set_var("PROTOC", protoc) };
+    let config = || {
+        let mut config = tonic_prost_build::Config::new();
+        config.protoc_executable(&protoc);
+        config
+    };
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // The messages and the client, for every client (the member, the tests, a relay's upstream).
     tonic_prost_build::configure()
         .build_server(false)
         .file_descriptor_set_path(out_dir.join("ledger_descriptor.bin"))
-        .compile_protos(&[PROTO], &["."])?;
+        .compile_with_config(config(), &[PROTO], &["."])?;
     // The server, on its own: the same messages (from `crate::pb`), except that `StreamLedger`
     // answers `crate::server::StreamLedgerFrame`, which can carry an encoding made once and
     // shared by every subscriber. The wire format is the same.
@@ -29,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".ledger.v1.StreamLedgerResponse",
             "crate::server::StreamLedgerFrame",
         )
-        .compile_protos(&[PROTO], &["."])?;
+        .compile_with_config(config(), &[PROTO], &["."])?;
     println!("cargo:rerun-if-changed={PROTO}");
     Ok(())
 }
