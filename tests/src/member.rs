@@ -7,11 +7,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::process::{Log, binary, capture, signal, wait_for};
+use crate::process::{Log, RESTART_MARK, binary, capture, signal, wait_for};
 use crate::within;
-
-/// The line put in a member's log between two runs, so a test can read one run's logs.
-const RESTART_MARK: &str = "=== member restarted ===";
 
 /// A running `member` daemon.
 pub struct Member {
@@ -113,12 +110,7 @@ impl Member {
 
     /// What the current run logged so far.
     pub fn run_logs(&self) -> String {
-        let log = self.log.lock().unwrap();
-        let start = log
-            .iter()
-            .rposition(|line| line == RESTART_MARK)
-            .map_or(0, |at| at + 1);
-        log[start..].join("\n")
+        crate::process::run_logs(&self.log)
     }
 
     /// Waits until the current run logged a line containing `needle`.

@@ -12,7 +12,7 @@ use ledger_tests::member::{CommandOutput, member_command};
 use ledger_tests::metrics::{sample, scrape_async};
 use ledger_tests::tls::{CertFiles, TestPki};
 use ledger_tests::{Master, Member, wait_until, within};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 const READER: &str = "reader-token-31b7";
 const WRITER: &str = "writer-token-c04d";
@@ -70,30 +70,7 @@ async fn admin_client(
     pki: &TestPki,
     admin: &CertFiles,
 ) -> LedgerServiceClient<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca).unwrap()))
-        .identity(Identity::from_pem(
-            std::fs::read(&admin.cert).unwrap(),
-            std::fs::read(&admin.key).unwrap(),
-        ));
-    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap();
-    // A master just started may reset the very first connection; retry, bounded.
-    let channel = within(30, "connecting over TLS", async {
-        loop {
-            match endpoint.connect().await {
-                Ok(channel) => break channel,
-                Err(e) => {
-                    eprintln!("connecting to {addr} over TLS: {e:?}; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
-    })
-    .await;
-    LedgerServiceClient::new(channel)
+    LedgerServiceClient::new(ledger_tests::tls::channel(addr, &pki.ca, Some(admin)).await)
 }
 
 async fn digest(client: &mut LedgerServiceClient<Channel>) -> (u64, String) {

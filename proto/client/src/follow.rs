@@ -404,7 +404,7 @@ pub async fn follow<S: Sink>(options: &FollowOptions, sink: &mut S, shutdown: &C
             End::Sink(Stop::Later) => {}
         }
     }
-    tracing::info!("stopped following");
+    tracing::debug!("stopped following");
 }
 
 /// Connects to `master` and starts a subscription after `after_seq`.
