@@ -3,7 +3,7 @@
 //! The relay keeps its own database as a copy of the upstream's ledger with the upstream's
 //! seqs, and serves it with the master's own code: reads, the digest, streams and their
 //! resumption mean there what they mean upstream, so a member can move between a relay and
-//! the master without a reset. [`follow`] is what a master's writer is to a master: it follows
+//! the master without a reset. [`follow()`] is what a master's writer is to a master: it follows
 //! the upstream's `StreamLedger` ([`ledger_client::follow`], the loop a member runs) into the
 //! storage (`Storage::replicate`; a snapshot: `Storage::replace`) and publishes what it stored
 //! to the feed, so the relay's subscribers get it as they would from a writer. A snapshot that
@@ -57,14 +57,14 @@ struct Link {
 }
 
 /// A relay's link to its upstream: made before the ledger (whose write path is its
-/// [`Forwarder`]), then run with [`follow`].
+/// [`Forwarder`]), then run with [`follow()`].
 pub struct Upstream {
     options: UpstreamOptions,
     link: watch::Sender<Option<Link>>,
 }
 
 impl Upstream {
-    /// The link for `options`; nothing is connected before [`follow`] runs.
+    /// The link for `options`; nothing is connected before [`follow()`] runs.
     pub fn new(options: UpstreamOptions) -> Upstream {
         Upstream {
             options,
