@@ -224,7 +224,7 @@ impl Sink for FileSink<'_> {
         Ok(())
     }
 
-    fn disconnected(&mut self) {
+    async fn disconnected(&mut self) {
         metrics::connected(false);
         if let Some(replica) = &mut self.replica {
             replica.abandon_snapshot();

@@ -185,8 +185,17 @@ impl ChangeFeed {
                         change.seq, published.seq
                     )));
                 }
+                let before = published.seq;
                 for missed in missing.into_iter().take_while(|c| c.seq < change.seq) {
                     self.send(&mut published, missed);
+                }
+                if published.seq == before {
+                    // Nothing between: the log does not hold the changes in between (a copy
+                    // replaced under the publisher). Looping would never end.
+                    return Err(StorageError::Corrupt(format!(
+                        "change {} committed but the changes after {before} are not in the change log",
+                        change.seq
+                    )));
                 }
             }
             self.send(&mut published, change);

@@ -272,15 +272,12 @@ impl Sink for CopySink {
         self.store(changes).await
     }
 
-    fn disconnected(&mut self) {
+    async fn disconnected(&mut self) {
         metrics::upstream_connected(false);
         self.receiving = None;
-        let health = self.health.clone();
-        tokio::spawn(async move {
-            health
-                .set_service_status(UPSTREAM_SERVICE, ServingStatus::NotServing)
-                .await;
-        });
+        self.health
+            .set_service_status(UPSTREAM_SERVICE, ServingStatus::NotServing)
+            .await;
     }
 }
 

@@ -300,7 +300,7 @@ pub trait Sink: Send {
     }
 
     /// The subscription ended, however it ended: a snapshot being received is dropped.
-    fn disconnected(&mut self);
+    fn disconnected(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 /// Why a subscription ended.
@@ -375,7 +375,7 @@ pub async fn follow<S: Sink>(options: &FollowOptions, sink: &mut S, shutdown: &C
         sink.connected(master, &channel, again).await;
         let checker = Checker::new(after_seq);
         let end = stream_into(sink, checker, stream, master, shutdown, &mut backoff).await;
-        sink.disconnected();
+        sink.disconnected().await;
         match end {
             End::Shutdown => break 'run,
             End::Lagged(reason) => {
