@@ -15,7 +15,7 @@ use ledger_tests::member::wait_converged;
 use ledger_tests::metrics::{sample, scrape_async};
 use ledger_tests::sql::ledger_rows;
 use ledger_tests::tls::{CertFiles, TestPki, with_token};
-use ledger_tests::{Master, Member, wait_until, within};
+use ledger_tests::{Master, Member, PostgresServer, wait_until, within};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -421,6 +421,51 @@ async fn a_relay_reset_by_its_upstream_resets_the_members_below() {
     assert_eq!(relay.health(UPSTREAM_HEALTH).await, ServingStatus::Serving);
 
     insert(&mut client, &operator(99)).await;
+    converge(&master, &[&relay], &[&member]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_on_postgresql_follows_resumes_and_takes_a_reset() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let master = Master::start(dirs[0].path(), &["--change-retention", "5"]);
+    let mut client = master.client().await;
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push(insert(&mut client, &operator(n)).await.id);
+    }
+    let url = PostgresServer::get().create_database();
+    let mut relay = Master::start_relay(
+        dirs[1].path(),
+        &[master.addr.to_string()],
+        &["--database-url", &url],
+    );
+    let member = Member::start(
+        dirs[2].path(),
+        &[relay.addr.to_string()],
+        &["--retry-max", "1s"],
+    );
+    converge(&master, &[&relay], &[&member]).await;
+    for n in 10..13 {
+        insert(&mut client, &operator(n)).await;
+    }
+    delete(&mut client, &ids[0]).await;
+    converge(&master, &[&relay], &[&member]).await;
+
+    // Down while the master moves past what it keeps: the copy is replaced on PostgreSQL.
+    relay.kill9();
+    for n in 13..30 {
+        insert(&mut client, &operator(n)).await;
+    }
+    relay.restart();
+    converge(&master, &[&relay], &[&member]).await;
+    let logs = relay.run_logs();
+    assert!(
+        logs.contains("streaming the changes after seq 14"),
+        "{logs}"
+    );
+    assert!(logs.contains("replaced the relay's copy"), "{logs}");
+    insert(&mut client, &operator(99)).await;
+    delete(&mut client, &ids[5]).await;
     converge(&master, &[&relay], &[&member]).await;
 }
 
