@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use ledger_client::follow::FollowOptions;
+use ledger_client::masters::{ClientOptions, MasterAddr, TlsFiles};
 use ledger_ops::logging::LogFormat;
 use ledger_storage::DatabaseUrl;
 
@@ -178,7 +180,8 @@ pub struct Config {
     pub keepalive_timeout: Duration,
 
     /// Insert this master's own `master` policy at start unless it exists (AnyLog's step 5).
-    #[arg(long, env = "LEDGER_REGISTER")]
+    /// Not on a relay, whose writes are its callers'.
+    #[arg(long, env = "LEDGER_REGISTER", conflicts_with = "upstreams")]
     pub register: bool,
 
     /// The `name` of the master policy.
@@ -212,6 +215,91 @@ pub struct Config {
     /// The most AnyLog connections served at once (each carries one message); more wait.
     #[arg(long, env = "LEDGER_ANYLOG_MAX_CONNECTIONS", default_value_t = 512)]
     pub anylog_max_connections: usize,
+
+    /// Makes this master a relay of the master (or relay) at ADDR, HOST:PORT: its database
+    /// becomes a copy of the upstream's ledger with the upstream's seqs, served with every
+    /// feature of a master; writes are forwarded upstream with the caller's credentials. Repeat
+    /// the flag (or separate with commas in LEDGER_UPSTREAM) for several: the first that
+    /// answers is followed, the next when it fails.
+    #[arg(
+        long = "upstream",
+        env = "LEDGER_UPSTREAM",
+        value_name = "ADDR",
+        value_delimiter = ',',
+        value_parser = MasterAddr::parse
+    )]
+    pub upstreams: Vec<MasterAddr>,
+
+    /// Relay: the CA (PEM) that signed the upstream's certificate; the relay connects with TLS
+    /// (https) when it is given.
+    #[arg(
+        long,
+        env = "LEDGER_UPSTREAM_TLS_CA",
+        value_name = "PEM",
+        requires = "upstreams"
+    )]
+    pub upstream_tls_ca: Option<PathBuf>,
+
+    /// Relay: its client certificate chain (PEM) for mTLS to the upstream, with
+    /// --upstream-tls-key. It is the relay's identity upstream: writes are not forwarded with
+    /// it (see --upstream-write-as-self).
+    #[arg(
+        long,
+        env = "LEDGER_UPSTREAM_TLS_CERT",
+        value_name = "PEM",
+        requires_all = ["upstream_tls_key", "upstream_tls_ca"]
+    )]
+    pub upstream_tls_cert: Option<PathBuf>,
+
+    /// Relay: the private key (PEM) of --upstream-tls-cert.
+    #[arg(
+        long,
+        env = "LEDGER_UPSTREAM_TLS_KEY",
+        value_name = "PEM",
+        requires = "upstream_tls_cert"
+    )]
+    pub upstream_tls_key: Option<PathBuf>,
+
+    /// Relay: the name the upstream's certificate must hold; by default the host of its address.
+    #[arg(
+        long,
+        env = "LEDGER_UPSTREAM_TLS_DOMAIN",
+        value_name = "NAME",
+        requires = "upstream_tls_ca"
+    )]
+    pub upstream_tls_domain: Option<String>,
+
+    /// Relay: a bearer token the relay streams from its upstream with (`authorization: Bearer
+    /// TOKEN`). Writes are forwarded with their callers' tokens, not this one (see
+    /// --upstream-write-as-self). Prefer the environment variable; never logged.
+    #[arg(
+        long,
+        env = "LEDGER_UPSTREAM_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        requires = "upstreams"
+    )]
+    pub upstream_token: Option<String>,
+
+    /// Relay: how long connecting to the upstream, subscribing, or one forwarded write may take.
+    #[arg(long, env = "LEDGER_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Relay: the first delay before reconnecting to an upstream; it doubles after each failure.
+    #[arg(long, env = "LEDGER_UPSTREAM_RETRY_MIN", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub upstream_retry_min: Duration,
+
+    /// Relay: the longest delay between reconnection attempts.
+    #[arg(long, env = "LEDGER_UPSTREAM_RETRY_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub upstream_retry_max: Duration,
+
+    /// Relay: forward the writes of callers without a bearer token (a client certificate
+    /// alone, an AnyLog node, anyone when the relay has no auth file) with the relay's own
+    /// credentials (its --upstream-token, its --upstream-tls-cert). A RISK: every caller the
+    /// relay lets write then writes with the relay's role upstream. Without it such writes are
+    /// refused (PERMISSION_DENIED) when the relay has credentials of its own upstream.
+    #[arg(long, env = "LEDGER_UPSTREAM_WRITE_AS_SELF", requires = "upstreams")]
+    pub upstream_write_as_self: bool,
 }
 
 /// Where the AnyLog protocol is served (`--anylog-listen`).
@@ -272,6 +360,32 @@ impl std::str::FromStr for WriteFrom {
 }
 
 impl Config {
+    /// Whether this master is a relay (`--upstream`).
+    pub fn is_relay(&self) -> bool {
+        !self.upstreams.is_empty()
+    }
+
+    /// How a relay follows its upstreams: reads the `--upstream-tls-*` files.
+    pub fn upstream_follow(&self) -> Result<FollowOptions, String> {
+        let client = ClientOptions::with_flag_prefix(
+            &TlsFiles {
+                ca: self.upstream_tls_ca.clone(),
+                cert: self.upstream_tls_cert.clone(),
+                key: self.upstream_tls_key.clone(),
+                domain: self.upstream_tls_domain.clone(),
+            },
+            self.upstream_token.as_deref(),
+            "--upstream-",
+        )?;
+        Ok(FollowOptions {
+            masters: self.upstreams.clone(),
+            client,
+            connect_timeout: self.upstream_timeout,
+            retry_min: self.upstream_retry_min,
+            retry_max: self.upstream_retry_max,
+        })
+    }
+
     /// The address the listening socket binds: the internal address with --bind, else every
     /// interface at its port.
     pub fn bind_addr(&self) -> SocketAddr {
@@ -284,6 +398,54 @@ impl Config {
                 std::net::Ipv4Addr::UNSPECIFIED.into()
             };
             SocketAddr::new(any, self.listen.port())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn a_relay_takes_its_upstreams_in_order_and_their_client_settings() {
+        let config = Config::try_parse_from([
+            "master",
+            "--upstream",
+            "a:1",
+            "--upstream",
+            "b:2",
+            "--upstream-token",
+            "t",
+            "--upstream-write-as-self",
+        ])
+        .unwrap();
+        assert!(config.is_relay());
+        let follow = config.upstream_follow().unwrap();
+        let names: Vec<String> = follow.masters.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["a:1", "b:2"]);
+        assert!(follow.client.has_identity());
+        assert!(config.upstream_write_as_self);
+        assert!(!Config::try_parse_from(["master"]).unwrap().is_relay());
+        // The relay's settings need a relay; a relay does not register itself.
+        for args in [
+            &["master", "--upstream-token", "t"][..],
+            &["master", "--upstream-write-as-self"],
+            &["master", "--upstream", "a:1", "--register"],
+            &[
+                "master",
+                "--upstream",
+                "a:1",
+                "--upstream-tls-cert",
+                "c.pem",
+            ],
+        ] {
+            assert!(Config::try_parse_from(args).is_err(), "{args:?}");
         }
     }
 }

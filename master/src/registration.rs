@@ -6,7 +6,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use ledger_server::error::LedgerError;
-use ledger_server::ledger::Ledger;
+use ledger_server::ledger::{Caller, Ledger};
 use ledger_storage::Rejection;
 
 /// The `master` policy describing this master. `internal` is the address it listens on (with
@@ -38,7 +38,7 @@ pub async fn register(
     internal: SocketAddr,
 ) -> Result<(), LedgerError> {
     let policy = master_policy(config, internal).to_string();
-    match ledger.insert(&policy, "self").await {
+    match ledger.insert(&policy, &Caller::at("self")).await {
         Ok(stored) => {
             tracing::info!(id = %stored.id, "registered this master's policy");
             Ok(())

@@ -1,5 +1,6 @@
 //! Assembles a master from its command line: storage, change feed, writer, ledger, the AnyLog
-//! edge and the gRPC server; runs it until the shutdown signal.
+//! edge and the gRPC server; runs it until the shutdown signal. A relay (`--upstream`) is the
+//! same master with its upstream link in the writer's place.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,11 +15,13 @@ use ledger_server::serve::{
 };
 use ledger_server::service::Access;
 use ledger_server::subscription::SubscriptionContext;
+use ledger_server::upstream::{self, Upstream, UpstreamOptions};
 use ledger_server::writer::{Writer, WriterOptions};
 use ledger_server::{follower, health, metrics};
-use ledger_storage::{DatabaseUrl, DieselStorage, Storage};
+use ledger_storage::{DatabaseUrl, DieselStorage, SnapshotPart, Storage, StorageError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{AnyLogListen, Config, WriteFrom};
@@ -40,30 +43,63 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     .await?
     .map_err(|e| format!("cannot open the ledger at {}: {e}", config.database_url))?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
-    let bounds = storage.bounds()?;
-    let policy_count = storage.policy_count()?;
-    metrics::head(bounds.head_seq);
-    metrics::policies(policy_count);
+    let (head_seq, policy_count) = counted_head(&*storage)?;
+    metrics::head(head_seq);
     metrics::database_up(true);
-    tracing::info!(database = %config.database_url, head_seq = bounds.head_seq, policy_count, "ledger opened");
+    tracing::info!(database = %config.database_url, head_seq, policy_count, "ledger opened");
 
     let feed = ChangeFeed::new(
-        bounds.head_seq,
+        head_seq,
         config.subscriber_buffer,
         config.subscriber_buffer_bytes,
     );
-    let (writer, writer_thread, writer_health) = Writer::start(
-        storage.clone(),
-        feed.clone(),
-        WriterOptions {
-            max_batch: config.max_batch,
+    // Counted with the head: every published change moves it from there, so the gauge shows
+    // the ledger's true size (a relay's copy replaced by a snapshot included).
+    feed.set_policy_count(policy_count);
+    // A master writes with its writer; a relay's writes go upstream, and its copy is written
+    // by its upstream link alone.
+    let (write_path, writer, upstream) = if config.is_relay() {
+        let upstream = Upstream::new(UpstreamOptions {
+            follow: config.upstream_follow()?,
+            write_as_self: config.upstream_write_as_self,
             change_retention: config.change_retention,
-        },
-    );
+        });
+        if head_seq == 0 {
+            // Nothing to serve yet: members would take an empty ledger for the ledger.
+            feed.set_ready(false);
+            tracing::info!(
+                "this relay holds no copy of the ledger yet: it serves once its upstream's first snapshot is in"
+            );
+        }
+        if config.upstream_write_as_self {
+            tracing::warn!(
+                "--upstream-write-as-self: writes of callers without a bearer token go upstream with this relay's own credentials"
+            );
+        }
+        (
+            WritePath::Upstream(upstream.forwarder()),
+            None,
+            Some(upstream),
+        )
+    } else {
+        let (writer, writer_thread, writer_health) = Writer::start(
+            storage.clone(),
+            feed.clone(),
+            WriterOptions {
+                max_batch: config.max_batch,
+                change_retention: config.change_retention,
+            },
+        );
+        (
+            WritePath::Local(writer),
+            Some((writer_thread, writer_health)),
+            None,
+        )
+    };
     let streams_shutdown = CancellationToken::new();
     let ledger = Arc::new(
         Ledger::new(
-            WritePath::Local(writer),
+            write_path,
             SubscriptionContext {
                 storage,
                 feed,
@@ -85,6 +121,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // TLS and auth files are read before the port is bound: a master that says it listens
     // has the settings it will serve with (or it fails first, naming the file).
     let options = serve_options(&config)?;
+    let health = HealthReporter::new();
+    if config.is_relay() {
+        // Known, and NOT_SERVING, from the moment the relay says it listens.
+        health
+            .set_service_status(health::UPSTREAM_SERVICE, ServingStatus::NotServing)
+            .await;
+    }
     let listener = listen(config.bind_addr())
         .map_err(|e| format!("cannot listen on {}: {e}", config.bind_addr()))?;
     let local: SocketAddr = listener.local_addr()?;
@@ -98,7 +141,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.external_addr.unwrap_or(internal)
     );
     let incoming = start_anylog(&config, &ledger, listener, &streams_shutdown).await?;
-    let health = HealthReporter::new();
     tokio::spawn(health::watch_database(
         ledger.storage().clone(),
         ledger.feed().clone(),
@@ -106,7 +148,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.db_check_interval,
         streams_shutdown.clone(),
     ));
-    if let DatabaseUrl::Postgres(url) = &config.database_url {
+    // A relay's copy has one writer, its upstream link: nothing to listen for.
+    if let (DatabaseUrl::Postgres(url), false) = (&config.database_url, config.is_relay()) {
         tokio::spawn(follower::follow(
             url.clone(),
             ledger.storage().clone(),
@@ -116,10 +159,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             streams_shutdown.clone(),
         ));
     }
+    let following = upstream.map(|upstream| {
+        tracing::info!(
+            "relay: following {} (writes go upstream with the caller's credentials)",
+            config
+                .upstreams
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        tokio::spawn(upstream::follow(
+            upstream,
+            ledger.storage().clone(),
+            ledger.feed().clone(),
+            health.clone(),
+            streams_shutdown.clone(),
+        ))
+    });
     // A writer that failed for good stops the master as a signal would, after the drain: a
     // supervisor (systemd, Kubernetes) restarts it, and clients go to another master meanwhile.
     let writer_failure = Arc::new(std::sync::OnceLock::new());
-    let watched = health::watch_writer(writer_health, health.clone());
+    let (writer_thread, writer_health) = writer.unzip();
+    let reporter = health.clone();
+    let watched = async move {
+        match writer_health {
+            Some(writer_health) => health::watch_writer(writer_health, reporter).await,
+            None => std::future::pending().await,
+        }
+    };
     let failure = writer_failure.clone();
     let shutdown = async move {
         tokio::select! {
@@ -139,17 +207,39 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await;
     // The last handle to the writer goes with the ledger: the writer commits what is queued
-    // and stops.
+    // and stops. A relay's link stops at the shutdown after the batch it is storing.
     drop(ledger);
-    tokio::task::spawn_blocking(move || writer_thread.join())
-        .await?
-        .map_err(|_| "the writer thread panicked")?;
+    if let Some(writer_thread) = writer_thread {
+        tokio::task::spawn_blocking(move || writer_thread.join())
+            .await?
+            .map_err(|_| "the writer thread panicked")?;
+    }
+    if let Some(following) = following
+        && tokio::time::timeout(config.shutdown_grace, following)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the relay's upstream link did not stop within the grace period");
+    }
     result?;
     if let Some(reason) = writer_failure.get() {
         return Err(format!("stopped because writes cannot be committed: {reason}").into());
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The head seq and the number of policies at that seq, read together (in the snapshot's one
+/// transaction, which stops after counting).
+fn counted_head(storage: &dyn Storage) -> Result<(u64, u64), StorageError> {
+    let mut start = None;
+    storage.snapshot(1, &mut |part| {
+        if let SnapshotPart::Start { seq, policy_count } = part {
+            start = Some((seq, policy_count));
+        }
+        false
+    })?;
+    start.ok_or_else(|| StorageError::Failed("the snapshot began with no head".into()))
 }
 
 /// Starts the AnyLog protocol as `--anylog-listen` says: on the gRPC port (whose gRPC

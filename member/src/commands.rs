@@ -13,9 +13,9 @@ use md5::{Digest, Md5};
 use tonic::{Code, Response, Status};
 
 use crate::config::{GetFormat, InsertArgs};
-use crate::masters::{self, ClientOptions, MasterAddr};
 use crate::paths::LedgerPaths;
 use crate::state::SyncState;
+use ledger_client::masters::{self, ClientOptions, MasterAddr};
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]

@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ledger_ops::logging::LogFormat;
-use ledger_storage::DatabaseUrl;
 
-use crate::masters::{ClientOptions, MasterAddr, TlsFiles};
 use crate::node::NodeTarget;
+use ledger_client::masters::{ClientOptions, MasterAddr, TlsFiles};
 
 /// The Ledger member: keeps a local AnyLog `blockchain.json` in sync with a master by streaming
 /// its changes. Run without a subcommand for the daemon.
@@ -142,61 +141,10 @@ pub struct DaemonArgs {
     #[arg(long, env = "LEDGER_RETRY_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     pub retry_max: Duration,
 
-    /// Makes the member a relay: it also serves the ledger (the master's API, same seqs) to
-    /// members below it on this address, HOST:PORT, and forwards their writes upstream.
-    #[arg(long, env = "LEDGER_SERVE", value_name = "ADDR")]
-    pub serve: Option<SocketAddr>,
-
-    /// The relay's mirror database, `sqlite://PATH` or `postgres://...`; by default a SQLite
-    /// file beside the ledger file, `<ledger file>.relay.db`.
-    #[arg(
-        long,
-        env = "LEDGER_RELAY_DATABASE_URL",
-        value_name = "URL",
-        requires = "serve",
-        value_parser = DatabaseUrl::clap_parser()
-    )]
-    pub relay_database_url: Option<DatabaseUrl>,
-
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given); with port 0 a free
     /// port is picked, and the address bound is logged as `metrics on http://ADDR/metrics`.
     #[arg(long, env = "LEDGER_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-
-    /// Relay TLS: the certificate chain (PEM) served to members below; with --serve-tls-key
-    /// the relay speaks only TLS, as the master's --tls-cert.
-    #[arg(long, env = "LEDGER_SERVE_TLS_CERT", value_name = "PEM", requires_all = ["serve", "serve_tls_key"])]
-    pub serve_tls_cert: Option<PathBuf>,
-
-    /// Relay TLS: the private key (PEM) of --serve-tls-cert.
-    #[arg(
-        long,
-        env = "LEDGER_SERVE_TLS_KEY",
-        value_name = "PEM",
-        requires = "serve_tls_cert"
-    )]
-    pub serve_tls_key: Option<PathBuf>,
-
-    /// Relay mTLS: members below must present a certificate signed by this CA (PEM), as the
-    /// master's --tls-client-ca.
-    #[arg(
-        long,
-        env = "LEDGER_SERVE_TLS_CLIENT_CA",
-        value_name = "PEM",
-        requires = "serve_tls_cert"
-    )]
-    pub serve_tls_client_ca: Option<PathBuf>,
-
-    /// Relay: who may call it, a file in the format of the master's --auth-file (tokens by
-    /// hash, certificate subjects, roles). Writes are then checked here before they are
-    /// forwarded.
-    #[arg(
-        long,
-        env = "LEDGER_SERVE_AUTH_FILE",
-        value_name = "FILE",
-        requires = "serve"
-    )]
-    pub serve_auth_file: Option<PathBuf>,
 
     /// Beside an EdgeLake node: after each batch of changes, send the node `blockchain reload
     /// metadata` through its REST server at this URL, `http://HOST:PORT` (e.g.

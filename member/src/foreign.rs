@@ -269,7 +269,7 @@ pub enum SettleError {
 /// removes the journal. Returns how many pieces it dealt with.
 pub async fn settle(
     files: &ForeignFiles,
-    client: &mut crate::masters::Client,
+    client: &mut ledger_client::masters::Client,
     sidecar: &Sidecar,
 ) -> Result<usize, SettleError> {
     let pieces = files.pending_keyed()?;

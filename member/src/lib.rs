@@ -2,26 +2,25 @@
 //! streaming its changes, and gives operators the `insert`, `delete`, `get` and `status`
 //! commands.
 //!
-//! A change travels `sync` (the subscription, reconnects, backoff) → `replica` (checks the
-//! stream's order, groups a batch) → `ledger_file` (appends or rewrites the file crash-safely,
-//! with its `state` record beside it). With `--serve`, the member is also a `relay`: a `mirror`
-//! database fed from the same stream, served to members below with the master's code. See
-//! `member/README.md` for the file format, the crash-recovery protocol and the command line.
+//! A change travels `ledger_client::follow` (the subscription, reconnects, backoff, the
+//! stream's order checked) → `sync` (the sink of the subscription) → `replica` (groups a batch,
+//! checks it against the file) → `ledger_file` (appends or rewrites the file crash-safely, with
+//! its `state` record beside it). See `member/README.md` for the file format, the
+//! crash-recovery protocol and the command line.
+//!
+//! The member is a thin client: it depends on no database and no server code. A relay, which
+//! serves the ledger to others, is a master (`master --upstream`), not a member.
 
 #![warn(missing_docs)]
 
-pub mod backoff;
 pub mod commands;
 pub mod config;
 pub mod foreign;
 pub mod ledger_file;
 pub mod line;
-pub mod masters;
 pub mod metrics;
-pub mod mirror;
 pub mod node;
 pub mod paths;
-pub mod relay;
 pub mod replica;
 pub mod sidecar;
 pub mod state;

@@ -2,23 +2,16 @@
 //! operator's commands (`insert`, `delete`, `get`, `status`).
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{CommandFactory, FromArgMatches};
+use ledger_client::masters::ClientOptions;
 use ledger_member::commands::{self, CommandError};
-use ledger_member::config::{Cli, Command, DaemonArgs};
-use ledger_member::masters::ClientOptions;
+use ledger_member::config::{Cli, Command};
 use ledger_member::node::{NodeNotifier, NodeOptions};
-use ledger_member::paths::LedgerPaths;
-use ledger_member::relay::RelayOptions;
 use ledger_member::sidecar::Sidecar;
 use ledger_member::sync::{self, SyncError, SyncOptions};
 use ledger_ops::{config_file, logging};
-use ledger_server::auth::Authorizer;
-use ledger_server::serve::{SecurityFiles, load_security};
-use ledger_storage::DatabaseUrl;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::ServerTlsConfig;
 
 fn main() -> ExitCode {
     let command = match config_file::with_config_file(Cli::command()) {
@@ -80,13 +73,6 @@ async fn daemon(cli: Cli, client: ClientOptions) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let (serve_tls, serve_auth) = match serving_security(&cli.daemon) {
-        Ok(security) => security,
-        Err(e) => {
-            eprintln!("member: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -104,20 +90,10 @@ async fn daemon(cli: Cli, client: ClientOptions) -> ExitCode {
     let options = SyncOptions {
         masters: cli.masters,
         ledger_file: cli.ledger_file.clone(),
-        client: client.clone(),
+        client,
         connect_timeout: cli.timeout,
         retry_min: cli.daemon.retry_min,
         retry_max: cli.daemon.retry_max,
-        relay: cli.daemon.serve.map(|serve| RelayOptions {
-            serve,
-            database: cli.daemon.relay_database_url.clone().unwrap_or_else(|| {
-                DatabaseUrl::Sqlite(LedgerPaths::new(&cli.ledger_file).relay_db)
-            }),
-            timeout: cli.timeout,
-            client,
-            serve_tls,
-            serve_auth,
-        }),
         sidecar,
         node,
     };
@@ -131,26 +107,6 @@ async fn daemon(cli: Cli, client: ClientOptions) -> ExitCode {
             }
         }
     }
-}
-
-/// The relay's server-side TLS and callers, read from the `--serve-tls-*` and
-/// `--serve-auth-file` files, with the master's warnings when they are missing.
-fn serving_security(
-    daemon: &DaemonArgs,
-) -> Result<(Option<ServerTlsConfig>, Option<Arc<Authorizer>>), String> {
-    if daemon.serve.is_none() {
-        return Ok((None, None));
-    }
-    load_security(
-        &SecurityFiles {
-            cert: daemon.serve_tls_cert.as_deref(),
-            key: daemon.serve_tls_key.as_deref(),
-            client_ca: daemon.serve_tls_client_ca.as_deref(),
-            client_optional: false,
-            auth_file: daemon.serve_auth_file.as_deref(),
-        },
-        "this relay",
-    )
 }
 
 async fn operator(

@@ -1,8 +1,5 @@
 //! The member's Prometheus metrics: every name is defined here and recorded through the
 //! `metrics` facade, a no-op until [`install`] runs (the operator commands never install it).
-//!
-//! A relay also runs the master's serving code, so its `/metrics` shows the master's
-//! `ledger_*` names for what it serves beside these `ledger_member_*` ones.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -28,9 +28,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::metrics;
 use crate::sidecar::Sidecar;
+use ledger_client::backoff::Backoff;
 
 /// The command that makes an EdgeLake node read its ledger file again.
 pub const RELOAD_COMMAND: &str = "blockchain reload metadata";

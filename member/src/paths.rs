@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 ///
 /// For `DIR/blockchain.json`: the state record `DIR/blockchain.json.state` (and its temporary
 /// `.state.tmp`), the rewrite temporary `DIR/blockchain.json.tmp`, the previous file kept on a
-/// rewrite `DIR/blockchain.old` (as EdgeLake names it), the lock `DIR/blockchain.json.lock`, and
-/// a relay's mirror `DIR/blockchain.json.relay.db`.
+/// rewrite `DIR/blockchain.old` (as EdgeLake names it), and the lock `DIR/blockchain.json.lock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerPaths {
     /// The ledger file itself.
@@ -22,8 +21,6 @@ pub struct LedgerPaths {
     pub old: PathBuf,
     /// Locked by the running daemon so that two members never write one file.
     pub lock: PathBuf,
-    /// A relay's mirror database (SQLite), unless `--relay-database-url` names another.
-    pub relay_db: PathBuf,
     /// The directory holding them, fsynced after each rename.
     pub dir: PathBuf,
 }
@@ -53,7 +50,6 @@ impl LedgerPaths {
             tmp: with_suffix(".tmp"),
             old,
             lock: with_suffix(".lock"),
-            relay_db: with_suffix(".relay.db"),
             dir,
         }
     }

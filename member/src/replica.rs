@@ -1,20 +1,17 @@
-//! Applies the events of a `StreamLedger` subscription to the [`LedgerFile`], a batch at a
-//! time, and checks that they come as the protocol promises.
+//! Applies the checked events of a `StreamLedger` subscription (see [`ledger_client::follow`],
+//! which checks their order) to the [`LedgerFile`], a batch at a time.
 //!
-//! Live and replayed changes must follow one another (each seq one more than the last); a
-//! batch of them is written with one commit (an append, or one rewrite when it deletes). A
-//! `reset` starts a snapshot in a temporary file that replaces the ledger only at its
-//! `caught_up`; a stream that breaks before leaves the ledger untouched.
-//!
-//! A relay also needs, for its mirror database, what the stream delivered with the seqs the
-//! file does not keep: a replica made with [`Replica::recording`] lists it as [`Delivered`].
+//! A batch of changes is written with one commit (an append, or one rewrite when it deletes).
+//! A `reset` starts a snapshot in a temporary file that replaces the ledger only at its end; a
+//! stream that breaks before leaves the ledger untouched. What the order cannot tell is checked
+//! here against the file: a policy line that is not one, an insert of a policy the file holds,
+//! a delete of one it lacks.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use ledger_client::follow::Event;
 use ledger_proto::pb;
-use ledger_proto::pb::stream_ledger_response::Event;
-use ledger_storage::{Change, ChangeKind, StoredPolicy};
 
 use crate::ledger_file::{FileError, LedgerFile, Snapshot};
 use crate::line::PolicyLine;
@@ -28,8 +25,8 @@ pub enum ApplyError {
     /// Writing the file failed: reopen it (start-up repair) before going on.
     #[error(transparent)]
     File(#[from] FileError),
-    /// The stream broke its promises (a gap, a delete inside a snapshot, ...): subscribe again
-    /// from the applied seq.
+    /// The stream sent what cannot be a ledger (a line that is not a policy, an id twice in a
+    /// snapshot, ...): subscribe again from the applied seq.
     #[error("unexpected event from the master: {0}")]
     Protocol(String),
     /// The master's change does not fit the file (an insert of a policy the file holds, a
@@ -53,32 +50,12 @@ pub struct BatchReport {
     pub head: Option<u64>,
 }
 
-/// What the stream delivered that the file now holds, in stream order, with the master's seqs:
-/// what a relay's mirror is fed from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivered {
-    /// A live or replayed change that fits the file. It is listed even when the file already
-    /// held it (and skipped it): the mirror may be behind the file after a crash between the
-    /// two writes, and catches up from these.
-    Change(Change),
-    /// A snapshot the file installed at `seq`.
-    Snapshot {
-        /// The seq the snapshot shows.
-        seq: u64,
-        /// Its policies in ledger order, each with the seq that inserted it.
-        policies: Vec<StoredPolicy>,
-    },
-}
-
 /// A snapshot being received.
 struct Receiving {
     snapshot: Snapshot,
-    seq: u64,
     expected: u64,
     started: Instant,
     reported: Instant,
-    /// The snapshot's policies with their seqs, kept only when recording for a relay.
-    policies: Option<Vec<StoredPolicy>>,
 }
 
 /// Changes of the current batch not yet written.
@@ -100,8 +77,6 @@ struct Pending {
 pub struct Replica {
     file: LedgerFile,
     receiving: Option<Receiving>,
-    /// What was delivered since the last [`Replica::take_delivered`]; `None` unless recording.
-    delivered: Option<Vec<Delivered>>,
 }
 
 impl Replica {
@@ -110,32 +85,6 @@ impl Replica {
         Replica {
             file,
             receiving: None,
-            delivered: None,
-        }
-    }
-
-    /// A replica writing to `file` that also lists what it was delivered (for a relay's
-    /// mirror; a snapshot is then held in memory until installed).
-    pub fn recording(file: LedgerFile) -> Replica {
-        Replica {
-            delivered: Some(Vec::new()),
-            ..Replica::new(file)
-        }
-    }
-
-    /// What was delivered since the last call, in stream order (empty unless recording).
-    /// Changes past the file's seq may be listed when a batch failed midway: the caller keeps
-    /// only those up to [`Replica::resume_seq`].
-    pub fn take_delivered(&mut self) -> Vec<Delivered> {
-        self.delivered
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
-    }
-
-    fn deliver(&mut self, delivered: Delivered) {
-        if let Some(list) = &mut self.delivered {
-            list.push(delivered);
         }
     }
 
@@ -177,12 +126,9 @@ impl Replica {
         }
     }
 
-    /// Applies a batch of events, writing the changes among them with as few commits as the
-    /// events allow (one, unless a snapshot begins or ends inside the batch).
-    pub fn apply(
-        &mut self,
-        events: Vec<pb::StreamLedgerResponse>,
-    ) -> Result<BatchReport, ApplyError> {
+    /// Applies a batch of checked events, writing the changes among them with as few commits
+    /// as the events allow (one, unless a snapshot begins or ends inside the batch).
+    pub fn apply(&mut self, events: Vec<Event>) -> Result<BatchReport, ApplyError> {
         let mut report = BatchReport::default();
         let mut pending = Pending {
             seq: self.file.seq(),
@@ -217,169 +163,88 @@ impl Replica {
 
     fn apply_one(
         &mut self,
-        event: pb::StreamLedgerResponse,
+        event: Event,
         pending: &mut Pending,
         report: &mut BatchReport,
     ) -> Result<(), ApplyError> {
-        let seq = event.seq;
-        let Some(event) = event.event else {
-            return Err(ApplyError::Protocol(format!("event {seq} is empty")));
-        };
         match event {
-            Event::Reset(reset) => {
+            Event::Reset { seq, policy_count } => {
                 self.flush(pending, report)?;
                 self.abandon_snapshot();
-                tracing::info!(
-                    "the master sends a snapshot: {} policies at seq {}",
-                    reset.policy_count,
-                    reset.snapshot_seq
-                );
                 let now = Instant::now();
                 self.receiving = Some(Receiving {
                     snapshot: self.file.begin_snapshot()?,
-                    seq: reset.snapshot_seq,
-                    expected: reset.policy_count,
+                    expected: policy_count,
                     started: now,
                     reported: now,
-                    policies: self.delivered.as_ref().map(|_| Vec::new()),
                 });
-                report.reset = Some((reset.snapshot_seq, reset.policy_count));
+                report.reset = Some((seq, policy_count));
             }
-            Event::Inserted(policy) => {
-                let id = policy.id;
-                let policy_type = policy.r#type;
-                let line = PolicyLine::parse(policy.json).map_err(|e| {
-                    ApplyError::Protocol(format!("policy {id:?} is not a valid line: {e}"))
-                })?;
-                if line.id != id {
+            Event::Snapshot(policy) => {
+                let line = policy_line(policy)?;
+                let Some(receiving) = &mut self.receiving else {
                     return Err(ApplyError::Protocol(format!(
-                        "policy {id:?} carries the id {:?}",
+                        "policy {:?} of a snapshot that did not begin",
                         line.id
                     )));
-                }
-                let stored = |line: &PolicyLine| StoredPolicy {
-                    id: line.id.clone(),
-                    policy_type,
-                    json: line.text.clone(),
-                    seq,
                 };
-                if let Some(receiving) = &mut self.receiving {
-                    let policy = receiving.policies.as_ref().map(|_| stored(&line));
-                    receiving.snapshot.push(line).map_err(|e| match e {
-                        FileError::DuplicateInSnapshot(_) => ApplyError::Protocol(e.to_string()),
-                        other => ApplyError::File(other),
-                    })?;
-                    if let (Some(policies), Some(policy)) = (&mut receiving.policies, policy) {
-                        policies.push(policy);
-                    }
-                } else {
-                    let next = self.is_next(seq, pending)?;
-                    let change = self.delivered.as_ref().map(|_| Change {
-                        seq,
-                        kind: ChangeKind::Inserted(stored(&line)),
-                    });
-                    if next {
-                        pending.insert(line, seq, &self.file)?;
-                        pending.advance(seq);
-                    }
-                    if let Some(change) = change {
-                        self.deliver(Delivered::Change(change));
-                    }
-                }
+                receiving.snapshot.push(line).map_err(|e| match e {
+                    FileError::DuplicateInSnapshot(_) => ApplyError::Protocol(e.to_string()),
+                    other => ApplyError::File(other),
+                })?;
             }
-            Event::DeletedId(id) => {
-                if self.receiving.is_some() {
+            Event::SnapshotEnd { seq } => {
+                let Some(receiving) = self.receiving.take() else {
                     return Err(ApplyError::Protocol(format!(
-                        "a delete (seq {seq}) inside a snapshot"
+                        "the end of a snapshot at seq {seq} that did not begin"
                     )));
-                }
-                let change = self.delivered.as_ref().map(|_| Change {
-                    seq,
-                    kind: ChangeKind::Deleted { id: id.clone() },
-                });
-                if self.is_next(seq, pending)? {
-                    pending.delete(id, seq, &self.file)?;
-                    pending.advance(seq);
-                }
-                if let Some(change) = change {
-                    self.deliver(Delivered::Change(change));
-                }
+                };
+                let count = receiving.snapshot.policy_count();
+                self.file.install(receiving.snapshot, seq)?;
+                tracing::info!(
+                    "installed the snapshot: {count} policies at seq {seq} (received in {:.1?})",
+                    receiving.started.elapsed()
+                );
+                report.installed = Some((seq, count));
+                pending.seq = self.file.seq();
             }
-            Event::CaughtUp(_) => {
-                if let Some(receiving) = self.receiving.take() {
-                    let count = receiving.snapshot.policy_count();
-                    let problem = if seq != receiving.seq {
-                        Some(format!(
-                            "the snapshot at seq {} ended at seq {seq}",
-                            receiving.seq
-                        ))
-                    } else if count as u64 != receiving.expected {
-                        Some(format!(
-                            "the snapshot announced {} policies and sent {count}",
-                            receiving.expected
-                        ))
-                    } else {
-                        None
-                    };
-                    if let Some(problem) = problem {
-                        self.file.abandon(receiving.snapshot);
-                        return Err(ApplyError::Protocol(problem));
-                    }
-                    self.file.install(receiving.snapshot, seq)?;
-                    if let Some(policies) = receiving.policies {
-                        self.deliver(Delivered::Snapshot { seq, policies });
-                    }
-                    tracing::info!(
-                        "installed the snapshot: {count} policies at seq {seq} (received in {:.1?})",
-                        receiving.started.elapsed()
-                    );
-                    report.installed = Some((seq, count));
-                    pending.seq = self.file.seq();
-                } else {
-                    self.flush(pending, report)?;
-                    if self.file.awaiting_snapshot() {
-                        return Err(ApplyError::Protocol(
-                            "caught up without the snapshot the file waits for".into(),
-                        ));
-                    }
-                    if seq != self.file.seq() {
-                        return Err(ApplyError::Protocol(format!(
-                            "caught up at seq {seq}, but the changes applied end at seq {}",
-                            self.file.seq()
-                        )));
-                    }
+            Event::Inserted(policy) => {
+                let seq = policy.seq;
+                let line = policy_line(policy)?;
+                self.require_trusted(seq)?;
+                pending.insert(line, seq, &self.file)?;
+                pending.advance(seq);
+            }
+            Event::Deleted { seq, id } => {
+                self.require_trusted(seq)?;
+                pending.delete(id, seq, &self.file)?;
+                pending.advance(seq);
+            }
+            Event::CaughtUp { seq } => {
+                self.flush(pending, report)?;
+                if self.file.awaiting_snapshot() {
+                    return Err(ApplyError::Protocol(
+                        "caught up without the snapshot the file waits for".into(),
+                    ));
                 }
                 report.caught_up = Some(seq);
             }
-            Event::Progress(progress) => {
-                report.head = Some(progress.head_seq.max(seq));
+            Event::Progress { head_seq } => {
+                report.head = Some(head_seq);
             }
         }
         Ok(())
     }
 
-    /// Whether the change `seq` is the next one; `false` for one already applied (skipped).
-    fn is_next(&self, seq: u64, pending: &Pending) -> Result<bool, ApplyError> {
+    /// A change may go into the file only while it is trusted: one waiting for a snapshot
+    /// takes nothing else.
+    fn require_trusted(&self, seq: u64) -> Result<(), ApplyError> {
         if self.file.awaiting_snapshot() {
             return Err(ApplyError::Protocol(format!(
                 "change {seq} arrived while the file waits for a snapshot"
             )));
         }
-        if seq <= pending.seq {
-            tracing::debug!(
-                seq,
-                applied = pending.seq,
-                "skipping a change already applied"
-            );
-            return Ok(false);
-        }
-        if seq != pending.seq + 1 {
-            return Err(ApplyError::Protocol(format!(
-                "change {seq} follows change {}: the changes between are missing",
-                pending.seq
-            )));
-        }
-        Ok(true)
+        Ok(())
     }
 
     /// Writes the pending changes with one commit.
@@ -397,8 +262,22 @@ impl Replica {
     }
 }
 
+/// The line of a policy the stream sent, checked: a valid policy line carrying its own id.
+fn policy_line(policy: pb::Policy) -> Result<PolicyLine, ApplyError> {
+    let id = policy.id;
+    let line = PolicyLine::parse(policy.json)
+        .map_err(|e| ApplyError::Protocol(format!("policy {id:?} is not a valid line: {e}")))?;
+    if line.id != id {
+        return Err(ApplyError::Protocol(format!(
+            "policy {id:?} carries the id {:?}",
+            line.id
+        )));
+    }
+    Ok(line)
+}
+
 impl Pending {
-    /// Takes the change `seq` in, once it fits.
+    /// Takes the change `seq` in.
     fn advance(&mut self, seq: u64) {
         self.seq = seq;
         self.changes += 1;
@@ -434,12 +313,14 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ledger_client::follow::Checker;
+    use ledger_proto::pb::stream_ledger_response::Event as Proto;
 
     fn json(n: u32) -> String {
         format!(r#"{{"operator": {{"name": "op{n}", "id": "id-{n}", "ledger": "global"}}}}"#)
     }
 
-    fn event(seq: u64, event: Event) -> pb::StreamLedgerResponse {
+    fn message(seq: u64, event: Proto) -> pb::StreamLedgerResponse {
         pb::StreamLedgerResponse {
             seq,
             event: Some(event),
@@ -447,9 +328,9 @@ mod tests {
     }
 
     fn inserted(seq: u64, n: u32) -> pb::StreamLedgerResponse {
-        event(
+        message(
             seq,
-            Event::Inserted(pb::Policy {
+            Proto::Inserted(pb::Policy {
                 id: format!("id-{n}"),
                 r#type: "operator".into(),
                 json: json(n),
@@ -459,13 +340,13 @@ mod tests {
     }
 
     fn deleted(seq: u64, n: u32) -> pb::StreamLedgerResponse {
-        event(seq, Event::DeletedId(format!("id-{n}")))
+        message(seq, Proto::DeletedId(format!("id-{n}")))
     }
 
     fn reset(seq: u64, count: u64) -> pb::StreamLedgerResponse {
-        event(
+        message(
             seq,
-            Event::Reset(pb::Reset {
+            Proto::Reset(pb::Reset {
                 snapshot_seq: seq,
                 policy_count: count,
             }),
@@ -473,7 +354,7 @@ mod tests {
     }
 
     fn caught_up(seq: u64) -> pb::StreamLedgerResponse {
-        event(seq, Event::CaughtUp(pb::CaughtUp {}))
+        message(seq, Proto::CaughtUp(pb::CaughtUp {}))
     }
 
     fn content(replica: &Replica) -> String {
@@ -484,15 +365,52 @@ mod tests {
         ns.iter().map(|&n| json(n) + "\n").collect()
     }
 
-    fn replica(dir: &tempfile::TempDir) -> Replica {
-        Replica::new(LedgerFile::open(&dir.path().join("blockchain.json")).unwrap())
+    /// A replica and the checker of its subscription, as the sync loop drives them.
+    struct Subscribed {
+        replica: Replica,
+        checker: Checker,
+    }
+
+    impl Subscribed {
+        fn new(dir: &tempfile::TempDir) -> Subscribed {
+            let replica =
+                Replica::new(LedgerFile::open(&dir.path().join("blockchain.json")).unwrap());
+            let checker = Checker::new(replica.resume_seq());
+            Subscribed { replica, checker }
+        }
+
+        /// Subscribes again after the replica's seq (the loop does after every error).
+        fn resubscribe(&mut self) {
+            self.replica.abandon_snapshot();
+            self.checker = Checker::new(self.replica.resume_seq());
+        }
+
+        /// Checks `messages` and applies what is valid of them, as the sync loop does.
+        fn apply(
+            &mut self,
+            messages: Vec<pb::StreamLedgerResponse>,
+        ) -> Result<BatchReport, ApplyError> {
+            let mut events = Vec::new();
+            let mut broken = None;
+            for message in messages {
+                if let Err(e) = self.checker.check(message, &mut events) {
+                    broken = Some(e);
+                    break;
+                }
+            }
+            let report = self.replica.apply(events)?;
+            match broken {
+                Some(e) => Err(ApplyError::Protocol(e.0)),
+                None => Ok(report),
+            }
+        }
     }
 
     #[test]
     fn a_snapshot_then_live_changes_in_one_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let mut replica = replica(&dir);
-        let report = replica
+        let mut copy = Subscribed::new(&dir);
+        let report = copy
             .apply(vec![
                 reset(4, 2),
                 inserted(1, 1),
@@ -506,124 +424,88 @@ mod tests {
             .unwrap();
         assert_eq!(report.installed, Some((4, 2)));
         assert_eq!(report.changes, 4);
-        assert_eq!(replica.resume_seq(), 8);
-        assert_eq!(content(&replica), lines(&[3, 5]));
+        assert_eq!(copy.replica.resume_seq(), 8);
+        assert_eq!(content(&copy.replica), lines(&[3, 5]));
     }
 
     #[test]
     fn a_broken_snapshot_leaves_the_file_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let mut replica = replica(&dir);
-        replica
-            .apply(vec![reset(1, 1), inserted(1, 1), caught_up(1)])
+        let mut copy = Subscribed::new(&dir);
+        copy.apply(vec![reset(1, 1), inserted(1, 1), caught_up(1)])
             .unwrap();
-        replica.apply(vec![reset(9, 3), inserted(2, 2)]).unwrap();
-        replica.abandon_snapshot();
-        assert_eq!(content(&replica), lines(&[1]));
-        assert_eq!(replica.resume_seq(), 1);
+        copy.resubscribe();
+        copy.apply(vec![reset(9, 3), inserted(2, 2)]).unwrap();
+        copy.resubscribe();
+        assert_eq!(content(&copy.replica), lines(&[1]));
+        assert_eq!(copy.replica.resume_seq(), 1);
         // A snapshot whose count is off is refused too.
-        let error = replica
+        let error = copy
             .apply(vec![reset(9, 3), inserted(2, 2), caught_up(9)])
             .unwrap_err();
         assert!(matches!(error, ApplyError::Protocol(_)), "{error}");
-        assert_eq!(content(&replica), lines(&[1]));
+        copy.resubscribe();
+        assert_eq!(content(&copy.replica), lines(&[1]));
+        // So is one holding an id twice, which the file finds.
+        let error = copy
+            .apply(vec![reset(9, 2), inserted(2, 2), inserted(3, 2)])
+            .unwrap_err();
+        assert!(matches!(error, ApplyError::Protocol(_)), "{error}");
+        copy.resubscribe();
+        assert_eq!(content(&copy.replica), lines(&[1]));
     }
 
     #[test]
     fn gaps_duplicates_and_divergence() {
         let dir = tempfile::tempdir().unwrap();
-        let mut replica = replica(&dir);
-        replica.apply(vec![reset(0, 0), caught_up(0)]).unwrap();
+        let mut copy = Subscribed::new(&dir);
+        copy.apply(vec![reset(0, 0), caught_up(0)]).unwrap();
         // The valid prefix of a batch is kept; a gap is a protocol error.
-        let error = replica
+        let error = copy
             .apply(vec![inserted(1, 1), inserted(3, 3)])
             .unwrap_err();
         assert!(matches!(error, ApplyError::Protocol(_)), "{error}");
-        assert_eq!((replica.resume_seq(), content(&replica)), (1, lines(&[1])));
+        assert_eq!(
+            (copy.replica.resume_seq(), content(&copy.replica)),
+            (1, lines(&[1]))
+        );
+        copy.resubscribe();
         // A change seen again is skipped.
-        replica.apply(vec![inserted(1, 1), inserted(2, 2)]).unwrap();
-        assert_eq!(content(&replica), lines(&[1, 2]));
+        copy.apply(vec![inserted(1, 1), inserted(2, 2)]).unwrap();
+        assert_eq!(content(&copy.replica), lines(&[1, 2]));
         // Deleting what the file lacks means the file is not the master's ledger.
-        let error = replica.apply(vec![deleted(3, 9)]).unwrap_err();
+        let error = copy.apply(vec![deleted(3, 9)]).unwrap_err();
         assert!(matches!(error, ApplyError::Diverged(_)), "{error}");
-        let error = replica.apply(vec![inserted(3, 2)]).unwrap_err();
+        copy.resubscribe();
+        let error = copy.apply(vec![inserted(3, 2)]).unwrap_err();
         assert!(matches!(error, ApplyError::Diverged(_)), "{error}");
-        replica.await_snapshot("test");
-        assert_eq!(replica.resume_seq(), 0);
-        let error = replica.apply(vec![inserted(3, 3)]).unwrap_err();
+        copy.replica.await_snapshot("test");
+        copy.resubscribe();
+        assert_eq!(copy.replica.resume_seq(), 0);
+        let error = copy.apply(vec![inserted(3, 3)]).unwrap_err();
         assert!(matches!(error, ApplyError::Protocol(_)), "{error}");
-    }
-
-    #[test]
-    fn a_recording_replica_lists_what_the_file_holds_with_seqs() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut replica =
-            Replica::recording(LedgerFile::open(&dir.path().join("blockchain.json")).unwrap());
-        replica
-            .apply(vec![
-                reset(3, 2),
-                inserted(1, 1),
-                inserted(3, 3),
-                caught_up(3),
-            ])
-            .unwrap();
-        let policy = |seq: u64, n: u32| StoredPolicy {
-            id: format!("id-{n}"),
-            policy_type: "operator".into(),
-            json: json(n),
-            seq,
-        };
-        assert_eq!(
-            replica.take_delivered(),
-            vec![Delivered::Snapshot {
-                seq: 3,
-                policies: vec![policy(1, 1), policy(3, 3)],
-            }]
-        );
-        // A change the file already holds is listed too (the mirror may lack it); a gap ends
-        // the list at the last change that fits.
-        let error = replica
-            .apply(vec![
-                inserted(3, 3),
-                inserted(4, 4),
-                deleted(5, 1),
-                inserted(7, 7),
-            ])
-            .unwrap_err();
+        // A line that is not a policy, or carries another id, is refused.
+        let mut bad = inserted(1, 1);
+        if let Some(Proto::Inserted(policy)) = &mut bad.event {
+            policy.id = "id-2".into();
+        }
+        let error = copy.apply(vec![reset(1, 1), bad]).unwrap_err();
         assert!(matches!(error, ApplyError::Protocol(_)), "{error}");
-        let change = |seq, kind| Delivered::Change(Change { seq, kind });
-        assert_eq!(
-            replica.take_delivered(),
-            vec![
-                change(3, ChangeKind::Inserted(policy(3, 3))),
-                change(4, ChangeKind::Inserted(policy(4, 4))),
-                change(5, ChangeKind::Deleted { id: "id-1".into() }),
-            ]
-        );
-        assert_eq!(replica.resume_seq(), 5);
-        assert!(replica.take_delivered().is_empty());
-        // A replica that does not record lists nothing.
-        let other = tempfile::tempdir().unwrap();
-        let mut plain = super::tests::replica(&other);
-        plain.apply(vec![reset(0, 0), caught_up(0)]).unwrap();
-        assert!(plain.take_delivered().is_empty());
     }
 
     #[test]
     fn a_policy_deleted_and_inserted_again_in_one_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let mut replica = replica(&dir);
-        replica
-            .apply(vec![
-                reset(2, 2),
-                inserted(1, 1),
-                inserted(2, 2),
-                caught_up(2),
-            ])
+        let mut copy = Subscribed::new(&dir);
+        copy.apply(vec![
+            reset(2, 2),
+            inserted(1, 1),
+            inserted(2, 2),
+            caught_up(2),
+        ])
+        .unwrap();
+        copy.apply(vec![deleted(3, 1), inserted(4, 1), caught_up(4)])
             .unwrap();
-        replica
-            .apply(vec![deleted(3, 1), inserted(4, 1), caught_up(4)])
-            .unwrap();
-        assert_eq!(content(&replica), lines(&[2, 1]));
+        assert_eq!(content(&copy.replica), lines(&[2, 1]));
     }
 }

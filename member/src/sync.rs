@@ -1,33 +1,22 @@
-//! The daemon's subscription loop: subscribe to a master from the applied seq, apply what
-//! streams in, and when the stream breaks keep the file as it is and reconnect, with backoff,
-//! trying the masters in order.
-//!
-//! Logs follow the link's state, not the attempts: one line when a master is connected, caught
-//! up, lost or unreachable; retries are logged at debug.
+//! The daemon's subscription: [`ledger_client::follow`] subscribes to the masters in order
+//! after the applied seq, checks what streams in and reconnects with backoff; this module is
+//! the [`Sink`] it feeds, the ledger file through the [`Replica`], plus what a member does
+//! beside it: deal with the lines the node wrote into the file, tell the node to reload, keep
+//! the metrics.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ledger_proto::pb;
+use ledger_client::follow::{self, Event, FollowOptions, Sink, Stop};
+use ledger_client::masters::{ClientOptions, MasterAddr};
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Streaming};
+use tonic::transport::Channel;
 
-use crate::backoff::Backoff;
 use crate::ledger_file::{FileError, LedgerFile};
-use crate::masters::{self, ClientOptions, MasterAddr};
 use crate::metrics;
 use crate::node::NodeNotifier;
-use crate::relay::{Relay, RelayError, RelayOptions};
 use crate::replica::{ApplyError, BatchReport, Replica};
 use crate::sidecar::Sidecar;
-
-/// The most events applied as one batch, so that memory and the time between two durable
-/// points stay bounded while a big snapshot or replay streams in.
-const MAX_BATCH_EVENTS: usize = 4096;
-
-/// The most policy bytes applied as one batch.
-const MAX_BATCH_BYTES: usize = 8 << 20;
 
 /// How often a streaming member looks for lines someone else (the node beside it) wrote into
 /// the ledger file: one `fstat` and one `stat` while there are none.
@@ -48,8 +37,6 @@ pub struct SyncOptions {
     pub retry_min: Duration,
     /// The longest reconnection delay.
     pub retry_max: Duration,
-    /// Serve the ledger to members below (a relay).
-    pub relay: Option<RelayOptions>,
     /// What the daemon did for the node beside it, for `member status`.
     pub sidecar: Sidecar,
     /// The node told to reload after each batch that changed the file (`--node-rest`,
@@ -69,29 +56,6 @@ pub enum SyncError {
     /// A blocking file task could not run.
     #[error("the file task failed: {0}")]
     Task(String),
-    /// The relay could not start.
-    #[error(transparent)]
-    Relay(#[from] RelayError),
-}
-
-/// Why a subscription ended.
-enum End {
-    /// The daemon is stopping.
-    Shutdown,
-    /// The master dropped us for falling behind: resume at once from the applied seq.
-    Lagged(String),
-    /// The stream broke or the master went away.
-    Disconnected(String),
-    /// The stream broke the protocol: subscribe again.
-    Protocol(String),
-    /// The file is not the master's ledger: resync from 0.
-    Diverged(String),
-    /// Writing the file failed: reopen it.
-    File(FileError),
-    /// Writing the relay's mirror failed: subscribe again from the mirror's head.
-    Mirror(String),
-    /// The file was changed by someone else and waits for a snapshot: subscribe again at once.
-    Resync,
 }
 
 /// Runs the daemon until `shutdown` is cancelled; a write in progress finishes first.
@@ -99,150 +63,25 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
     if options.masters.is_empty() {
         return Err(SyncError::NoMaster);
     }
-    let recording = options.relay.is_some();
-    let mut replica = Some(new_replica(open(&options.ledger_file).await?, recording));
+    let file = open(&options.ledger_file).await?;
     metrics::connected(false);
-    if let Some(copy) = &replica {
-        metrics::applied(copy.resume_seq());
-    }
-    let mut relay = match options.relay.clone() {
-        Some(relay) => Some(Relay::start(relay, &options.masters[0]).await?),
-        None => None,
+    metrics::applied(file.seq());
+    let follow = FollowOptions {
+        masters: options.masters.clone(),
+        client: options.client.clone(),
+        connect_timeout: options.connect_timeout,
+        retry_min: options.retry_min,
+        retry_max: options.retry_max,
     };
-    let mut backoff = Backoff::new(options.retry_min, options.retry_max);
-    let mut link = LinkLog::default();
-    let masters = &options.masters;
-    let mut current = 0;
-    let mut wait = false;
-    'run: loop {
-        if wait {
-            let delay = backoff.next_delay();
-            tracing::debug!(?delay, "reconnecting after a delay");
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break 'run,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-        wait = true;
-        if replica.is_none() {
-            // A write failed: start-up repair brings the file and its record back into
-            // agreement before anything else is applied.
-            match open(&options.ledger_file).await {
-                Ok(file) => {
-                    metrics::applied(file.seq());
-                    replica = Some(new_replica(file, recording));
-                }
-                Err(e) => {
-                    tracing::error!("cannot reopen the ledger file: {e}");
-                    continue;
-                }
-            }
-        }
-        let Some(copy) = replica.as_mut() else {
-            continue;
-        };
-        let after_seq = match &relay {
-            // The mirror is never ahead of the file, but is behind it after a crash between
-            // the two writes: stream from the older, and each skips what it holds.
-            Some(relay) if relay.head() < copy.resume_seq() => {
-                tracing::info!(
-                    "the relay's mirror is at seq {}, behind the file at seq {}",
-                    relay.head(),
-                    copy.resume_seq()
-                );
-                relay.head()
-            }
-            _ => copy.resume_seq(),
-        };
-
-        let mut subscribed = None;
-        for attempt in 0..masters.len() {
-            let index = (current + attempt) % masters.len();
-            let master = &masters[index];
-            let subscribing =
-                subscribe(master, &options.client, after_seq, options.connect_timeout);
-            let result = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break 'run,
-                result = subscribing => result,
-            };
-            match result {
-                Ok(stream) => {
-                    current = index;
-                    subscribed = Some(stream);
-                    break;
-                }
-                Err(reason) => link.unreachable(master, &reason),
-            }
-        }
-        let Some(stream) = subscribed else {
-            link.all_unreachable(backoff.max());
-            continue;
-        };
-        let master = &masters[current];
-        link.connected(master, after_seq);
-        // What the node wrote while no master answered (or before a crash) goes first.
-        settle_foreign(copy, master, &options).await;
-        if let Some(relay) = relay.as_mut() {
-            relay.upstream_connected(master);
-        }
-
-        let end = stream_into(
-            copy,
-            relay.as_mut(),
-            stream,
-            master,
-            &shutdown,
-            &mut backoff,
-            &options,
-        )
-        .await;
-        metrics::connected(false);
-        copy.abandon_snapshot();
-        match end {
-            End::Shutdown => break 'run,
-            End::Lagged(reason) => {
-                tracing::info!(
-                    "fell behind master {master} ({reason}); resuming from seq {}",
-                    copy.resume_seq()
-                );
-                wait = false;
-            }
-            End::Disconnected(reason) => {
-                link.disconnected(master, &reason);
-                // Move on to the next master; with one master this is the same address.
-                current = (current + 1) % masters.len();
-            }
-            End::Protocol(reason) => {
-                tracing::warn!("dropping the stream from master {master}: {reason}");
-            }
-            End::Diverged(reason) => {
-                copy.await_snapshot(&reason);
-            }
-            End::File(e) => {
-                tracing::error!("writing the ledger file failed: {e}; reopening it");
-                replica = None;
-            }
-            End::Mirror(e) => {
-                tracing::error!("writing the relay's mirror failed: {e}; subscribing again");
-            }
-            End::Resync => wait = false,
-        }
-    }
-    if let Some(relay) = relay {
-        relay.shutdown().await;
-    }
+    let mut sink = FileSink {
+        options: &options,
+        replica: Some(Replica::new(file)),
+        master: None,
+        caught_up_once: false,
+    };
+    follow::follow(&follow, &mut sink, &shutdown).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-fn new_replica(file: LedgerFile, recording: bool) -> Replica {
-    if recording {
-        Replica::recording(file)
-    } else {
-        Replica::new(file)
-    }
 }
 
 /// Opens (and repairs) the ledger file off the async threads.
@@ -254,92 +93,81 @@ async fn open(path: &Path) -> Result<LedgerFile, SyncError> {
         .map_err(SyncError::from)
 }
 
-/// Connects to `master` and starts a subscription after `after_seq`.
-async fn subscribe(
-    master: &MasterAddr,
-    options: &ClientOptions,
-    after_seq: u64,
-    timeout: Duration,
-) -> Result<Streaming<pb::StreamLedgerResponse>, String> {
-    let mut client = master.connect(options, timeout).await?;
-    let request = client.stream_ledger(pb::StreamLedgerRequest { after_seq });
-    match tokio::time::timeout(timeout, request).await {
-        Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(masters::describe_call_failure(&status, options)),
-        Err(_) => Err(format!("no answer to the subscription within {timeout:?}")),
+/// The ledger file as the subscription's sink.
+struct FileSink<'a> {
+    options: &'a SyncOptions,
+    /// `None` after a failed write, until start-up repair reopened the file.
+    replica: Option<Replica>,
+    /// The master streamed from and its connection, for the foreign lines.
+    master: Option<(MasterAddr, Channel)>,
+    /// Whether this subscription caught up already (the node is told once more when it does).
+    caught_up_once: bool,
+}
+
+impl FileSink<'_> {
+    /// A write failed: the file is reopened (start-up repair) before anything else is applied.
+    fn write_failed(&mut self, e: FileError) -> Stop {
+        tracing::error!("writing the ledger file failed: {e}; reopening it");
+        self.replica = None;
+        Stop::Later
+    }
+
+    /// Deals with the journaled foreign lines through the master streamed from.
+    async fn settle(&self) {
+        if let (Some(replica), Some((master, channel))) = (&self.replica, &self.master) {
+            settle_foreign(replica, master, channel, self.options).await;
+        }
     }
 }
 
-/// Applies the stream to the replica until it ends.
-async fn stream_into(
-    replica: &mut Replica,
-    mut relay: Option<&mut Relay>,
-    mut stream: Streaming<pb::StreamLedgerResponse>,
-    master: &MasterAddr,
-    shutdown: &CancellationToken,
-    backoff: &mut Backoff,
-    options: &SyncOptions,
-) -> End {
-    let mut caught_up_once = false;
-    let mut look = tokio::time::interval(FOREIGN_LOOK_INTERVAL);
-    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return End::Shutdown,
-            message = stream.message() => message,
-            _ = look.tick() => {
-                match tokio::task::block_in_place(|| replica.take_foreign()) {
-                    Err(e) => return End::File(e),
-                    Ok(_) if replica.file().awaiting_snapshot() => return End::Resync,
-                    // The file changed: what the node reads now is the ledger alone (its own
-                    // lines come back through the stream once the master has them).
-                    Ok(true) => {
-                        if let Some(node) = &options.node {
-                            node.notify();
-                        }
-                    }
-                    Ok(false) => {}
+impl Sink for FileSink<'_> {
+    fn resume_seq(&self) -> u64 {
+        self.replica.as_ref().map_or(0, Replica::resume_seq)
+    }
+
+    async fn prepare(&mut self) -> Result<(), ()> {
+        if self.replica.is_none() {
+            // A write failed: start-up repair brings the file and its record back into
+            // agreement before anything else is applied.
+            match open(&self.options.ledger_file).await {
+                Ok(file) => {
+                    metrics::applied(file.seq());
+                    self.replica = Some(Replica::new(file));
                 }
-                settle_foreign(replica, master, options).await;
-                continue;
-            }
-        };
-        let mut batch = match first {
-            Ok(Some(event)) => vec![event],
-            Ok(None) => return End::Disconnected("the master ended the stream".into()),
-            Err(status) => return ended(&status),
-        };
-        // Take whatever else has already arrived, without waiting, to apply it together.
-        let mut bytes = event_bytes(&batch[0]);
-        let mut end = None;
-        while batch.len() < MAX_BATCH_EVENTS && bytes < MAX_BATCH_BYTES {
-            match ready_now(stream.message()) {
-                None => break,
-                Some(Ok(Some(event))) => {
-                    bytes += event_bytes(&event);
-                    batch.push(event);
-                }
-                Some(Ok(None)) => {
-                    end = Some(End::Disconnected("the master ended the stream".into()));
-                    break;
-                }
-                Some(Err(status)) => {
-                    end = Some(ended(&status));
-                    break;
+                Err(e) => {
+                    tracing::error!("cannot reopen the ledger file: {e}");
+                    return Err(());
                 }
             }
         }
-        // The write runs to its end even when a signal arrives meanwhile: shutdown is only
-        // looked at between batches.
+        Ok(())
+    }
+
+    async fn connected(&mut self, master: &MasterAddr, channel: &Channel, again: bool) {
+        metrics::connected(true);
+        if again {
+            metrics::reconnected();
+        }
+        self.caught_up_once = false;
+        self.master = Some((master.clone(), channel.clone()));
+        // What the node wrote while no master answered (or before a crash) goes first.
+        self.settle().await;
+    }
+
+    async fn apply(&mut self, events: Vec<Event>) -> Result<(), Stop> {
+        let Some(replica) = self.replica.as_mut() else {
+            return Err(Stop::Later);
+        };
         let seq_before = replica.resume_seq();
-        let result = tokio::task::block_in_place(|| replica.apply(batch));
+        let result = tokio::task::block_in_place(|| replica.apply(events));
         // What the file made durable (also before a failure midway): the node reloads it; and
         // once a subscription catches up, for what the node may have missed before.
+        let first_caught_up =
+            matches!(&result, Ok(r) if r.caught_up.is_some()) && !self.caught_up_once;
         let changed = replica.resume_seq() != seq_before
-            || matches!(&result, Ok(r) if r.changes > 0 || r.installed.is_some()
-                || (r.caught_up.is_some() && !caught_up_once));
-        if changed && let Some(node) = &options.node {
+            || first_caught_up
+            || matches!(&result, Ok(r) if r.changes > 0 || r.installed.is_some());
+        if changed && let Some(node) = &self.options.node {
             node.notify();
         }
         metrics::applied(replica.resume_seq());
@@ -348,50 +176,77 @@ async fn stream_into(
         {
             metrics::head(head);
         }
-        // The mirror follows what the file made durable, even when the batch failed midway.
-        let mirror = match relay.as_deref_mut() {
-            Some(relay) => {
-                let delivered = replica.take_delivered();
-                relay.follow(delivered, replica.resume_seq()).await
-            }
-            None => Ok(()),
-        };
         match result {
             Ok(report) => {
-                let first_caught_up = report.caught_up.is_some() && !caught_up_once;
-                if first_caught_up {
-                    // Only a subscription that got this far counts as a success: one that a
-                    // master accepts and then fails keeps backing off.
-                    caught_up_once = true;
-                    backoff.reset();
-                }
-                log_batch(&report, replica, master, first_caught_up);
+                self.caught_up_once |= first_caught_up;
+                log_batch(&report, replica);
+                Ok(())
             }
-            Err(ApplyError::Protocol(reason)) => return End::Protocol(reason),
-            Err(ApplyError::Diverged(reason)) => return End::Diverged(reason),
-            Err(ApplyError::File(e)) => return End::File(e),
+            Err(ApplyError::Protocol(reason)) => {
+                let master = self.master.as_ref().map(|(master, _)| master.to_string());
+                tracing::warn!(
+                    "dropping the stream from master {}: {reason}",
+                    master.unwrap_or_default()
+                );
+                Err(Stop::Later)
+            }
+            Err(ApplyError::Diverged(reason)) => {
+                replica.await_snapshot(&reason);
+                Err(Stop::Later)
+            }
+            Err(ApplyError::File(e)) => Err(self.write_failed(e)),
         }
-        if let Err(e) = mirror {
-            return End::Mirror(e.to_string());
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        Some(FOREIGN_LOOK_INTERVAL)
+    }
+
+    async fn tick(&mut self) -> Result<(), Stop> {
+        let Some(replica) = self.replica.as_mut() else {
+            return Err(Stop::Later);
+        };
+        match tokio::task::block_in_place(|| replica.take_foreign()) {
+            Err(e) => return Err(self.write_failed(e)),
+            // The file was changed by someone else and waits for a snapshot: subscribe again
+            // at once.
+            Ok(_) if replica.file().awaiting_snapshot() => return Err(Stop::Now),
+            // The file changed: what the node reads now is the ledger alone (its own lines
+            // come back through the stream once the master has them).
+            Ok(true) => {
+                if let Some(node) = &self.options.node {
+                    node.notify();
+                }
+            }
+            Ok(false) => {}
         }
-        if let Some(end) = end {
-            return end;
+        self.settle().await;
+        Ok(())
+    }
+
+    async fn disconnected(&mut self) {
+        metrics::connected(false);
+        if let Some(replica) = &mut self.replica {
+            replica.abandon_snapshot();
         }
     }
 }
 
 /// Deals with the foreign lines journaled beside the file (see [`crate::foreign`]) through
 /// `master`; what cannot be dealt with now stays journaled for the next time.
-async fn settle_foreign(replica: &Replica, master: &MasterAddr, options: &SyncOptions) {
+async fn settle_foreign(
+    replica: &Replica,
+    master: &MasterAddr,
+    channel: &Channel,
+    options: &SyncOptions,
+) {
     let files = replica.file().foreign_files();
     if !files.journal.exists() {
         return;
     }
+    tracing::debug!(%master, "dealing with the lines someone else wrote into the ledger file");
     let settled = async {
-        let mut client = master
-            .connect(&options.client, options.connect_timeout)
-            .await
-            .map_err(crate::foreign::SettleError::Master)?;
+        let mut client = options.client.client(channel.clone());
         crate::foreign::settle(files, &mut client, &options.sidecar).await
     };
     match tokio::time::timeout(options.connect_timeout * 4, settled).await {
@@ -411,47 +266,8 @@ async fn settle_foreign(replica: &Replica, master: &MasterAddr, options: &SyncOp
     }
 }
 
-/// The output of `future` if it is ready at once; `None` without waiting otherwise.
-///
-/// `tokio::time::timeout(Duration::ZERO, ..)` would wait for the timer's next 1 ms tick before
-/// giving up, which delayed every applied batch by about a millisecond (strace: a 1 ms
-/// `epoll_wait` between receiving a change and writing it).
-fn ready_now<F: Future>(future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    // Nothing needs waking: a pending future is dropped, and the stream is polled again with
-    // the task's own waker at the next `select!`. `Streaming::message` loses nothing when dropped.
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(output) => Some(output),
-        std::task::Poll::Pending => None,
-    }
-}
-
-fn event_bytes(event: &pb::StreamLedgerResponse) -> usize {
-    match &event.event {
-        Some(pb::stream_ledger_response::Event::Inserted(policy)) => policy.json.len(),
-        _ => 0,
-    }
-}
-
-/// What a failed stream means.
-fn ended(status: &tonic::Status) -> End {
-    let reason = masters::describe_status(status);
-    match status.code() {
-        Code::ResourceExhausted => End::Lagged(reason),
-        _ => End::Disconnected(reason),
-    }
-}
-
-fn log_batch(report: &BatchReport, replica: &Replica, master: &MasterAddr, first_caught_up: bool) {
+fn log_batch(report: &BatchReport, replica: &Replica) {
     let applied = replica.resume_seq();
-    if let Some(seq) = report.caught_up {
-        if first_caught_up {
-            tracing::info!("caught up with master {master} at seq {seq}");
-        } else {
-            tracing::debug!(seq, "caught up");
-        }
-    }
     if let Some(head) = report.head {
         tracing::debug!(
             head,
@@ -462,57 +278,5 @@ fn log_batch(report: &BatchReport, replica: &Replica, master: &MasterAddr, first
     }
     if report.changes > 0 {
         tracing::debug!(changes = report.changes, applied, "applied changes");
-    }
-}
-
-/// Logs the link's changes of state once each.
-#[derive(Default)]
-struct LinkLog {
-    /// Masters already reported unreachable since the last connection.
-    reported: HashSet<String>,
-    /// Whether "no master reachable" was said since the last connection.
-    all_reported: bool,
-    /// Whether the last connection has reached a stream (so the next one is a reconnect).
-    connected_before: bool,
-}
-
-impl LinkLog {
-    fn connected(&mut self, master: &MasterAddr, after_seq: u64) {
-        let again = if self.connected_before { "re" } else { "" };
-        metrics::connected(true);
-        if self.connected_before {
-            metrics::reconnected();
-        }
-        tracing::info!(
-            "{again}connected to master {master}; streaming the changes after seq {after_seq}"
-        );
-        self.reported.clear();
-        self.all_reported = false;
-        self.connected_before = true;
-    }
-
-    fn disconnected(&mut self, master: &MasterAddr, reason: &str) {
-        tracing::warn!(
-            "disconnected from master {master}: {reason}; keeping the ledger file as it is"
-        );
-        // Its failures to come are the same outage: do not report them again.
-        self.reported.insert(master.to_string());
-    }
-
-    fn unreachable(&mut self, master: &MasterAddr, reason: &str) {
-        if self.reported.insert(master.to_string()) {
-            tracing::warn!("cannot reach master {master}: {reason}");
-        } else {
-            tracing::debug!("cannot reach master {master}: {reason}");
-        }
-    }
-
-    fn all_unreachable(&mut self, max_delay: Duration) {
-        if !self.all_reported {
-            self.all_reported = true;
-            tracing::warn!(
-                "no master is reachable; retrying with backoff (at most {max_delay:?} apart) and keeping the ledger file as it is"
-            );
-        }
     }
 }

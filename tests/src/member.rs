@@ -2,20 +2,13 @@
 //! commands.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
-use tonic::transport::Channel;
-
-use crate::process::{Log, binary, capture, signal, wait_for};
+use crate::process::{Log, RESTART_MARK, binary, capture, signal, wait_for};
 use crate::within;
-
-/// The line put in a member's log between two runs, so a test can read one run's logs.
-const RESTART_MARK: &str = "=== member restarted ===";
 
 /// A running `member` daemon.
 pub struct Member {
@@ -24,8 +17,6 @@ pub struct Member {
     pub dir: PathBuf,
     /// Its ledger file, `dir/blockchain.json`.
     pub file: PathBuf,
-    /// Where a relay serves members below (`--serve`); `None` for a plain member.
-    pub serve_addr: Option<SocketAddr>,
     args: Vec<String>,
     log: Log,
 }
@@ -45,69 +36,11 @@ impl Member {
             child: None,
             dir: dir.to_path_buf(),
             file,
-            serve_addr: None,
             args: all,
             log: Arc::default(),
         };
         member.spawn();
         member
-    }
-
-    /// Starts a relay: `member` as [`Member::start`] does, also serving members below on an
-    /// ephemeral loopback port (`--serve`). Returns once it logged `listening on ADDR`; a
-    /// restart serves on the same port.
-    pub fn start_relay(dir: &Path, masters: &[String], args: &[&str]) -> Member {
-        let mut all = vec!["--serve", "127.0.0.1:0"];
-        all.extend_from_slice(args);
-        let mut relay = Member::start(dir, masters, &all);
-        relay.serve_addr = Some(relay.wait_listening());
-        let at = relay
-            .args
-            .iter()
-            .position(|arg| arg == "--serve")
-            .expect("the --serve flag");
-        relay.args[at + 1] = relay.serve_addr.unwrap().to_string();
-        relay
-    }
-
-    /// Waits (up to 60 s) for the current run's `listening on ADDR` line.
-    fn wait_listening(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let logs = self.run_logs();
-            if let Some(at) = logs.find("listening on ") {
-                let addr = logs[at + "listening on ".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default();
-                return addr.parse().expect("the address the relay logged");
-            }
-            let child = self.child.as_mut().expect("the relay is running");
-            if let Some(status) = child.try_wait().expect("polling the relay") {
-                panic!("the relay exited with {status} before listening:\n{logs}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the relay did not listen within 60s:\n{logs}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// A relay's address for members below, `HOST:PORT`.
-    pub fn relay_addr(&self) -> String {
-        self.serve_addr.expect("a relay (start_relay)").to_string()
-    }
-
-    /// A client of a relay, connected within 30 s (a relay serves after its first snapshot).
-    pub async fn client(&self) -> LedgerServiceClient<Channel> {
-        let url = format!("http://{}", self.relay_addr());
-        within(30, "connecting to the relay", async {
-            LedgerServiceClient::connect(url.clone())
-                .await
-                .unwrap_or_else(|e| panic!("connecting to the relay at {url}: {e}"))
-        })
-        .await
     }
 
     fn spawn(&mut self) {
@@ -132,13 +65,6 @@ impl Member {
         assert!(self.child.is_none(), "restart after kill9 or terminate");
         self.log.lock().unwrap().push(RESTART_MARK.to_string());
         self.spawn();
-        if let Some(addr) = self.serve_addr {
-            assert_eq!(
-                self.wait_listening(),
-                addr,
-                "a relay serves on its port again"
-            );
-        }
     }
 
     /// Kills the process with SIGKILL: no chance to finish anything.
@@ -184,12 +110,7 @@ impl Member {
 
     /// What the current run logged so far.
     pub fn run_logs(&self) -> String {
-        let log = self.log.lock().unwrap();
-        let start = log
-            .iter()
-            .rposition(|line| line == RESTART_MARK)
-            .map_or(0, |at| at + 1);
-        log[start..].join("\n")
+        crate::process::run_logs(&self.log)
     }
 
     /// Waits until the current run logged a line containing `needle`.

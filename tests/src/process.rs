@@ -33,6 +33,9 @@ pub fn binary(name: &str) -> PathBuf {
 /// Log lines of a child, kept to be shown when a test fails.
 pub type Log = Arc<Mutex<Vec<String>>>;
 
+/// The line put in a process's log between two runs, so a test can read one run's logs.
+pub const RESTART_MARK: &str = "=== restarted ===";
+
 /// Collects the stderr lines of `child` into `log`; with `ready`, sends the address of the
 /// first `listening on ADDR` line.
 pub fn capture(child: &mut Child, log: &Log, ready: Option<mpsc::Sender<String>>) {
@@ -70,6 +73,18 @@ impl Master {
     /// Starts `master` in `dir` on an ephemeral loopback port with `args` added.
     pub fn start(dir: &Path, args: &[&str]) -> Master {
         Self::start_with_env(dir, args, &[])
+    }
+
+    /// Starts a relay: `master --upstream ADDR` for each of `upstreams` (HOST:PORT, in order),
+    /// in `dir` (its own `blockchain.db` there) with `args` added. It listens at once; it
+    /// serves reads and streams once it holds a copy of the upstream's ledger.
+    pub fn start_relay(dir: &Path, upstreams: &[String], args: &[&str]) -> Master {
+        let mut all: Vec<&str> = Vec::new();
+        for upstream in upstreams {
+            all.extend(["--upstream", upstream.as_str()]);
+        }
+        all.extend_from_slice(args);
+        Self::start(dir, &all)
     }
 
     /// [`Master::start`] with environment variables (`FAILPOINTS`, for the fault suite).
@@ -146,7 +161,8 @@ impl Master {
             self.args.clone(),
             self.env.clone(),
         );
-        let old_log = std::mem::take(&mut *self.log.lock().unwrap());
+        let mut old_log = std::mem::take(&mut *self.log.lock().unwrap());
+        old_log.push(RESTART_MARK.to_string());
         again.log.lock().unwrap().splice(0..0, old_log);
         *self = again;
     }
@@ -225,9 +241,23 @@ impl Master {
         )
     }
 
-    /// Everything the process logged so far.
+    /// Everything the process logged so far, over all its runs.
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// What the current run logged so far.
+    pub fn run_logs(&self) -> String {
+        run_logs(&self.log)
+    }
+
+    /// Waits (up to `seconds`) until the current run logged a line containing `needle`.
+    pub async fn wait_for_log(&self, seconds: u64, needle: &str) {
+        let what = format!("master to log {needle:?}");
+        crate::wait_until(seconds, &what, || async {
+            self.run_logs().contains(needle)
+        })
+        .await;
     }
 
     /// The loopback port of the current run's metrics endpoint, read from its log: start it
@@ -264,6 +294,16 @@ impl Master {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The lines of `log` after its last [`RESTART_MARK`]: the current run's.
+pub fn run_logs(log: &Log) -> String {
+    let log = log.lock().unwrap();
+    let start = log
+        .iter()
+        .rposition(|line| line == RESTART_MARK)
+        .map_or(0, |at| at + 1);
+    log[start..].join("\n")
 }
 
 /// The address in the last `anylog on ADDR` line of `log` (text or JSON lines) whose ADDR is

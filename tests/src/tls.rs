@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::within;
 
 /// PEM files of a test CA and of certificates it signed.
 pub struct TestPki {
@@ -69,4 +72,46 @@ impl TestPki {
     pub fn client(&self, common_name: &str) -> CertFiles {
         self.issue(&format!("client-{common_name}"), Vec::new(), common_name)
     }
+}
+
+/// A TLS connection to the server at `addr` (HOST:PORT) whose certificate `ca` signed, with the
+/// client certificate `identity` if given. A server just started may reset the very first
+/// connection: connecting is retried for up to 30 s.
+pub async fn channel(addr: &str, ca: &Path, identity: Option<&CertFiles>) -> Channel {
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
+    if let Some(identity) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&identity.cert).unwrap(),
+            std::fs::read(&identity.key).unwrap(),
+        ));
+    }
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap();
+    within(30, "connecting over TLS", async {
+        loop {
+            match endpoint.connect().await {
+                Ok(channel) => break channel,
+                Err(e) => {
+                    eprintln!("connecting to {addr} over TLS: {e:?}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// `message` as a request carrying `authorization: Bearer TOKEN`.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .expect("a printable token"),
+    );
+    request
 }

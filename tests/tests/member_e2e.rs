@@ -233,9 +233,10 @@ async fn members_keep_their_file_while_the_master_is_down_and_converge_after() {
     let dir = tempfile::tempdir().unwrap();
     let mut master = Master::start(dir.path(), &[]);
     let addr = master.addr.to_string();
+    // The subscription loop (its reconnections) is `ledger_client::follow`.
     let debug = [
         "--log-level",
-        "info,ledger_member=debug",
+        "info,ledger_member=debug,ledger_client=debug",
         "--retry-max",
         "1s",
     ];

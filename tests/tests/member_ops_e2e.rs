@@ -1,7 +1,7 @@
 //! The member as operators run it, against the real `master` and `member` binaries over
-//! loopback: TLS, mTLS and bearer tokens on the client side (daemon and commands), a relay
-//! serving TLS with its own auth file, Prometheus metrics, JSON logs, the TOML config file, and
-//! `member get --format table`. Certificates are made at test time (`ledger_tests::tls`).
+//! loopback: TLS, mTLS and bearer tokens on the client side (daemon and commands), Prometheus
+//! metrics, JSON logs, the TOML config file, and `member get --format table`. Certificates are
+//! made at test time (`ledger_tests::tls`).
 
 use std::path::Path;
 
@@ -12,7 +12,7 @@ use ledger_tests::member::{CommandOutput, member_command};
 use ledger_tests::metrics::{sample, scrape_async};
 use ledger_tests::tls::{CertFiles, TestPki};
 use ledger_tests::{Master, Member, wait_until, within};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 const READER: &str = "reader-token-31b7";
 const WRITER: &str = "writer-token-c04d";
@@ -70,30 +70,7 @@ async fn admin_client(
     pki: &TestPki,
     admin: &CertFiles,
 ) -> LedgerServiceClient<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca).unwrap()))
-        .identity(Identity::from_pem(
-            std::fs::read(&admin.cert).unwrap(),
-            std::fs::read(&admin.key).unwrap(),
-        ));
-    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap();
-    // A master just started may reset the very first connection; retry, bounded.
-    let channel = within(30, "connecting over TLS", async {
-        loop {
-            match endpoint.connect().await {
-                Ok(channel) => break channel,
-                Err(e) => {
-                    eprintln!("connecting to {addr} over TLS: {e:?}; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
-    })
-    .await;
-    LedgerServiceClient::new(channel)
+    LedgerServiceClient::new(ledger_tests::tls::channel(addr, &pki.ca, Some(admin)).await)
 }
 
 async fn digest(client: &mut LedgerServiceClient<Channel>) -> (u64, String) {
@@ -357,111 +334,6 @@ async fn without_the_ca_a_member_cannot_connect_and_says_why() {
     );
     member.wait_for_log(30, "cannot reach master").await;
     assert!(member.file_md5().is_none(), "nothing was written");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_serves_tls_with_its_own_auth_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::new(dir.path());
-    let master = tls_master(dir.path(), &pki);
-    let addr = master.addr.to_string();
-    let ca = path(&pki.ca);
-    let admin = pki.client("ops-admin");
-    let relay_cert = pki.client("relay-writer");
-    let reader = pki.client("member-reader");
-    let server = pki.server();
-    let mut view = admin_client(&addr, &pki, &admin).await;
-    let out = member_command(
-        &[
-            "insert",
-            "--master",
-            &addr,
-            "--tls-ca",
-            &ca,
-            "--token",
-            WRITER,
-            "--policy",
-            &operator(1),
-        ],
-        None,
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-
-    let relay_dir = tempfile::tempdir().unwrap();
-    let relay = Member::start_relay(
-        relay_dir.path(),
-        std::slice::from_ref(&addr),
-        &[
-            "--tls-ca",
-            &ca,
-            "--tls-cert",
-            &path(&relay_cert.cert),
-            "--tls-key",
-            &path(&relay_cert.key),
-            "--serve-tls-cert",
-            &path(&server.cert),
-            "--serve-tls-key",
-            &path(&server.key),
-            "--serve-tls-client-ca",
-            &ca,
-            "--serve-auth-file",
-            &auth_file(dir.path()),
-            "--retry-min",
-            "50ms",
-        ],
-    );
-    converges(&relay, &mut view).await;
-
-    // A member below the relay, over mTLS with its reader certificate.
-    let below_dir = tempfile::tempdir().unwrap();
-    let relay_addr = relay.relay_addr();
-    let below = Member::start(
-        below_dir.path(),
-        std::slice::from_ref(&relay_addr),
-        &[
-            "--tls-ca",
-            &ca,
-            "--tls-cert",
-            &path(&reader.cert),
-            "--tls-key",
-            &path(&reader.key),
-            "--retry-min",
-            "50ms",
-        ],
-    );
-    converges(&below, &mut view).await;
-
-    // The relay checks roles itself: the reader certificate may not write through it; the
-    // admin certificate may, and the write is forwarded with the relay's own certificate.
-    let through_relay = |cert: &CertFiles| {
-        let args = [
-            "insert".to_string(),
-            "--master".into(),
-            relay_addr.clone(),
-            "--tls-ca".into(),
-            ca.clone(),
-            "--tls-cert".into(),
-            path(&cert.cert),
-            "--tls-key".into(),
-            path(&cert.key),
-            "--policy".into(),
-            operator(2),
-        ];
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            member_command(&args, None).await
-        }
-    };
-    assert_fails(&through_relay(&reader).await, 1, "permission denied");
-    let out = through_relay(&admin).await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(digest(&mut view).await.0, 2);
-    converges(&below, &mut view).await;
-
-    // Plaintext to the relay's TLS port is refused.
-    let out = member_command(&["status", "--master", &relay_addr], None).await;
-    assert_fails(&out, 3, "cannot reach a master");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

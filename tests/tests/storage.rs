@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ledger_storage::{
-    ChangeKind, DatabaseUrl, DieselStorage, NewPolicy, Rejection, SnapshotPart, Storage,
+    Change, ChangeKind, DatabaseUrl, DieselStorage, NewPolicy, Rejection, SnapshotPart, Storage,
     StoredPolicy, WriteOp,
 };
 use ledger_tests::PostgresServer;
@@ -107,6 +107,7 @@ on_both_backends!(
     hostile_strings_are_stored_exactly,
     one_batch_can_insert_delete_and_reinsert_an_id,
     anylog_columns_hold_the_policy_date_status_and_host,
+    a_copy_keeps_the_upstreams_seqs_and_a_snapshot_replaces_it,
 );
 
 fn inserts_take_consecutive_seqs(backend: &str) {
@@ -566,4 +567,60 @@ fn anylog_columns_hold_the_policy_date_status_and_host(backend: &str) {
             ),
         ]
     );
+}
+
+/// A relay's copy: changes committed upstream stored with their own seqs (`replicate`), a
+/// snapshot from upstream in place of everything (`replace`).
+fn a_copy_keeps_the_upstreams_seqs_and_a_snapshot_replaces_it(backend: &str) {
+    let db = fresh(backend);
+    let copy = open(&db.url);
+    let stored = |n: usize, seq: u64| StoredPolicy {
+        id: format!("id-{n}"),
+        policy_type: "operator".into(),
+        json: policy(n, "operator").json,
+        seq,
+    };
+    let inserted = |n: usize, seq: u64| Change {
+        seq,
+        kind: ChangeKind::Inserted(stored(n, seq)),
+    };
+    let deleted = |n: usize, seq: u64| Change {
+        seq,
+        kind: ChangeKind::Deleted {
+            id: format!("id-{n}"),
+        },
+    };
+    let changes = vec![
+        inserted(1, 1),
+        inserted(2, 2),
+        inserted(3, 3),
+        deleted(2, 4),
+    ];
+    copy.replicate(&changes).unwrap();
+    assert_eq!(copy.bounds().unwrap().head_seq, 4);
+    assert_eq!(copy.changes_after(0, 100).unwrap(), changes);
+    assert_eq!(copy.policy_count().unwrap(), 2);
+    assert_eq!(copy.get("id-3").unwrap(), Some(stored(3, 3)));
+
+    // A change that does not follow the head is refused; so is a batch with a delete of an
+    // unknown id, whole (one transaction).
+    assert!(copy.replicate(&[inserted(6, 6)]).is_err());
+    assert!(copy.replicate(&[inserted(5, 5), deleted(9, 6)]).is_err());
+    assert_eq!(copy.bounds().unwrap().head_seq, 4);
+    assert_eq!(copy.get("id-5").unwrap(), None);
+
+    // A snapshot at seq 10 replaces everything: nothing before it is replayable.
+    copy.replace(10, &[stored(3, 3), stored(7, 9)]).unwrap();
+    let bounds = copy.bounds().unwrap();
+    assert_eq!((bounds.head_seq, bounds.pruned_seq), (10, 10));
+    assert!(copy.changes_after(0, 100).unwrap().is_empty());
+    assert_eq!(
+        snapshot(&*copy, 10),
+        (10, 2, vec![stored(3, 3), stored(7, 9)])
+    );
+    assert_eq!(copy.get("id-1").unwrap(), None);
+    // And the changes go on from there.
+    copy.replicate(&[inserted(8, 11)]).unwrap();
+    assert_eq!(copy.changes_after(10, 100).unwrap(), vec![inserted(8, 11)]);
+    assert_eq!(copy.policy_count().unwrap(), 3);
 }

@@ -46,6 +46,19 @@ pub enum LedgerError {
     /// The upstream of a relay answered a forwarded write with this status.
     #[error("upstream: {}", .0.message())]
     Upstream(#[from] tonic::Status),
+    /// A relay cannot forward this write upstream with the caller's own credentials.
+    #[error("{0}")]
+    CannotForward(String),
+    /// A relay's copy was replaced by its upstream's snapshot while the stream was open.
+    #[error(
+        "this relay's copy of the ledger was replaced by its upstream's snapshot; subscribe again after the same seq"
+    )]
+    Reset,
+    /// A relay that holds no copy of the ledger yet.
+    #[error(
+        "this relay holds no copy of the ledger yet: it waits for its upstream's first snapshot"
+    )]
+    NoCopyYet,
     /// The storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),

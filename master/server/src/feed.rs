@@ -13,6 +13,9 @@
 //! Changes reach the feed from this master's writer and, when several masters share one
 //! database, from the database's notifications; [`ChangeFeed::publish_committed`] orders both,
 //! reading from the storage whatever was committed in between, so the ring never holds a gap.
+//! On a relay they come from its upstream, and a snapshot from upstream that replaces the
+//! relay's copy is a [`ChangeFeed::reset`]: the streams of the old copy end, and their
+//! subscribers subscribe again.
 
 use std::collections::VecDeque;
 use std::ops::Deref;
@@ -97,16 +100,29 @@ struct Kept {
 /// (`--subscriber-buffer-bytes`).
 pub const DEFAULT_KEPT_BYTES: usize = 64 << 20;
 
+/// Where the published changes got to.
+struct Published {
+    /// The seq of the last published change.
+    seq: u64,
+    /// How many policies the ledger holds at `seq`, once counted
+    /// ([`ChangeFeed::set_policy_count`]): the `ledger_policies` gauge is set to it.
+    policies: Option<u64>,
+}
+
 /// The fan-out hub of committed changes. Cloning gives another handle to the same feed.
 #[derive(Clone)]
 pub struct ChangeFeed {
     changes: broadcast::Sender<Announced>,
     kept: Arc<Mutex<Kept>>,
-    /// The seq of the last published change; the lock orders concurrent publishers. A publisher
-    /// that panicked leaves the seq it reached, which is still true: a poisoned lock is used as is.
-    published: Arc<Mutex<u64>>,
+    /// The last published change; the lock orders concurrent publishers. A publisher that
+    /// panicked leaves the seq it reached, which is still true: a poisoned lock is used as is.
+    published: Arc<Mutex<Published>>,
     head: Arc<watch::Sender<u64>>,
     database_up: Arc<watch::Sender<bool>>,
+    /// How many times the copy was replaced ([`ChangeFeed::reset`]).
+    epoch: Arc<watch::Sender<u64>>,
+    /// Whether there is a ledger to serve: false only on a relay that has no copy yet.
+    ready: Arc<watch::Sender<bool>>,
 }
 
 impl ChangeFeed {
@@ -122,10 +138,30 @@ impl ChangeFeed {
                 max_count: capacity.max(1),
                 max_bytes,
             })),
-            published: Arc::new(Mutex::new(head_seq)),
+            published: Arc::new(Mutex::new(Published {
+                seq: head_seq,
+                policies: None,
+            })),
             head: Arc::new(watch::channel(head_seq).0),
             database_up: Arc::new(watch::channel(true).0),
+            epoch: Arc::new(watch::channel(0).0),
+            ready: Arc::new(watch::channel(true).0),
         }
+    }
+
+    /// The ledger holds `count` policies at the feed's head seq (counted in the same read as
+    /// the head): from now on each published change moves the count, and the
+    /// `ledger_policies` gauge shows it. Without it the gauge is left alone.
+    pub fn set_policy_count(&self, count: u64) {
+        let mut published = self.lock_published();
+        published.policies = Some(count);
+        metrics::policies(count);
+    }
+
+    fn lock_published(&self) -> std::sync::MutexGuard<'_, Published> {
+        self.published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Publishes committed `changes` (in seq order). Changes already published are skipped, and
@@ -136,24 +172,30 @@ impl ChangeFeed {
         storage: &dyn Storage,
         changes: impl IntoIterator<Item = Change>,
     ) -> Result<(), StorageError> {
-        let mut published = self
-            .published
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut published = self.lock_published();
         for change in changes {
-            if change.seq <= *published {
+            if change.seq <= published.seq {
                 continue;
             }
-            while change.seq > *published + 1 {
-                let missing = storage.changes_after(*published, FILL_PAGE)?;
+            while change.seq > published.seq + 1 {
+                let missing = storage.changes_after(published.seq, FILL_PAGE)?;
                 if missing.is_empty() {
                     return Err(StorageError::Corrupt(format!(
                         "change {} committed but changes after {} are missing",
-                        change.seq, *published
+                        change.seq, published.seq
                     )));
                 }
+                let before = published.seq;
                 for missed in missing.into_iter().take_while(|c| c.seq < change.seq) {
                     self.send(&mut published, missed);
+                }
+                if published.seq == before {
+                    // Nothing between: the log does not hold the changes in between (a copy
+                    // replaced under the publisher). Looping would never end.
+                    return Err(StorageError::Corrupt(format!(
+                        "change {} committed but the changes after {before} are not in the change log",
+                        change.seq
+                    )));
                 }
             }
             self.send(&mut published, change);
@@ -165,30 +207,47 @@ impl ChangeFeed {
     /// while the database was out of reach). Returns the seq published last. Blocks.
     pub fn catch_up(&self, storage: &dyn Storage) -> Result<u64, StorageError> {
         loop {
-            let after = *self
-                .published
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let after = self.lock_published().seq;
             let changes = storage.changes_after(after, FILL_PAGE)?;
             let full = changes.len() == FILL_PAGE;
             self.publish_committed(storage, changes)?;
             if !full {
-                return Ok(*self
-                    .published
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner));
+                return Ok(self.lock_published().seq);
             }
         }
     }
 
-    fn send(&self, published: &mut u64, change: Change) {
-        *published = change.seq;
+    /// The copy the feed announces was replaced by a snapshot at `seq` of `policy_count`
+    /// policies (a relay's, from its upstream): changes continue from `seq`, the streams of the
+    /// old copy end (see [`ChangeFeed::watch_epoch`]) and its changes kept in memory go.
+    pub fn reset(&self, seq: u64, policy_count: u64) {
+        let mut published = self.lock_published();
+        published.seq = seq;
+        published.policies = Some(policy_count);
+        {
+            let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+            kept.changes.clear();
+            kept.bytes = 0;
+        }
+        // Streams see the new epoch before any change of the new copy is announced: both are
+        // sent under the publishing lock.
+        self.epoch.send_modify(|epoch| *epoch += 1);
+        self.head.send_replace(seq);
+        metrics::head(seq);
+        metrics::policies(policy_count);
+    }
+
+    fn send(&self, published: &mut Published, change: Change) {
+        published.seq = change.seq;
         let seq = change.seq;
         metrics::head(seq);
-        metrics::policies_changed(match change.kind {
-            ChangeKind::Inserted(_) => 1.0,
-            ChangeKind::Deleted { .. } => -1.0,
-        });
+        if let Some(count) = &mut published.policies {
+            match change.kind {
+                ChangeKind::Inserted(_) => *count += 1,
+                ChangeKind::Deleted { .. } => *count = count.saturating_sub(1),
+            }
+            metrics::policies(*count);
+        }
         let change = Arc::new(SharedChange::new(change));
         let announced = Announced {
             seq,
@@ -248,6 +307,33 @@ impl ChangeFeed {
     /// A watch of [`ChangeFeed::database_up`].
     pub fn watch_database(&self) -> watch::Receiver<bool> {
         self.database_up.subscribe()
+    }
+
+    /// How many times the copy was replaced ([`ChangeFeed::reset`]); 0 on a master.
+    pub fn epoch(&self) -> u64 {
+        *self.epoch.borrow()
+    }
+
+    /// A watch of [`ChangeFeed::epoch`]: a stream that began in one epoch ends when it changes.
+    pub fn watch_epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    /// Records whether there is a ledger to serve. A relay that holds no copy yet says false
+    /// until its upstream's first snapshot is in: it must not hand an empty ledger to members
+    /// (whose files an empty snapshot would empty) or nodes.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.send_replace(ready);
+    }
+
+    /// Whether there is a ledger to serve (always on a master).
+    pub fn ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// A watch of [`ChangeFeed::ready`].
+    pub fn watch_ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 }
 

@@ -17,6 +17,11 @@ use crate::writer::WriterHealth;
 use crate::{follower, metrics};
 use ledger_storage::Storage;
 
+/// The health service name that says, on a relay, whether its stream from upstream is open and
+/// caught up: `NOT_SERVING` from the start until the first `caught_up`, and while it is lost
+/// (the relay serves its copy meanwhile; writes forwarded upstream may fail).
+pub const UPSTREAM_SERVICE: &str = "ledger.v1.LedgerService/upstream";
+
 /// The health service name that says whether writes commit: `NOT_SERVING` while the database's
 /// disk is full (reads and streams go on, so the ledger's own service stays `SERVING`).
 pub const WRITES_SERVICE: &str = "ledger.v1.LedgerService/writes";

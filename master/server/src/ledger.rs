@@ -1,5 +1,6 @@
 //! The ledger's operations, independent of gRPC: complete and validate policies, write them
-//! through the [`Writer`], read, filter and page, compute the digest, open subscriptions.
+//! through the [`Writer`] (or, on a relay, forward them upstream), read, filter and page,
+//! compute the digest, open subscriptions.
 
 use std::sync::Arc;
 
@@ -11,13 +12,12 @@ use crate::error::LedgerError;
 use crate::feed::ChangeFeed;
 use crate::metrics;
 use crate::subscription::{self, Event, SubscriptionContext, blocking};
+use crate::upstream::Forwarder;
 use crate::writer::Writer;
-use ledger_proto::pb;
-use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_storage::{
     ChangeKind, NewPolicy, SnapshotPart, Storage, StorageError, StoredPolicy, WriteOp,
 };
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
 
 /// The page size of `ListPolicies` when the client names none, and the largest it may ask.
 pub const DEFAULT_PAGE_SIZE: usize = 1000;
@@ -85,6 +85,8 @@ pub struct LedgerFile {
 /// its line to a member's file) without reading the ledger again.
 #[derive(Clone)]
 struct DigestState {
+    /// The feed's epoch it was read in: a relay's copy replaced since is another ledger.
+    epoch: u64,
     head_seq: u64,
     policy_count: u64,
     md5: Md5,
@@ -166,6 +168,7 @@ fn read_file_with_state(
         true
     })?;
     let state = DigestState {
+        epoch: 0,
         head_seq: file.head_seq,
         policy_count: file.policy_count,
         md5,
@@ -178,9 +181,42 @@ fn read_file_with_state(
 pub enum WritePath {
     /// A master's own writer.
     Local(Writer),
-    /// A relay's upstream (a master or another relay): writes are forwarded and the upstream's
-    /// answer, success or status, is returned as it is.
-    Upstream(LedgerServiceClient<Channel>),
+    /// A relay's upstream (a master or another relay): writes are forwarded with the caller's
+    /// credentials and the upstream's answer, success or status, is returned as it is.
+    Upstream(Forwarder),
+}
+
+/// Who asks for a write: where from (the `host` column, the logs), and with which credentials,
+/// which a relay forwards upstream.
+#[derive(Clone, Default)]
+pub struct Caller {
+    /// The caller's address, with its name once authenticated (`ingest@10.0.0.5`).
+    pub host: String,
+    /// The `authorization` metadata the caller sent (`Bearer TOKEN`), as it was sent.
+    pub authorization: Option<MetadataValue<Ascii>>,
+    /// Whether the caller presented a verified client certificate.
+    pub certificate: bool,
+}
+
+impl Caller {
+    /// A caller at `host` without credentials: an AnyLog node, the master itself.
+    pub fn at(host: impl Into<String>) -> Caller {
+        Caller {
+            host: host.into(),
+            ..Caller::default()
+        }
+    }
+}
+
+impl std::fmt::Debug for Caller {
+    // Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("host", &self.host)
+            .field("authorization", &self.authorization.as_ref().map(|_| ".."))
+            .field("certificate", &self.certificate)
+            .finish()
+    }
 }
 
 /// How large and how deeply nested a policy may be.
@@ -209,9 +245,9 @@ pub struct Ledger {
     /// The digest costs a read of the whole ledger: its md5 state is kept and extended by the
     /// inserts that follow; the lock makes one computation serve every caller waiting for it.
     digest: tokio::sync::Mutex<Option<DigestState>>,
-    /// The last [`Ledger::file`], kept until the head moves; the lock makes one read serve
-    /// every caller waiting for it.
-    file_cache: tokio::sync::Mutex<Option<Arc<LedgerFile>>>,
+    /// The last [`Ledger::file`] with the feed's epoch it was read in, kept until the head
+    /// moves; the lock makes one read serve every caller waiting for it.
+    file_cache: tokio::sync::Mutex<Option<(u64, Arc<LedgerFile>)>>,
 }
 
 impl Ledger {
@@ -242,10 +278,14 @@ impl Ledger {
         &self.subscriptions.feed
     }
 
-    /// Completes the policy in `policy_json` and stores it; `host` is the client's address.
-    pub async fn insert(&self, policy_json: &str, host: &str) -> Result<StoredPolicy, LedgerError> {
+    /// Completes the policy in `policy_json` and stores it for `caller`.
+    pub async fn insert(
+        &self,
+        policy_json: &str,
+        caller: &Caller,
+    ) -> Result<StoredPolicy, LedgerError> {
         let started = std::time::Instant::now();
-        let result = self.insert_policy(policy_json, host).await;
+        let result = self.insert_policy(policy_json, caller).await;
         metrics::insert_done(&result, started.elapsed());
         result
     }
@@ -253,35 +293,21 @@ impl Ledger {
     async fn insert_policy(
         &self,
         policy_json: &str,
-        host: &str,
+        caller: &Caller,
     ) -> Result<StoredPolicy, LedgerError> {
         crate::limits::check_policy_text(
             policy_json,
             self.limits.max_bytes,
             self.limits.max_depth,
         )?;
+        let host = &caller.host;
         let writer = match &self.writes {
             WritePath::Local(writer) => writer,
-            WritePath::Upstream(client) => {
-                let answer = client
-                    .clone()
-                    .insert_policy(pb::InsertPolicyRequest {
-                        policy_json: policy_json.to_string(),
-                    })
-                    .await?
-                    .into_inner();
-                let policy = answer.policy.ok_or_else(|| {
-                    LedgerError::Upstream(tonic::Status::internal(
-                        "the upstream answered no policy",
-                    ))
-                })?;
+            WritePath::Upstream(upstream) => {
+                // The upstream completes the policy (its id and date are the ledger's).
+                let policy = upstream.insert(policy_json, caller).await?;
                 tracing::debug!(id = %policy.id, seq = policy.seq, %host, "forwarded an insert upstream");
-                return Ok(StoredPolicy {
-                    id: policy.id,
-                    policy_type: policy.r#type,
-                    json: policy.json,
-                    seq: policy.seq,
-                });
+                return Ok(policy);
             }
         };
         let now = chrono::Utc::now();
@@ -310,14 +336,14 @@ impl Ledger {
         }
     }
 
-    /// Deletes the policy `id`; returns the seq of the delete.
-    pub async fn delete(&self, id: &str, host: &str) -> Result<u64, LedgerError> {
-        let result = self.delete_policy(id, host).await;
+    /// Deletes the policy `id` for `caller`; returns the seq of the delete.
+    pub async fn delete(&self, id: &str, caller: &Caller) -> Result<u64, LedgerError> {
+        let result = self.delete_policy(id, caller).await;
         metrics::delete_done(&result);
         result
     }
 
-    async fn delete_policy(&self, id: &str, host: &str) -> Result<u64, LedgerError> {
+    async fn delete_policy(&self, id: &str, caller: &Caller) -> Result<u64, LedgerError> {
         require_id(id)?;
         let seq = match &self.writes {
             WritePath::Local(writer) => {
@@ -327,21 +353,15 @@ impl Ledger {
                     .await?
                     .seq
             }
-            WritePath::Upstream(client) => {
-                client
-                    .clone()
-                    .delete_policy(pb::DeletePolicyRequest { id: id.to_string() })
-                    .await?
-                    .into_inner()
-                    .seq
-            }
+            WritePath::Upstream(upstream) => upstream.delete(id, caller).await?,
         };
-        tracing::info!(%id, seq, %host, "deleted policy");
+        tracing::info!(%id, seq, host = %caller.host, "deleted policy");
         Ok(seq)
     }
 
     /// The policy `id`.
     pub async fn get(&self, id: &str) -> Result<StoredPolicy, LedgerError> {
+        self.require_ready()?;
         require_id(id)?;
         let key = id.to_string();
         blocking(self.storage(), move |s| s.get(&key))
@@ -356,6 +376,7 @@ impl Ledger {
     /// then hold fewer policies than asked, with a token to go on from where it stopped.
     /// Conditions are capped in number and length ([`MAX_CONDITIONS`], [`MAX_CONDITION_BYTES`]).
     pub async fn list(&self, query: ListQuery) -> Result<ListPage, LedgerError> {
+        self.require_ready()?;
         if query.conditions.len() > MAX_CONDITIONS {
             return Err(LedgerError::InvalidArgument(format!(
                 "{} conditions; at most {MAX_CONDITIONS} are accepted",
@@ -426,9 +447,12 @@ impl Ledger {
     /// kept up to date by the inserts that follow without reading the ledger again; a delete
     /// (or a change no longer replayable) takes one full read.
     pub async fn info(&self) -> Result<LedgerInfo, LedgerError> {
+        self.require_ready()?;
+        // Read before the storage: a copy replaced after this is read whole again next time.
+        let epoch = self.feed().epoch();
         let bounds = blocking(self.storage(), |s| s.bounds()).await?;
         let mut digest = self.digest.lock().await;
-        if let Some(state) = digest.as_ref() {
+        if let Some(state) = digest.as_ref().filter(|state| state.epoch == epoch) {
             if state.head_seq == bounds.head_seq {
                 return Ok(state.info(bounds.pruned_seq));
             }
@@ -442,7 +466,8 @@ impl Ledger {
                 return Ok(info);
             }
         }
-        let (_, state) = blocking(self.storage(), |s| read_file_with_state(s, false)).await?;
+        let (_, mut state) = blocking(self.storage(), |s| read_file_with_state(s, false)).await?;
+        state.epoch = epoch;
         let info = state.info(bounds.pruned_seq);
         *digest = Some(state);
         Ok(info)
@@ -452,22 +477,29 @@ impl Ledger {
     /// this master with AnyLog's protocol is sent. Read once per head: callers at the same head
     /// share one copy, and concurrent callers wait for one read.
     pub async fn file(&self) -> Result<Arc<LedgerFile>, LedgerError> {
+        self.require_ready()?;
+        let epoch = self.feed().epoch();
         let mut cached = self.file_cache.lock().await;
-        if let Some(file) = cached.as_ref()
+        if let Some((file_epoch, file)) = cached.as_ref()
+            && *file_epoch == epoch
             && file.head_seq == self.feed().head()
         {
             return Ok(file.clone());
         }
         // Drop the old copy before reading the new one: two would double the memory.
         *cached = None;
-        let (file, state) = blocking(self.storage(), |s| read_file_with_state(s, true)).await?;
+        let (file, mut state) = blocking(self.storage(), |s| read_file_with_state(s, true)).await?;
+        state.epoch = epoch;
         let file = Arc::new(file);
         // The read gave the digest's state too.
         let mut digest = self.digest.lock().await;
-        if digest.as_ref().is_none_or(|d| d.head_seq < state.head_seq) {
+        if digest
+            .as_ref()
+            .is_none_or(|d| d.epoch != epoch || d.head_seq < state.head_seq)
+        {
             *digest = Some(state);
         }
-        *cached = Some(file.clone());
+        *cached = Some((epoch, file.clone()));
         Ok(file)
     }
 
@@ -489,6 +521,16 @@ impl Ledger {
             Ok(())
         } else {
             Err(StorageError::Unavailable("the master's database does not answer".into()).into())
+        }
+    }
+
+    /// Refuses reads on a relay that holds no copy of the ledger yet: an empty answer would be
+    /// taken for an empty ledger.
+    fn require_ready(&self) -> Result<(), LedgerError> {
+        if self.feed().ready() {
+            Ok(())
+        } else {
+            Err(LedgerError::NoCopyYet)
         }
     }
 }

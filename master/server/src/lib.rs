@@ -4,7 +4,10 @@
 //!
 //! A policy travels `service` (gRPC edge) → `ledger` (completion, validation) → `writer` (group
 //! commit) → `ledger_storage` (diesel: SQLite or PostgreSQL) → `feed` (fan-out) →
-//! `subscription` (one stream per member). See ARCHITECTURE.md.
+//! `subscription` (one stream per member). On a relay (a master whose source is another
+//! master), `upstream` takes the writer's place: it follows the upstream's stream into the
+//! storage and the feed, and forwards writes upstream with the caller's credentials. See
+//! ARCHITECTURE.md.
 
 #![warn(missing_docs)]
 
@@ -21,4 +24,5 @@ pub mod metrics;
 pub mod serve;
 pub mod service;
 pub mod subscription;
+pub mod upstream;
 pub mod writer;

@@ -11,7 +11,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use crate::error::LedgerError;
 use ledger_storage::Rejection;
 
-/// Serves the master's `/metrics` on `addr` and returns the address bound (see [`serve`]).
+/// Serves the master's `/metrics` on `addr` and returns the address bound (see
+/// [`ledger_ops::metrics_endpoint::serve`]).
 pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -40,8 +41,18 @@ pub fn error_outcome(error: &LedgerError) -> &'static str {
         LedgerError::Rejected(Rejection::NotFound(_)) | LedgerError::NotFound(_) => "not_found",
         LedgerError::Storage(e) if e.is_disk_full() => "disk_full",
         LedgerError::Storage(e) if e.is_unavailable() => "unavailable",
-        LedgerError::ShuttingDown => "unavailable",
-        LedgerError::Auth(_) => "denied",
+        LedgerError::ShuttingDown | LedgerError::NoCopyYet => "unavailable",
+        LedgerError::Auth(_) | LedgerError::CannotForward(_) => "denied",
+        // A relay's write refused upstream counts as the upstream refused it.
+        LedgerError::Upstream(status) => match status.code() {
+            tonic::Code::AlreadyExists => "already_exists",
+            tonic::Code::NotFound => "not_found",
+            tonic::Code::InvalidArgument => "invalid",
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => "denied",
+            tonic::Code::Unavailable => "unavailable",
+            tonic::Code::ResourceExhausted => "disk_full",
+            _ => "error",
+        },
         _ => "error",
     }
 }
@@ -65,11 +76,6 @@ pub fn head(seq: u64) {
 /// The ledger holds `count` policies.
 pub fn policies(count: u64) {
     gauge!("ledger_policies").set(count as f64);
-}
-
-/// The number of policies changed by `delta`.
-pub fn policies_changed(delta: f64) {
-    gauge!("ledger_policies").increment(delta);
 }
 
 /// A subscriber joined (`+1`) or left (`-1`).
@@ -131,6 +137,26 @@ pub fn db_pool(in_use: u32, size: u32) {
 pub fn snapshots(running: usize, waiting: usize) {
     gauge!("ledger_snapshots_running").set(running as f64);
     gauge!("ledger_snapshots_waiting").set(waiting as f64);
+}
+
+/// Whether a relay's stream from its upstream is open (1) or not (0).
+pub fn upstream_connected(up: bool) {
+    gauge!("ledger_upstream_connected").set(if up { 1.0 } else { 0.0 });
+}
+
+/// A relay subscribed to an upstream again after an earlier stream.
+pub fn upstream_reconnected() {
+    counter!("ledger_upstream_reconnects_total").increment(1);
+}
+
+/// A relay's upstream said its head is `seq`.
+pub fn upstream_head(seq: u64) {
+    gauge!("ledger_upstream_head_seq").set(seq as f64);
+}
+
+/// A relay's copy was replaced by its upstream's snapshot.
+pub fn upstream_reset() {
+    counter!("ledger_upstream_resets_total").increment(1);
 }
 
 /// A snapshot was ended because its client read nothing for the stall timeout.

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{AuthError, Authorizer, Role, certificate_common_name};
 use crate::error::LedgerError;
-use crate::ledger::{Ledger, ListQuery};
+use crate::ledger::{Caller, Ledger, ListQuery};
 use crate::limits::StreamLimiter;
 use crate::log_limit::{self, LogLimit};
 use crate::subscription::Event;
@@ -105,7 +105,10 @@ impl From<LedgerError> for Status {
             LedgerError::Auth(AuthError::PermissionDenied { .. }) => {
                 Status::permission_denied(message)
             }
-            LedgerError::ShuttingDown => Status::unavailable(message),
+            LedgerError::ShuttingDown | LedgerError::NoCopyYet => Status::unavailable(message),
+            LedgerError::CannotForward(_) => Status::permission_denied(message),
+            // The subscriber resubscribes at once (a member does, on ABORTED).
+            LedgerError::Reset => Status::aborted(message),
             // A relay passes its upstream's answer on unchanged.
             LedgerError::Upstream(status) => status,
             LedgerError::Storage(e) if e.is_disk_full() => Status::resource_exhausted(message),
@@ -186,6 +189,21 @@ fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Du
     })
 }
 
+/// The writer of `request`, known here as `host`: with the credentials it sent, which a relay
+/// forwards upstream.
+fn caller<T>(request: &Request<T>, host: String) -> Caller {
+    let mut authorization = request.metadata().get("authorization").cloned();
+    if let Some(value) = &mut authorization {
+        // Keeps the secret out of h2/hyper debug logs when a relay sends it on.
+        value.set_sensitive(true);
+    }
+    Caller {
+        host,
+        authorization,
+        certificate: request.peer_certs().is_some_and(|certs| !certs.is_empty()),
+    }
+}
+
 fn client_host<T>(request: &Request<T>) -> String {
     request
         .remote_addr()
@@ -202,9 +220,10 @@ impl LedgerService for LedgerGrpc {
         request: Request<pb::InsertPolicyRequest>,
     ) -> Result<Response<pb::InsertPolicyResponse>, Status> {
         let host = self.authorize(&request, Role::Writer, "insert policies")?;
+        let caller = caller(&request, host);
         let policy = self
             .ledger
-            .insert(&request.get_ref().policy_json, &host)
+            .insert(&request.get_ref().policy_json, &caller)
             .await?;
         Ok(Response::new(pb::InsertPolicyResponse {
             policy: Some(policy_message(&policy)),
@@ -216,7 +235,8 @@ impl LedgerService for LedgerGrpc {
         request: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
         let host = self.authorize(&request, Role::Admin, "delete policies")?;
-        let seq = self.ledger.delete(&request.get_ref().id, &host).await?;
+        let caller = caller(&request, host);
+        let seq = self.ledger.delete(&request.get_ref().id, &caller).await?;
         Ok(Response::new(pb::DeletePolicyResponse { seq }))
     }
 
@@ -323,7 +343,6 @@ impl LedgerService for LedgerGrpc {
 mod tests {
     use std::time::Duration;
 
-    use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
     use ledger_proto::pb::stream_ledger_response::Event as Proto;
     use prost::Message;
     use tokio_util::sync::CancellationToken;
@@ -391,10 +410,20 @@ mod tests {
             .unwrap();
         let storage: Arc<dyn Storage> = Arc::new(DieselStorage::open(&url, 4).unwrap());
         let feed = ChangeFeed::new(0, 16, crate::feed::DEFAULT_KEPT_BYTES);
-        // Only streams are opened: the write path is never used.
-        let upstream = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        // Only streams are opened: the write path (a relay's, never connected) is never used.
+        let upstream = crate::upstream::Upstream::new(crate::upstream::UpstreamOptions {
+            follow: ledger_client::follow::FollowOptions {
+                masters: Vec::new(),
+                client: Default::default(),
+                connect_timeout: Duration::from_secs(1),
+                retry_min: Duration::from_secs(1),
+                retry_max: Duration::from_secs(1),
+            },
+            write_as_self: false,
+            change_retention: None,
+        });
         let ledger = Ledger::new(
-            WritePath::Upstream(LedgerServiceClient::new(upstream)),
+            WritePath::Upstream(upstream.forwarder()),
             SubscriptionContext {
                 storage: storage.clone(),
                 feed: feed.clone(),

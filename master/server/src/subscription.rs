@@ -4,6 +4,11 @@
 //! either before the read (and comes from the storage) or after it (and comes from the feed);
 //! changes seen in both are recognised by their seq and sent once. A seq that jumps ahead of
 //! the next expected one is filled from the storage, so no change is ever skipped.
+//!
+//! On a relay, the copy served can be replaced by a snapshot from upstream
+//! ([`ChangeFeed::reset`]): a stream that began before ends with [`LedgerError::Reset`], and its
+//! subscriber subscribes again (a snapshot if it is now behind what the relay can replay). A
+//! relay without a copy yet holds new streams until it has one.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -100,6 +105,7 @@ enum Wake {
     Idle,
     Shutdown,
     DatabaseDown,
+    Reset,
 }
 
 /// The error that ends a stream when the database stops answering.
@@ -119,6 +125,24 @@ pub fn subscribe(
 ) -> impl Stream<Item = Result<Event, LedgerError>> + Send + 'static {
     async_stream::stream! {
         let _counted = SubscriberGauge::new();
+        // A relay without a copy yet: hand out nothing rather than an empty ledger.
+        let mut ready = ctx.feed.watch_ready();
+        if !*ready.borrow_and_update() {
+            // No yield inside the select: its output (a watch guard) must not live across one.
+            let stopping = tokio::select! {
+                _ = ready.wait_for(|ready| *ready) => false,
+                _ = ctx.shutdown.cancelled() => true,
+            };
+            if stopping {
+                yield Err(LedgerError::ShuttingDown);
+                return;
+            }
+        }
+        // Taken before the feed and the storage are read: a reset after this ends the stream,
+        // so no stream ever mixes two copies.
+        let mut epoch = ctx.feed.watch_epoch();
+        let started = *epoch.borrow_and_update();
+        let reset = |epoch: &tokio::sync::watch::Receiver<u64>| *epoch.borrow() != started;
         let mut live = ctx.feed.subscribe();
         let mut database = ctx.feed.watch_database();
         if !*database.borrow_and_update() {
@@ -162,6 +186,10 @@ pub fn subscribe(
                         return;
                     }
                 };
+                if reset(&epoch) {
+                    yield Err(LedgerError::Reset);
+                    return;
+                }
                 let full = changes.len() == PAGE_SIZE;
                 for change in changes {
                     last = change.seq;
@@ -243,6 +271,10 @@ pub fn subscribe(
                 }
             }
         }
+        if reset(&epoch) {
+            yield Err(LedgerError::Reset);
+            return;
+        }
         yield Ok(Event::CaughtUp { seq: last });
 
         let idle = tokio::time::sleep(ctx.progress_interval);
@@ -252,6 +284,7 @@ pub fn subscribe(
                 biased;
                 _ = ctx.shutdown.cancelled() => Wake::Shutdown,
                 _ = database.wait_for(|up| !*up) => Wake::DatabaseDown,
+                _ = epoch.wait_for(|epoch| *epoch != started) => Wake::Reset,
                 received = live.recv() => Wake::Change(received),
                 _ = &mut idle => Wake::Idle,
             };
@@ -262,6 +295,10 @@ pub fn subscribe(
                 }
                 Wake::DatabaseDown => {
                     yield Err(database_down());
+                    return;
+                }
+                Wake::Reset => {
+                    yield Err(LedgerError::Reset);
                     return;
                 }
                 Wake::Idle => {
@@ -284,6 +321,10 @@ pub fn subscribe(
                                 return;
                             }
                         };
+                        if reset(&epoch) {
+                            yield Err(LedgerError::Reset);
+                            return;
+                        }
                         if missing.is_empty() {
                             yield Err(StorageError::Corrupt(format!(
                                 "change {} was announced but changes after {last} are missing",

@@ -97,6 +97,46 @@ impl Writer {
     }
 }
 
+/// Keeps the change log at `--change-retention` changes: a master's writer and a relay's
+/// upstream link, each after its commits.
+#[derive(Debug, Clone, Copy)]
+pub struct Pruner {
+    keep: Option<u64>,
+    /// Changes up to here were pruned by this process.
+    pruned_through: u64,
+}
+
+impl Pruner {
+    /// Keeps `keep` changes; `None` keeps every change.
+    pub fn new(keep: Option<u64>) -> Pruner {
+        Pruner {
+            keep,
+            pruned_through: 0,
+        }
+    }
+
+    /// The changes up to `head` are committed: prune what falls out of the retention. Pruning
+    /// is a transaction of its own, so it runs in steps of a quarter of the retention, not
+    /// after every commit. Blocks.
+    pub fn committed(&mut self, storage: &dyn Storage, head: u64) {
+        let Some(keep) = self.keep else {
+            return;
+        };
+        let through = head.saturating_sub(keep);
+        if through >= self.pruned_through + (keep / 4).max(1) {
+            match storage.prune_changes(through) {
+                Ok(()) => self.pruned_through = through,
+                Err(e) => tracing::warn!(error = %e, "could not prune the change log"),
+            }
+        }
+    }
+
+    /// The log was emptied up to `seq` (a relay's copy replaced by a snapshot).
+    pub fn replaced(&mut self, seq: u64) {
+        self.pruned_through = seq;
+    }
+}
+
 fn run(
     storage: Arc<dyn Storage>,
     feed: ChangeFeed,
@@ -106,8 +146,7 @@ fn run(
 ) {
     let max_batch = options.max_batch.max(1);
     let mut batch = Vec::with_capacity(max_batch);
-    // Pruning is a transaction of its own: do it in steps, not after every batch.
-    let mut pruned_through = 0u64;
+    let mut pruner = Pruner::new(options.change_retention);
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -139,14 +178,8 @@ fn run(
                     // The caller may have gone (deadline, disconnect); the write stands anyway.
                     let _ = request.reply.send(result.map_err(LedgerError::from));
                 }
-                if let (Some(head), Some(keep)) = (head, options.change_retention) {
-                    let through = head.saturating_sub(keep);
-                    if through >= pruned_through + (keep / 4).max(1) {
-                        match storage.prune_changes(through) {
-                            Ok(()) => pruned_through = through,
-                            Err(e) => tracing::warn!(error = %e, "could not prune the change log"),
-                        }
-                    }
+                if let Some(head) = head {
+                    pruner.committed(&*storage, head);
                 }
             }
             Err(e) => {

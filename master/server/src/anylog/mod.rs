@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::LedgerError;
-use crate::ledger::Ledger;
+use crate::ledger::{Caller, Ledger};
 use crate::log_limit::{self, LogLimit};
 use crate::metrics;
 use command::{Refusal, Request, clip};
@@ -274,7 +274,11 @@ impl AnyLogEdge {
             metrics::anylog_message(word, "denied");
             return self.fail(node, "push", refusal).await;
         }
-        match self.ledger.insert(json, &node.host).await {
+        match self
+            .ledger
+            .insert(json, &Caller::at(node.host.clone()))
+            .await
+        {
             Ok(policy) => {
                 metrics::anylog_message(word, "ok");
                 tracing::debug!(node = %node.address(), id = %policy.id, seq = policy.seq, "anylog: pushed");
@@ -282,6 +286,13 @@ impl AnyLogEdge {
             Err(LedgerError::Rejected(Rejection::AlreadyExists(id))) if ignore_duplicate => {
                 metrics::anylog_message(word, "ok");
                 tracing::debug!(node = %node.address(), %id, "anylog: pushed again (ignored)");
+            }
+            // Through a relay, the upstream's answer to a duplicate.
+            Err(LedgerError::Upstream(status))
+                if ignore_duplicate && status.code() == tonic::Code::AlreadyExists =>
+            {
+                metrics::anylog_message(word, "ok");
+                tracing::debug!(node = %node.address(), "anylog: pushed again (ignored upstream)");
             }
             Err(e) => {
                 metrics::anylog_message(word, metrics::error_outcome(&e));
@@ -300,7 +311,11 @@ impl AnyLogEdge {
             return self.fail(node, "drop", refusal).await;
         }
         for id in ids {
-            match self.ledger.delete(&id, &node.host).await {
+            match self
+                .ledger
+                .delete(&id, &Caller::at(node.host.clone()))
+                .await
+            {
                 Ok(_) => metrics::anylog_message("drop", "ok"),
                 Err(e) => {
                     metrics::anylog_message("drop", metrics::error_outcome(&e));
@@ -515,6 +530,9 @@ fn echo_code(error: &LedgerError) -> u16 {
         ) => error_code::JSON_STRUCTURE,
         LedgerError::InvalidPolicy(_) => error_code::WRONG_POLICY_STRUCTURE,
         LedgerError::Rejected(Rejection::NotFound(_)) | LedgerError::NotFound(_) => {
+            error_code::DELETE_WRONG_KEY
+        }
+        LedgerError::Upstream(status) if status.code() == tonic::Code::NotFound => {
             error_code::DELETE_WRONG_KEY
         }
         // A duplicate id, as EdgeLake's master answers it, and every other failed write.

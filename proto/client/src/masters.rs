@@ -1,4 +1,5 @@
-//! Master addresses, connections to them, and readable descriptions of what went wrong.
+//! Master addresses, connections to them (TLS, bearer token), and readable descriptions of
+//! what went wrong. A relay's upstream is a master too: the same code reaches it.
 
 use std::fmt;
 use std::time::Duration;
@@ -80,24 +81,55 @@ pub struct TlsFiles {
     pub domain: Option<String>,
 }
 
-/// How the member talks to masters: TLS and the bearer token. The default is plaintext
-/// without a token.
-#[derive(Debug, Clone, Default)]
+/// How a client talks to masters: TLS, its client certificate and the bearer token. The
+/// default is plaintext without a token.
+#[derive(Debug, Clone)]
 pub struct ClientOptions {
     tls: Option<ClientTlsConfig>,
+    /// Whether `tls` holds a client certificate.
+    certificate: bool,
     token: BearerToken,
+    /// How the command line names these settings, for the hints of errors: `--` (the member's
+    /// `--tls-ca`, `--token`) or `--upstream-` (a relay's `--upstream-tls-ca`, ...).
+    flags: &'static str,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            tls: None,
+            certificate: false,
+            token: BearerToken::default(),
+            flags: "--",
+        }
+    }
 }
 
 impl ClientOptions {
-    /// Reads the PEM files of `tls` and prepares `token`.
+    /// Reads the PEM files of `tls` and prepares `token`; errors name the member's flags
+    /// (`--tls-ca`, ...).
     pub fn new(tls: &TlsFiles, token: Option<&str>) -> Result<ClientOptions, String> {
+        Self::with_flag_prefix(tls, token, "--")
+    }
+
+    /// [`ClientOptions::new`] for settings whose flags start with `prefix` (`--upstream-`
+    /// names `--upstream-tls-ca`, `--upstream-tls-cert`, ...), so that errors name them.
+    pub fn with_flag_prefix(
+        tls: &TlsFiles,
+        token: Option<&str>,
+        prefix: &'static str,
+    ) -> Result<ClientOptions, String> {
         let read = |path: &PathBuf| {
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
         };
+        let p = prefix;
+        let mut certificate = false;
         let tls = match &tls.ca {
             None => {
                 if tls.cert.is_some() || tls.domain.is_some() {
-                    return Err("--tls-cert and --tls-domain need --tls-ca (the CA that signed the master's certificate)".into());
+                    return Err(format!(
+                        "{p}tls-cert and {p}tls-domain need {p}tls-ca (the CA that signed the master's certificate)"
+                    ));
                 }
                 None
             }
@@ -107,9 +139,10 @@ impl ClientOptions {
                 match (&tls.cert, &tls.key) {
                     (Some(cert), Some(key)) => {
                         config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+                        certificate = true;
                     }
                     (None, None) => {}
-                    _ => return Err("--tls-cert and --tls-key go together".into()),
+                    _ => return Err(format!("{p}tls-cert and {p}tls-key go together")),
                 }
                 if let Some(domain) = &tls.domain {
                     config = config.domain_name(domain.clone());
@@ -119,13 +152,34 @@ impl ClientOptions {
         };
         Ok(ClientOptions {
             tls,
+            certificate,
             token: BearerToken::new(token)?,
+            flags: prefix,
         })
     }
 
     /// Whether connections use TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// Whether calls carry an identity of this client: a client certificate (on the
+    /// connection) or a bearer token (on every call).
+    pub fn has_identity(&self) -> bool {
+        self.certificate || self.token.0.is_some()
+    }
+
+    /// The `authorization` metadata this client sends (`Bearer TOKEN`), if a token is set.
+    pub fn authorization(&self) -> Option<&MetadataValue<Ascii>> {
+        self.token.0.as_ref()
+    }
+
+    /// A client of the master at the other end of `channel` that sends this client's token.
+    pub fn client(&self, channel: Channel) -> Client {
+        with_limits(LedgerServiceClient::with_interceptor(
+            channel,
+            self.token.clone(),
+        ))
     }
 }
 
@@ -167,40 +221,33 @@ impl MasterAddr {
         options: &ClientOptions,
         timeout: Duration,
     ) -> Result<Client, String> {
-        let endpoint = self.endpoint(options, timeout)?;
-        let channel = tokio::time::timeout(timeout, endpoint.connect())
-            .await
-            .map_err(|_| format!("no answer within {timeout:?}"))?
-            .map_err(|e| describe(&e))?;
-        Ok(limits(LedgerServiceClient::with_interceptor(
-            channel,
-            options.token.clone(),
-        )))
+        Ok(options.client(self.channel(options, timeout).await?))
     }
 
-    /// A client that connects at its first call and reconnects after a failure, each call
-    /// bounded by `timeout`: a relay's long-lived path for forwarding writes. It uses the TLS
-    /// settings (and so the client certificate) of `options` but sends no token: the master's
-    /// forwarding path takes a plain channel.
-    pub fn lazy_client(
+    /// Opens a connection with the TLS settings (and client certificate) of `options`,
+    /// failing after `timeout`. Calls on it carry no token unless the client made of it adds
+    /// one ([`ClientOptions::client`]), so one connection can carry calls with other
+    /// credentials too (a relay forwards its callers' tokens on it).
+    pub async fn channel(
         &self,
         options: &ClientOptions,
         timeout: Duration,
-    ) -> Result<LedgerServiceClient<Channel>, String> {
-        Ok(limits(LedgerServiceClient::new(
-            self.endpoint(options, timeout)?
-                .timeout(timeout)
-                .connect_lazy(),
-        )))
+    ) -> Result<Channel, String> {
+        let endpoint = self.endpoint(options, timeout)?;
+        tokio::time::timeout(timeout, endpoint.connect())
+            .await
+            .map_err(|_| format!("no answer within {timeout:?}"))?
+            .map_err(|e| describe(&e))
     }
 
     fn endpoint(&self, options: &ClientOptions, timeout: Duration) -> Result<Endpoint, String> {
         let uri = match &options.tls {
             Some(_) => self.uri.replacen("http://", "https://", 1),
             None if self.text.starts_with("https://") => {
-                return Err(
-                    "https:// needs --tls-ca (the CA that signed the master's certificate)".into(),
-                );
+                return Err(format!(
+                    "https:// needs {}tls-ca (the CA that signed the master's certificate)",
+                    options.flags
+                ));
             }
             None => self.uri.clone(),
         };
@@ -220,7 +267,8 @@ impl MasterAddr {
     }
 }
 
-fn limits<T>(client: LedgerServiceClient<T>) -> LedgerServiceClient<T>
+/// `client` with the message size limits of every client here: far above any policy.
+pub fn with_limits<T>(client: LedgerServiceClient<T>) -> LedgerServiceClient<T>
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
     T::Error: Into<tonic::codegen::StdError>,
@@ -291,7 +339,10 @@ pub fn is_transport_failure(status: &tonic::Status) -> bool {
 pub fn describe_call_failure(status: &tonic::Status, options: &ClientOptions) -> String {
     let text = describe_status(status);
     if is_transport_failure(status) && !options.is_tls() {
-        format!("{text} (the connection failed: if the master speaks TLS, give --tls-ca)")
+        format!(
+            "{text} (the connection failed: if the master speaks TLS, give {}tls-ca)",
+            options.flags
+        )
     } else {
         text
     }
