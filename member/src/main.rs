@@ -15,6 +15,7 @@ use ledger_member::sidecar::Sidecar;
 use ledger_member::sync::{self, SyncError, SyncOptions};
 use ledger_ops::{config_file, logging};
 use ledger_server::auth::Authorizer;
+use ledger_server::error::SecurityError;
 use ledger_server::serve::{SecurityFiles, load_security};
 use ledger_storage::DatabaseUrl;
 use tokio_util::sync::CancellationToken;
@@ -137,7 +138,7 @@ async fn daemon(cli: Cli, client: ClientOptions) -> ExitCode {
 /// `--serve-auth-file` files, with the master's warnings when they are missing.
 fn serving_security(
     daemon: &DaemonArgs,
-) -> Result<(Option<ServerTlsConfig>, Option<Arc<Authorizer>>), String> {
+) -> Result<(Option<ServerTlsConfig>, Option<Arc<Authorizer>>), SecurityError> {
     if daemon.serve.is_none() {
         return Ok((None, None));
     }
