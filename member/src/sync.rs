@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ledger_proto::pb;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Streaming};
+use tonic::Streaming;
 
 use crate::backoff::Backoff;
 use crate::ledger_file::{FileError, LedgerFile};
@@ -434,11 +434,12 @@ fn event_bytes(event: &pb::StreamLedgerResponse) -> usize {
     }
 }
 
-/// What a failed stream means.
+/// What a failed stream means: the master's reason says whether to resume at once.
 fn ended(status: &tonic::Status) -> End {
+    use ledger_proto::errors::{self, Reason};
     let reason = masters::describe_status(status);
-    match status.code() {
-        Code::ResourceExhausted => End::Lagged(reason),
+    match errors::reason(status) {
+        Some(Reason::SubscriberLagged | Reason::SnapshotStalled) => End::Lagged(reason),
         _ => End::Disconnected(reason),
     }
 }
