@@ -235,4 +235,17 @@ mod tests {
             .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
             .unwrap_or_default()
     }
+
+    /// The README's error table has a row for every reason.
+    #[test]
+    fn the_readme_lists_every_reason() {
+        let readme = include_str!("../../README.md");
+        for reason in all_reasons() {
+            assert!(
+                readme.contains(&format!("| `{}` |", reason.as_str_name())),
+                "README.md does not list {}",
+                reason.as_str_name()
+            );
+        }
+    }
 }
