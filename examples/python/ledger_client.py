@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """A Python client of the Ledger master, generated from proto/ledger/v1/ledger.proto at run time.
 
-Nothing generated is checked in: `load_stubs()` runs grpcio-tools' protoc on the .proto (as
+Nothing generated is checked in: `load_stubs()` runs grpcio-tools' protoc on the .proto files (as
 `python -m grpc_tools.protoc -Iproto --python_out=OUT --grpc_python_out=OUT
-ledger/v1/ledger.proto`) and imports the result. Needs `pip install grpcio grpcio-tools`.
+ledger/v1/ledger.proto ledger/v1/errors.proto`) and imports the result. Needs `pip install grpcio
+grpcio-tools`, and grpcio-status for `refusal()` (why the master refused a call).
 
 Run the demo against a master (it inserts, gets, lists, streams, resumes and deletes):
 
@@ -16,6 +17,10 @@ Use it as a library:
         p = c.insert({"operator": {"name": "op1", "company": "Acme", "port": 32148}})
         c.list("operator", {"company": "Acme"})
         c.stream(after_seq=0)          # [("reset", ...), ("inserted", ...), ..., ("caught_up", seq)]
+    try:
+        c.insert({"operator": {"name": "op1", "company": "Acme", "port": 32148}})
+    except grpc.RpcError as e:
+        refusal(e)                     # ("POLICY_EXISTS", {"policy_id": "..."})
 """
 
 from __future__ import annotations
@@ -35,20 +40,23 @@ import grpc
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROTO_DIR = os.path.join(REPO, "proto")
-PROTO_FILE = "ledger/v1/ledger.proto"
+PROTO_FILES = ["ledger/v1/ledger.proto", "ledger/v1/errors.proto"]
+# The domain of the google.rpc.ErrorInfo of the master's refusals (proto/ledger/v1/errors.proto).
+REASON_DOMAIN = "ledger.v1"
 
 _stubs = None
 
 
 def load_stubs(proto_dir: str = PROTO_DIR, out_dir: Optional[str] = None):
-    """Generates the Python code of ledger.proto into out_dir (a new temp dir by default) with
-    grpc_tools.protoc and returns the modules (ledger_pb2, ledger_pb2_grpc)."""
+    """Generates the Python code of ledger.proto and errors.proto into out_dir (a new temp dir by
+    default) with grpc_tools.protoc and returns the modules (ledger_pb2, ledger_pb2_grpc);
+    errors_pb2 (the ErrorReason enum) is then importable as ledger.v1.errors_pb2."""
     global _stubs
     if _stubs is not None:
         return _stubs
     out_dir = out_dir or tempfile.mkdtemp(prefix="ledger-pb-")
     cmd = [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}",
-           f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", PROTO_FILE]
+           f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", *PROTO_FILES]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if res.returncode != 0:
         raise RuntimeError(f"protoc failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr}")
@@ -77,6 +85,26 @@ def _policy(p) -> Policy:
     return Policy(id=p.id, type=p.type, json=p.json, seq=p.seq)
 
 
+def refusal(error: grpc.RpcError) -> Optional[tuple]:
+    """Why the master refused a call: (reason, metadata) from the google.rpc.ErrorInfo in the
+    status details, e.g. ("POLICY_EXISTS", {"policy_id": "..."}) or ("POLICY_INVALID",
+    {"problem": "INVALID_JSON", "line": "1", "column": "2"}); the reasons and their metadata are
+    the ErrorReason enum of proto/ledger/v1/errors.proto. None for a status that did not come from
+    the master (a transport failure, the client's own deadline). Branch on this and the code,
+    not on the message. Needs grpcio-status (which brings googleapis-common-protos)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    if status is None:
+        return None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == REASON_DOMAIN:
+            return info.reason, dict(info.metadata)
+    return None
+
+
 def event_tuple(resp) -> tuple:
     """A StreamLedgerResponse as a plain tuple:
     ("reset", seq, snapshot_seq, policy_count), ("inserted", seq, Policy),
@@ -98,7 +126,7 @@ def event_tuple(resp) -> tuple:
 class LedgerClient:
     """A thin client of ledger.v1.LedgerService. Every unary call has a deadline (`timeout`
     seconds); errors are grpc.RpcError with .code() ALREADY_EXISTS, INVALID_ARGUMENT,
-    NOT_FOUND, UNAVAILABLE..."""
+    NOT_FOUND, UNAVAILABLE..., and the master's reason: refusal(error)."""
 
     def __init__(self, addr: str, timeout: float = 10.0, proto_dir: str = PROTO_DIR):
         self.pb2, pb2_grpc = load_stubs(proto_dir)
@@ -200,7 +228,8 @@ def demo(addr: str, suffix: str) -> None:
             c.insert({"operator": {"name": f"op1-{suffix}", "company": company,
                                    "ip": "10.0.0.1", "port": 32148}})
         except grpc.RpcError as e:
-            print(f"InsertPolicy  (same policy again) -> {e.code().name}: {e.details()}")
+            print(f"InsertPolicy  (same policy again) -> {e.code().name} {refusal(e)}: "
+                  f"{e.details()}")
         got = c.get(ids[0].id)
         print(f"GetPolicy     {ids[0].id} -> {got.body['name']} (seq {got.seq})")
         found = c.list("operator", {"company": company})
@@ -224,7 +253,7 @@ def demo(addr: str, suffix: str) -> None:
         try:
             c.get(ids[2].id)
         except grpc.RpcError as e:
-            print(f"GetPolicy     {ids[2].id} -> {e.code().name}: {e.details()}")
+            print(f"GetPolicy     {ids[2].id} -> {e.code().name} {refusal(e)}: {e.details()}")
         events = c.stream(after_seq=seq - 1)
         print(f"StreamLedger  after_seq {seq - 1} -> {[describe(ev) for ev in events]}")
         info = c.info()

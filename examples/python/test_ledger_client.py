@@ -5,13 +5,14 @@ the client from proto/ with grpcio-tools, and checks insert, get, list, delete, 
 StreamLedger from 0 and resumed from a middle seq, a live change, the digest, the demo script,
 and that SIGTERM ends open streams with UNAVAILABLE and the master with exit 0.
 
-    pip install grpcio grpcio-tools pytest
+    pip install grpcio grpcio-tools grpcio-status pytest
     pytest -v examples/python          # LEDGER_MASTER_BIN=path/to/master (default target/debug/master)
 
 Tests run in file order and share one master.
 """
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -116,6 +117,13 @@ def code_of(call, *args):
     return exc.value.code()
 
 
+def refused(call, *args):
+    """The code and the master's (reason, metadata) of a call that must fail."""
+    with pytest.raises(grpc.RpcError) as exc:
+        call(*args)
+    return exc.value.code(), ledger_client.refusal(exc.value)
+
+
 def test_generated_stubs():
     pb2, pb2_grpc = load_stubs()
     methods = pb2.DESCRIPTOR.services_by_name["LedgerService"].methods_by_name
@@ -158,6 +166,22 @@ def test_errors(client, state):
     assert code_of(client.insert, {"operator": "not an object"}) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(client.get, "no-such-id") == grpc.StatusCode.NOT_FOUND
     assert code_of(client.delete, "no-such-id") == grpc.StatusCode.NOT_FOUND
+    # each refusal says why, as data: google.rpc.ErrorInfo, reasons from errors.proto
+    assert refused(client.insert, TABLE) == (
+        grpc.StatusCode.ALREADY_EXISTS, ("POLICY_EXISTS", {"policy_id": TABLE_ID}))
+    code, (reason, metadata) = refused(client.insert, "not json")
+    assert (code, reason, metadata["problem"], metadata["line"]) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "POLICY_INVALID", "INVALID_JSON", "1")
+    assert refused(client.insert, {"a": {}, "b": {}}) == (
+        grpc.StatusCode.INVALID_ARGUMENT, ("POLICY_INVALID", {"problem": "WRONG_STRUCTURE"}))
+    assert refused(client.get, "no-such-id") == (
+        grpc.StatusCode.NOT_FOUND, ("POLICY_NOT_FOUND", {"policy_id": "no-such-id"}))
+    assert refused(client.delete, "") == (
+        grpc.StatusCode.INVALID_ARGUMENT, ("POLICY_ID_EMPTY", {}))
+    # the reasons are the ErrorReason enum generated from errors.proto
+    errors_pb2 = importlib.import_module("ledger.v1.errors_pb2")
+    for name in ("POLICY_EXISTS", "POLICY_INVALID", "POLICY_NOT_FOUND", "POLICY_ID_EMPTY"):
+        assert errors_pb2.ErrorReason.Value(name) > 0
     # nothing above took a seq
     assert client.info().head_seq == 5
 
@@ -253,7 +277,7 @@ def test_demo_script(master):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "InsertPolicy  (same policy again) -> ALREADY_EXISTS" in out
+    assert "InsertPolicy  (same policy again) -> ALREADY_EXISTS ('POLICY_EXISTS'" in out
     assert re.search(r"StreamLedger  after_seq 0 -> \d+ events", out)
     assert "reset (snapshot at seq 10, 8 policies follow)" in out
     assert re.search(r"StreamLedger  after_seq 8 \(resume\) -> exactly the changes after it:\n"
@@ -273,6 +297,7 @@ def test_sigterm_ends_streams_and_exits_0(master, client):
         for resp in events:
             assert resp.WhichOneof("event") == "progress", resp
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE, exc.value
+    assert ledger_client.refusal(exc.value) == ("SHUTTING_DOWN", {})
     try:
         rc = master.proc.wait(STOP_TIMEOUT)
     except subprocess.TimeoutExpired:

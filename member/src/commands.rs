@@ -29,8 +29,9 @@ pub enum CommandError {
     /// No policy with the id.
     #[error("not found: {0}")]
     NotFound(String),
-    /// The master refused the policy text.
-    #[error("invalid policy: {0}")]
+    /// The master refused the policy text (`POLICY_INVALID`, `POLICY_TOO_LARGE`,
+    /// `POLICY_TOO_DEEP`): the master's message, which says why (`invalid policy: ...`).
+    #[error("{0}")]
     InvalidPolicy(String),
     /// The master refused an argument.
     #[error("invalid argument: {0}")]
@@ -70,6 +71,7 @@ impl CommandError {
     }
 
     fn from_status(status: Status, master: &MasterAddr, options: &ClientOptions) -> CommandError {
+        use ledger_proto::errors::{self, Reason};
         let message = status.message().to_string();
         if masters::is_transport_failure(&status) {
             return CommandError::Unreachable(format!(
@@ -77,13 +79,17 @@ impl CommandError {
                 masters::describe_call_failure(&status, options)
             ));
         }
+        // The reason tells a refused policy text from the other invalid arguments; the code
+        // alone tells the rest.
+        if let Some(Reason::PolicyInvalid | Reason::PolicyTooLarge | Reason::PolicyTooDeep) =
+            errors::reason(&status)
+        {
+            return CommandError::InvalidPolicy(message);
+        }
         match status.code() {
             Code::AlreadyExists => CommandError::AlreadyExists(message),
             Code::NotFound => CommandError::NotFound(message),
-            Code::InvalidArgument => match message.strip_prefix("invalid policy: ") {
-                Some(reason) => CommandError::InvalidPolicy(reason.to_string()),
-                None => CommandError::InvalidArgument(message),
-            },
+            Code::InvalidArgument => CommandError::InvalidArgument(message),
             Code::Unauthenticated => CommandError::Unauthenticated(format!("{master}: {message}")),
             Code::PermissionDenied => {
                 CommandError::PermissionDenied(format!("{master}: {message}"))

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use ledger_anylog::policy;
 use ledger_anylog::pyformat::json_dumps;
+use ledger_proto::errors::{self, Reason};
 use ledger_proto::pb;
 use serde_json::{Value, json};
 use tonic::Code;
@@ -298,7 +299,9 @@ pub async fn settle(
                     .await;
                 match answer {
                     Ok(_) => sidecar.foreign_line(ForeignOutcome::Pushed, range, &id),
-                    Err(status) if status.code() == Code::AlreadyExists => {
+                    // Already there: pushed before (a crash came before the journal was removed),
+                    // or the master had it.
+                    Err(status) if errors::reason(&status) == Some(Reason::PolicyExists) => {
                         sidecar.foreign_line(ForeignOutcome::Pushed, range, &id)
                     }
                     Err(status) if refused(&status) => set_aside(
@@ -318,7 +321,7 @@ pub async fn settle(
                     .await;
                 match answer {
                     Ok(_) => sidecar.foreign_line(ForeignOutcome::Deleted, range, &id),
-                    Err(status) if status.code() == Code::NotFound => {
+                    Err(status) if errors::reason(&status) == Some(Reason::PolicyNotFound) => {
                         sidecar.foreign_line(ForeignOutcome::Deleted, range, &id)
                     }
                     Err(status) if refused(&status) => set_aside(
@@ -352,10 +355,12 @@ pub async fn settle(
                         ),
                         &mut already_aside,
                     )?,
-                    Err(status) if status.code() == Code::NotFound => set_aside(
-                        format!("policy {id:?} is not local and not in the ledger"),
-                        &mut already_aside,
-                    )?,
+                    Err(status) if errors::reason(&status) == Some(Reason::PolicyNotFound) => {
+                        set_aside(
+                            format!("policy {id:?} is not local and not in the ledger"),
+                            &mut already_aside,
+                        )?
+                    }
                     Err(status) => return Err(SettleError::Master(status.message().to_string())),
                 }
             }

@@ -2,9 +2,11 @@
 //! generated from `proto/ledger/v1/ledger.proto`. The AnyLog policy format both sides agree on
 //! is `ledger-anylog` (`proto/anylog`).
 
+pub mod errors;
 pub mod server;
 
-/// The generated `ledger.v1` messages and client; the server is [`server`].
+/// The generated `ledger.v1` messages and client (and `ErrorReason`, which [`errors`] calls
+/// `Reason`); the server is [`server`].
 pub mod pb {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("ledger.v1");

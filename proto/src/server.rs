@@ -6,10 +6,19 @@
 //! carry the encoding of a response made once and shared (a [`Bytes`] is reference counted), so
 //! one change costs one encoding however many streams send it. The bytes on the wire are the
 //! same, and clients decode them as the generated [`pb::StreamLedgerResponse`].
+//!
+//! Its codec, [`LedgerCodec`], is prost's except for a request that does not decode: tonic's
+//! answers INTERNAL (the server failed), this one INVALID_ARGUMENT with the reason
+//! `REQUEST_UNDECODABLE` (the request is wrong), from prost's typed error.
+
+use std::marker::PhantomData;
 
 use prost::Message;
 use prost::bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{DecodeContext, WireType};
+use tonic::Status;
+use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic_prost::ProstEncoder;
 
 use crate::pb;
 
@@ -88,6 +97,52 @@ impl Message for StreamLedgerFrame {
 
     fn clear(&mut self) {
         *self = StreamLedgerFrame::default();
+    }
+}
+
+/// The codec of the generated server: prost's encoding, and a decoder that refuses what does
+/// not decode with [`crate::errors::undecodable`].
+#[derive(Debug)]
+pub struct LedgerCodec<T, U>(PhantomData<fn(T) -> U>);
+
+impl<T, U> Default for LedgerCodec<T, U> {
+    fn default() -> Self {
+        LedgerCodec(PhantomData)
+    }
+}
+
+impl<T, U> Codec for LedgerCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = LedgerDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        LedgerDecoder(PhantomData)
+    }
+}
+
+/// Decodes a request as prost does; a request that does not decode is refused as the client's
+/// error (INVALID_ARGUMENT, `REQUEST_UNDECODABLE`), with prost's description of it.
+#[derive(Debug)]
+pub struct LedgerDecoder<U>(PhantomData<fn() -> U>);
+
+impl<U: Message + Default> Decoder for LedgerDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        U::decode(buf)
+            .map(Some)
+            .map_err(|e| crate::errors::undecodable(&e))
     }
 }
 

@@ -1,5 +1,6 @@
 //! Calls to a running master (or relay) through the generated client, each bounded in time.
 
+use ledger_proto::errors::{self, Reason};
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{
@@ -10,6 +11,25 @@ use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
 use crate::within;
+
+/// Asserts that `status` is the master's refusal for `reason`: the reason's code, the reason in
+/// its `ErrorInfo`, and each `(key, value)` of `metadata` there. Tests branch on this, never on
+/// the message, which is for people.
+#[track_caller]
+pub fn assert_refused(status: &Status, reason: Reason, metadata: &[(&str, &str)]) {
+    assert_eq!(
+        (status.code(), errors::reason(status)),
+        (reason.code(), Some(reason)),
+        "{status:?}"
+    );
+    for (key, value) in metadata {
+        assert_eq!(
+            errors::metadata(status, key).as_deref(),
+            Some(*value),
+            "metadata {key} of {status:?}"
+        );
+    }
+}
 
 /// The generated client over a tonic channel.
 pub type Client = LedgerServiceClient<Channel>;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ledger_proto::errors::{Reason, key};
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoResponse, Policy, StreamLedgerResponse};
 use ledger_storage::DatabaseUrl;
@@ -14,12 +15,14 @@ use ledger_tests::anylog::{
     self, BLOCK_SIZE, Node, SendOptions, block_capacity, encode_message, error_code, generic_flag,
     info_type, offset, send_bytes, set_u16, set_u32,
 };
-use ledger_tests::client::{Client, get, info, insert_ok, next_change, stream, until_caught_up};
+use ledger_tests::client::{
+    Client, assert_refused, get, info, insert_ok, next_change, stream, until_caught_up,
+};
 use ledger_tests::sql::{LedgerRow, ledger_rows};
 use ledger_tests::{Master, Member, PostgresServer, ledger_digest, wait_until, within};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tonic::{Code, Streaming};
+use tonic::Streaming;
 
 /// How long a test waits to be sure the master sends nothing back.
 const QUIET: Duration = Duration::from_secs(2);
@@ -506,9 +509,10 @@ async fn drop_removes_and_an_unknown_id_is_echo_101(backend: &str) {
         (change.seq, change.event),
         (3, Some(Event::DeletedId("doomed".into())))
     );
-    assert_eq!(
-        get(&mut client, "doomed").await.unwrap_err().code(),
-        Code::NotFound
+    assert_refused(
+        &get(&mut client, "doomed").await.unwrap_err(),
+        Reason::PolicyNotFound,
+        &[(key::POLICY_ID, "doomed")],
     );
     node.expect_nothing_for(QUIET).await;
     let ledger = info(&mut client).await;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use ledger_member::paths::LedgerPaths;
 use ledger_member::state::{FileMd5, SyncState};
+use ledger_proto::errors::{self, Reason};
 use ledger_tests::client::{Client, all_policies, delete, info, insert_ok, insert_with_deadline};
 use ledger_tests::member::{python_ledger_ids, wait_converged};
 use ledger_tests::postgres::Cluster;
@@ -74,12 +75,16 @@ impl Gate {
     }
 }
 
+/// A call that failed: its policy's id, the status code, the master's reason, the message.
+type Failed = (String, Code, Option<Reason>, String);
+
 /// What writers saw: the ids acknowledged (with when) and those of calls that failed.
 #[derive(Default)]
 struct Tally {
     acknowledged: Vec<(String, Instant)>,
-    /// Calls answered with an error, or given up at their deadline: the id, code and message.
-    failed: Vec<(String, Code, String)>,
+    /// Calls answered with an error, or given up at their deadline: the id, code, the master's
+    /// reason (none for a call the client gave up) and message.
+    failed: Vec<Failed>,
 }
 
 impl Tally {
@@ -90,14 +95,14 @@ impl Tally {
     /// The calls that failed, by code (`Unavailable 12, DeadlineExceeded 3` once shown).
     fn failures(&self) -> BTreeMap<String, usize> {
         let mut by_code = BTreeMap::new();
-        for (_, code, _) in &self.failed {
+        for (_, code, _, _) in &self.failed {
             *by_code.entry(code_name(*code)).or_insert(0) += 1;
         }
         by_code
     }
 
     fn count(&self, code: Code) -> usize {
-        self.failed.iter().filter(|(_, c, _)| *c == code).count()
+        self.failed.iter().filter(|(_, c, _, _)| *c == code).count()
     }
 }
 
@@ -156,6 +161,7 @@ impl Load {
                                 tally.failed.push((
                                     id,
                                     status.code(),
+                                    errors::reason(&status),
                                     status.message().to_string(),
                                 ));
                                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -247,8 +253,8 @@ struct Outcome {
     /// deletes whose policy is still in one of them; by id, with where.
     lost: BTreeMap<String, Vec<String>>,
     /// Failed calls whose policy was stored all the same (an outcome the client could not
-    /// know): their code and message.
-    stored_though_failed: Vec<(Code, String)>,
+    /// know): their code, reason and message.
+    stored_though_failed: Vec<(Code, Option<Reason>, String)>,
     /// Policies in the master's ledger.
     policies: usize,
 }
@@ -261,7 +267,7 @@ async fn outcome(
     members: &[&Member],
     inserted: &[String],
     deleted: &[String],
-    failed: &[(String, Code, String)],
+    failed: &[Failed],
 ) -> Outcome {
     let ledger = all_policies(client).await;
     let digest = info(client).await.digest;
@@ -297,8 +303,8 @@ async fn outcome(
     }
     let stored_though_failed = failed
         .iter()
-        .filter(|(id, _, _)| in_master.contains(id.as_str()))
-        .map(|(_, code, message)| (*code, message.clone()))
+        .filter(|(id, _, _, _)| in_master.contains(id.as_str()))
+        .map(|(_, code, reason, message)| (*code, *reason, message.clone()))
         .collect();
     Outcome {
         lost,
@@ -386,9 +392,10 @@ async fn postgres_killed_and_restarted_under_load() {
     assert!(outcome.lost.is_empty(), "lost: {:?}", outcome.lost);
     // A refused write that was stored all the same was cut off with PostgreSQL mid-commit: the
     // answer must not have let the client believe that nothing was written.
-    for (code, message) in &outcome.stored_though_failed {
-        assert!(
-            message.contains("may have been committed"),
+    for (code, reason, message) in &outcome.stored_though_failed {
+        assert_eq!(
+            *reason,
+            Some(Reason::WriteOutcomeUnknown),
             "refused ({code:?}: {message}), yet stored"
         );
     }

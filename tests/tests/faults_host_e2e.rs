@@ -4,12 +4,14 @@
 
 use std::time::{Duration, Instant};
 
+use ledger_proto::errors::{self, Reason};
 use ledger_proto::pb;
-use ledger_tests::client::{all_policies, info, insert, next_change, stream, until_caught_up};
+use ledger_tests::client::{
+    all_policies, assert_refused, info, insert, next_change, stream, until_caught_up,
+};
 use ledger_tests::member::{applied_seq, file_md5};
 use ledger_tests::tmpfs::Tmpfs;
 use ledger_tests::{Master, Member, ledger_digest, wait_until, within};
-use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -45,11 +47,7 @@ async fn a_full_disk_under_the_master() {
         unreachable!()
     })
     .await;
-    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
-    assert!(
-        refusal.message().contains("disk is full"),
-        "the refusal names the full disk: {refusal:?}"
-    );
+    assert_refused(&refusal, Reason::DiskFull, &[]);
     assert_eq!(
         master.health("ledger.v1.LedgerService/writes").await,
         ServingStatus::NotServing
@@ -76,7 +74,7 @@ async fn a_full_disk_under_the_master() {
         loop {
             match insert(&mut client, &policy(n, 2048)).await {
                 Ok(policy) => return policy,
-                Err(status) if status.code() == Code::ResourceExhausted => {
+                Err(status) if errors::reason(&status) == Some(Reason::DiskFull) => {
                     tokio::time::sleep(Duration::from_millis(50)).await
                 }
                 Err(status) => panic!("{status:?}"),
@@ -225,7 +223,8 @@ async fn a_failed_writer_stops_the_master() {
         ServingStatus::Serving as i32
     );
     let failed = insert(&mut client, &policy(2, 10)).await.unwrap_err();
-    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    // The writer is gone: the master stops, and says so.
+    assert_refused(&failed, Reason::ShuttingDown, &[]);
     let next = within(10, "NOT_SERVING", watch.message()).await;
     assert_eq!(
         next.unwrap().unwrap().status,

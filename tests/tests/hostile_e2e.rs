@@ -5,12 +5,15 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ledger_proto::errors::{Reason, key};
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{
     Condition, GetLedgerInfoResponse, GetPolicyRequest, InsertPolicyRequest, InsertPolicyResponse,
     ListPoliciesRequest, Policy, StreamLedgerRequest, StreamLedgerResponse,
 };
-use ledger_tests::client::{Client, get, info, insert, next, next_change, stream, until_caught_up};
+use ledger_tests::client::{
+    Client, assert_refused, get, info, insert, next, next_change, stream, until_caught_up,
+};
 use ledger_tests::{Master, ledger_digest, within};
 use prost::Message;
 use serde_json::{Map, Value};
@@ -109,23 +112,17 @@ impl Watcher {
     }
 }
 
-/// Inserts `text`, which must be refused with `code` and a message containing `needle`.
-async fn refused(client: &mut Client, case: &str, text: &str, code: Code, needle: &str) {
+/// Inserts `text`, which must be refused for `reason` with `metadata` (among the rest).
+async fn refused(
+    client: &mut Client,
+    case: &str,
+    text: &str,
+    reason: Reason,
+    metadata: &[(&str, &str)],
+) {
     match insert(client, text).await {
         Ok(policy) => panic!("{case}: accepted as {policy:?}"),
-        Err(status) => {
-            assert_eq!(
-                status.code(),
-                code,
-                "{case}: status {status:?} (message {:?})",
-                status.message()
-            );
-            assert!(
-                status.message().contains(needle),
-                "{case}: the message {:?} does not contain {needle:?}",
-                status.message()
-            );
-        }
+        Err(status) => assert_refused(&status, reason, metadata),
     }
 }
 
@@ -137,6 +134,31 @@ async fn seed(master: &Master, count: usize) -> Vec<Policy> {
         policies.push(insert(&mut client, &operator(n)).await.unwrap());
     }
     policies
+}
+
+/// The reason a refusal must have and metadata it must carry.
+type Expected<'a> = (Reason, Vec<(&'static str, &'a str)>);
+
+/// `POLICY_INVALID` for `problem`.
+fn invalid(problem: &'static str) -> Expected<'static> {
+    (Reason::PolicyInvalid, vec![(key::PROBLEM, problem)])
+}
+
+/// `POLICY_INVALID` for invalid JSON, on `line` if given.
+fn invalid_json(line: Option<&'static str>) -> Expected<'static> {
+    let (reason, mut metadata) = invalid("INVALID_JSON");
+    metadata.extend(line.map(|line| (key::LINE, line)));
+    (reason, metadata)
+}
+
+/// `POLICY_TOO_DEEP` at the default limit.
+fn too_deep() -> Expected<'static> {
+    (Reason::PolicyTooDeep, vec![(key::LIMIT_DEPTH, "64")])
+}
+
+/// `POLICY_TOO_LARGE` for a policy of `size` bytes.
+fn too_large(size: &str) -> Expected<'_> {
+    (Reason::PolicyTooLarge, vec![(key::SIZE_BYTES, size)])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,130 +184,142 @@ async fn malformed_policies_are_refused_and_change_nothing() {
     let long_negative = format!(r#"{{"operator": {{"n": -{}}}}}"#, "1".repeat(5_000));
     let over_policy_limit = format!(r#"{{"operator": {{"name": "{}"}}}}"#, "x".repeat(2 << 20));
     let over_policy_limit_len = over_policy_limit.len().to_string();
-    let cases: Vec<(&str, &str, &str)> = vec![
+    let cases: Vec<(&str, &str, Expected)> = vec![
         (
             "invalid JSON",
             r#"{"operator": {"name": "op1",}}"#,
-            "invalid JSON at line 1 column",
+            invalid_json(Some("1")),
         ),
         (
             "invalid JSON on line 3",
             "{\n\"operator\": {\n\"name\": op1}}",
-            "invalid JSON at line 3 column",
+            invalid_json(Some("3")),
         ),
         (
             "unterminated",
             r#"{"operator": {"name": "op1"#,
-            "invalid JSON",
+            invalid_json(None),
         ),
-        ("empty text", "", "invalid JSON"),
-        ("whitespace only", " \n\t ", "invalid JSON"),
+        ("empty text", "", invalid_json(None)),
+        ("whitespace only", " \n\t ", invalid_json(None)),
         (
             "trailing garbage",
             r#"{"operator": {"name": "op1"}} x"#,
-            "invalid JSON",
+            invalid_json(None),
         ),
         (
             "two documents",
             r#"{"operator": {}} {"operator": {}}"#,
-            "invalid JSON",
+            invalid_json(None),
         ),
         (
             "single quotes",
             r#"{'operator': {'name': 'op1'}}"#,
-            "invalid JSON",
+            invalid_json(None),
         ),
         (
             "a raw NUL in a string",
             "{\"operator\": {\"name\": \"a\u{0}b\"}}",
-            "invalid JSON",
+            invalid_json(None),
         ),
         (
             "a raw control character in a string",
             "{\"operator\": {\"name\": \"a\u{1f}b\"}}",
-            "invalid JSON",
+            invalid_json(None),
         ),
-        ("NaN", r#"{"operator": {"n": NaN}}"#, "invalid JSON"),
+        ("NaN", r#"{"operator": {"n": NaN}}"#, invalid_json(None)),
         (
             "Infinity",
             r#"{"operator": {"n": Infinity}}"#,
-            "invalid JSON",
+            invalid_json(None),
         ),
         (
             "an array",
             r#"[{"operator": {"name": "op1"}}]"#,
-            "exactly one root key",
+            invalid("WRONG_STRUCTURE"),
         ),
-        ("an empty array", "[]", "exactly one root key"),
-        ("a number", "42", "exactly one root key"),
-        ("a string", r#""operator""#, "exactly one root key"),
-        ("null", "null", "exactly one root key"),
-        ("true", "true", "exactly one root key"),
-        ("an empty object", "{}", "exactly one root key"),
+        ("an empty array", "[]", invalid("WRONG_STRUCTURE")),
+        ("a number", "42", invalid("WRONG_STRUCTURE")),
+        ("a string", r#""operator""#, invalid("WRONG_STRUCTURE")),
+        ("null", "null", invalid("WRONG_STRUCTURE")),
+        ("true", "true", invalid("WRONG_STRUCTURE")),
+        ("an empty object", "{}", invalid("WRONG_STRUCTURE")),
         (
             "two root keys",
             r#"{"operator": {"name": "a"}, "table": {"name": "b"}}"#,
-            "exactly one root key",
+            invalid("WRONG_STRUCTURE"),
         ),
         (
             "a body that is an array",
             r#"{"operator": [1, 2]}"#,
-            "must be a JSON object",
+            invalid("BODY_NOT_OBJECT"),
         ),
         (
             "a body that is a string",
             r#"{"operator": "op1"}"#,
-            "must be a JSON object",
+            invalid("BODY_NOT_OBJECT"),
         ),
         (
             "a body that is null",
             r#"{"operator": null}"#,
-            "must be a JSON object",
+            invalid("BODY_NOT_OBJECT"),
         ),
         (
             "a body that is a number",
             r#"{"operator": 5}"#,
-            "must be a JSON object",
+            invalid("BODY_NOT_OBJECT"),
         ),
         (
             "an empty type",
             r#"{"": {"name": "op1"}}"#,
-            "must not be empty",
+            invalid("EMPTY_TYPE"),
         ),
         (
             "a number id",
             r#"{"operator": {"id": 5, "name": "op1"}}"#,
-            "id",
+            invalid("INVALID_ID"),
         ),
         (
             "an empty id",
             r#"{"operator": {"id": "", "name": "op1"}}"#,
-            "id",
+            invalid("INVALID_ID"),
         ),
-        ("1e400", r#"{"operator": {"n": 1e400}}"#, "out of range"),
-        ("-1e400", r#"{"operator": {"n": -1e400}}"#, "out of range"),
+        (
+            "1e400",
+            r#"{"operator": {"n": 1e400}}"#,
+            invalid("NUMBER_OUT_OF_RANGE"),
+        ),
+        (
+            "-1e400",
+            r#"{"operator": {"n": -1e400}}"#,
+            invalid("NUMBER_OUT_OF_RANGE"),
+        ),
         (
             "1.5E+999 in an array",
             r#"{"operator": {"n": [1, 1.5E+999]}}"#,
-            "out of range",
-        ),
-        ("a 5,000-digit integer", &long_int, "digits"),
-        ("a 5,000-digit negative integer", &long_negative, "digits"),
-        ("arrays nested 100,000 deep", &deep, "nests deeper than 64"),
-        (
-            "objects nested 100,000 deep",
-            &deep_objects,
-            "nests deeper than 64",
+            invalid("NUMBER_OUT_OF_RANGE"),
         ),
         (
-            "100,000 unclosed brackets",
-            &unclosed,
-            "nests deeper than 64",
+            "a 5,000-digit integer",
+            &long_int,
+            invalid("INTEGER_TOO_LONG"),
         ),
-        ("a 2 MiB policy", &over_policy_limit, &over_policy_limit_len),
+        (
+            "a 5,000-digit negative integer",
+            &long_negative,
+            invalid("INTEGER_TOO_LONG"),
+        ),
+        ("arrays nested 100,000 deep", &deep, too_deep()),
+        ("objects nested 100,000 deep", &deep_objects, too_deep()),
+        ("100,000 unclosed brackets", &unclosed, too_deep()),
+        (
+            "a 2 MiB policy",
+            &over_policy_limit,
+            too_large(&over_policy_limit_len),
+        ),
     ];
-    for (case, text, needle) in cases {
-        refused(&mut client, case, text, Code::InvalidArgument, needle).await;
+    for (case, text, (reason, metadata)) in cases {
+        refused(&mut client, case, text, reason, &metadata).await;
         watcher.assert_unchanged(master, case).await;
     }
     // The size refusal names the limit too.
@@ -293,8 +327,8 @@ async fn malformed_policies_are_refused_and_change_nothing() {
         &mut client,
         "a 2 MiB policy",
         &over_policy_limit,
-        Code::InvalidArgument,
-        "the limit is 1048576",
+        Reason::PolicyTooLarge,
+        &[(key::LIMIT_BYTES, "1048576")],
     )
     .await;
     watcher.assert_unchanged(master, "a 2 MiB policy").await;
@@ -314,8 +348,8 @@ async fn malformed_policies_are_refused_and_change_nothing() {
             "[".repeat(63),
             "]".repeat(63)
         ),
-        Code::InvalidArgument,
-        "nests deeper than 64",
+        Reason::PolicyTooDeep,
+        &[(key::LIMIT_DEPTH, "64")],
     )
     .await;
     watcher.assert_unchanged(master, "nested 65 deep").await;
@@ -346,11 +380,12 @@ async fn a_100_mb_policy_is_refused_and_changes_nothing() {
         status.message(),
         started.elapsed()
     );
-    // tonic refuses a message over --max-message-bytes (4 MiB) before reading it.
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
-    assert!(
-        status.message().contains("the limit is: 4194304 bytes"),
-        "{status:?}"
+    // tonic refuses a message over --max-message-bytes (4 MiB) before reading it; the master
+    // gives its refusal the reason and the limit.
+    assert_refused(
+        &status,
+        Reason::MessageTooLarge,
+        &[(key::LIMIT_BYTES, "4194304")],
     );
     watcher.assert_unchanged(master, "a 100 MB policy").await;
     // The same client (connection) still works.
@@ -593,7 +628,9 @@ async fn invalid_utf8_is_refused_with_invalid_argument() {
     let mut wrong = Vec::new();
     for (case, bytes) in cases {
         let status = insert_raw(master, bytes).await.expect_err(case);
-        if status.code() != Code::InvalidArgument {
+        if (status.code(), ledger_proto::errors::reason(&status))
+            != (Code::InvalidArgument, Some(Reason::RequestUndecodable))
+        {
             wrong.push(format!(
                 "{case}: {:?} {:?}",
                 status.code(),
@@ -604,7 +641,7 @@ async fn invalid_utf8_is_refused_with_invalid_argument() {
     }
     assert!(
         wrong.is_empty(),
-        "invalid UTF-8 must be INVALID_ARGUMENT:\n{}",
+        "invalid UTF-8 must be INVALID_ARGUMENT REQUEST_UNDECODABLE:\n{}",
         wrong.join("\n")
     );
 }
@@ -648,7 +685,7 @@ async fn a_colliding_client_id_is_already_exists_and_changes_nothing() {
         ),
     ];
     for (case, text) in &cases {
-        refused(&mut client, case, text, Code::AlreadyExists, "").await;
+        refused(&mut client, case, text, Reason::PolicyExists, &[]).await;
         watcher.assert_unchanged(master, case).await;
     }
     for policy in [&first, &computed] {
@@ -705,7 +742,8 @@ async fn open_many(
                 match try_stream(&mut client, after_seq).await {
                     Ok((stream, _)) => streams.push(stream),
                     Err(status)
-                        if status.code() == Code::ResourceExhausted
+                        if ledger_proto::errors::reason(&status)
+                            == Some(Reason::TooManyStreams)
                             && Instant::now() < deadline =>
                     {
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -775,7 +813,8 @@ async fn thousands_of_streams_opened_and_dropped() {
                 {
                     Ok(stream) => streams.push(stream.into_inner()),
                     Err(status)
-                        if status.code() == Code::ResourceExhausted
+                        if ledger_proto::errors::reason(&status)
+                            == Some(Reason::TooManyStreams)
                             && Instant::now() < deadline =>
                     {
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -840,10 +879,10 @@ async fn the_per_client_stream_limit_refuses_then_admits_again() {
             .await
             .err()
             .unwrap_or_else(|| panic!("{case} is refused"));
-        assert_eq!(status.code(), Code::ResourceExhausted, "{case}: {status:?}");
-        assert!(
-            status.message().contains("the limit per client is 10"),
-            "{case}: {status:?}"
+        assert_refused(
+            &status,
+            Reason::TooManyStreams,
+            &[(key::SCOPE, "client"), (key::LIMIT, "10")],
         );
     }
     watcher.assert_unchanged(master, "streams refused").await;
@@ -859,7 +898,9 @@ async fn the_per_client_stream_limit_refuses_then_admits_again() {
         let stream = loop {
             match try_stream(&mut client, 0).await {
                 Ok((stream, _)) => break stream,
-                Err(status) if status.code() == Code::ResourceExhausted => {
+                Err(status)
+                    if ledger_proto::errors::reason(&status) == Some(Reason::TooManyStreams) =>
+                {
                     assert!(
                         Instant::now() < deadline,
                         "closed streams still count after 10s: {status:?}"
@@ -874,7 +915,11 @@ async fn the_per_client_stream_limit_refuses_then_admits_again() {
     let Err(status) = try_stream(&mut client, 0).await else {
         panic!("an 11th stream is refused again");
     };
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_refused(
+        &status,
+        Reason::TooManyStreams,
+        &[(key::SCOPE, "client"), (key::LIMIT, "10")],
+    );
     watcher
         .assert_unchanged(master, "streams re-admitted")
         .await;
@@ -1007,7 +1052,7 @@ async fn a_stalled_stream_past_the_subscriber_buffer_is_ended_not_waited_for() {
         }
     })
     .await;
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_refused(&status, Reason::SubscriberLagged, &[]);
 }
 
 /// The gRPC frame of an `InsertPolicy` request for `json`: flag, length, message.
@@ -1087,7 +1132,11 @@ async fn a_connection_cut_in_the_middle_of_an_insert() {
     match again {
         Ok(policy) => assert_eq!(stored, policy),
         Err(status) => {
-            assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+            assert_refused(
+                &status,
+                Reason::PolicyExists,
+                &[(key::POLICY_ID, &stored.id)],
+            );
             assert!(stored.json.contains("\"cut2\""), "{stored:?}");
         }
     }
@@ -1330,7 +1379,11 @@ async fn health_watch_streams_count_against_the_stream_limit() {
         held.push(stream);
     }
     let refused = watch(health.clone()).await.unwrap_err();
-    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_refused(
+        &refused,
+        Reason::TooManyStreams,
+        &[(key::SCOPE, "server"), (key::LIMIT, "5")],
+    );
     // A ledger stream has no place either; a check (unary) is served.
     let mut client = fx.master.client().await;
     let refused = within(
@@ -1340,7 +1393,11 @@ async fn health_watch_streams_count_against_the_stream_limit() {
     )
     .await
     .unwrap_err();
-    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_refused(
+        &refused,
+        Reason::TooManyStreams,
+        &[(key::SCOPE, "server"), (key::LIMIT, "5")],
+    );
     within(
         30,
         "Health/Check",
@@ -1390,8 +1447,11 @@ async fn list_conditions_are_capped_and_one_call_reads_a_bounded_number_of_rows(
     )
     .await
     .unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains("at most 64"), "{refused:?}");
+    assert_refused(
+        &refused,
+        Reason::TooManyConditions,
+        &[(key::COUNT, "200000"), (key::LIMIT, "64")],
+    );
     let refused = within(
         30,
         "ListPolicies",
@@ -1399,7 +1459,11 @@ async fn list_conditions_are_capped_and_one_call_reads_a_bounded_number_of_rows(
     )
     .await
     .unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_refused(
+        &refused,
+        Reason::ConditionTooLong,
+        &[(key::LIMIT_BYTES, "1024")],
+    );
     within(
         30,
         "ListPolicies",
@@ -1635,7 +1699,11 @@ async fn reflection_streams_count_against_the_stream_limit() {
     }
     let (refused, _) = open(reflection.clone()).await;
     let refused = refused.unwrap_err();
-    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_refused(
+        &refused,
+        Reason::TooManyStreams,
+        &[(key::SCOPE, "server"), (key::LIMIT, "3")],
+    );
     let mut client = fx.master.client().await;
     let refused = within(
         30,
@@ -1644,7 +1712,11 @@ async fn reflection_streams_count_against_the_stream_limit() {
     )
     .await
     .unwrap_err();
-    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_refused(
+        &refused,
+        Reason::TooManyStreams,
+        &[(key::SCOPE, "server"), (key::LIMIT, "3")],
+    );
     // An ended call frees its place.
     drop(held.pop());
     let mut freed = false;

@@ -5,10 +5,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use ledger_proto::errors::{self, Reason, key};
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoRequest, GetPolicyRequest};
-use ledger_tests::client::{Client, next_change, stream, until_caught_up};
+use ledger_tests::client::{Client, assert_refused, next_change, stream, until_caught_up};
 use ledger_tests::{Master, Member, PostgresServer, wait_until, within};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -154,7 +155,7 @@ async fn the_same_policy_through_every_master_is_stored_once() {
         for attempt in attempts {
             match attempt.await.unwrap() {
                 Ok(_) => won += 1,
-                Err(status) => assert_eq!(status.code(), Code::AlreadyExists, "{status:?}"),
+                Err(status) => assert_refused(&status, Reason::PolicyExists, &[]),
             }
         }
         assert_eq!(won, 1, "round {round}: exactly one insert wins");
@@ -246,8 +247,8 @@ async fn insert_through_outages(mut client: Client, writer: usize, count: usize)
                     ids.push(id);
                     break;
                 }
-                Err(status) if status.code() == Code::AlreadyExists => {
-                    let id = status.message().split('"').nth(1).unwrap().to_string();
+                Err(status) if errors::reason(&status) == Some(Reason::PolicyExists) => {
+                    let id = errors::metadata(&status, key::POLICY_ID).expect("the id refused");
                     ids.push(id);
                     break;
                 }
@@ -398,9 +399,9 @@ async fn a_master_without_its_database_is_not_serving_and_recovers_by_itself() {
             Err(status) => break status,
         }
     };
-    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert_refused(&ended, Reason::DatabaseUnavailable, &[]);
     let refused = insert(&mut client, &config(1, 2)).await.unwrap_err();
-    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_refused(&refused, Reason::DatabaseUnavailable, &[]);
 
     PostgresServer::get().admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"));
     wait_until(30, "SERVING again", || {

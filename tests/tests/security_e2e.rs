@@ -1,15 +1,17 @@
 //! TLS, mTLS and roles against the real `master` binary, with certificates made at test time.
 
+use ledger_proto::errors::{Reason, key};
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::{
     DeletePolicyRequest, GetLedgerInfoRequest, InsertPolicyRequest, ListPoliciesRequest,
     StreamLedgerRequest,
 };
 use ledger_server::auth::token_hash;
+use ledger_tests::client::assert_refused;
 use ledger_tests::tls::{CertFiles, TestPki};
 use ledger_tests::{Master, within};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 const READER: &str = "reader-token-5f1c";
 const WRITER: &str = "writer-token-9a2e";
@@ -205,11 +207,18 @@ async fn roles_decide_who_reads_writes_and_deletes() {
     let policy = r#"{"operator": {"name": "op1", "company": "Acme"}}"#;
 
     // No credentials, or wrong ones: UNAUTHENTICATED, for reads and writes alike.
-    for token in [None, Some("not-a-token")] {
+    for (token, reason, metadata) in [
+        (None, Reason::CredentialsMissing, &[][..]),
+        (
+            Some("not-a-token"),
+            Reason::CredentialsUnknown,
+            &[(key::CREDENTIAL, "token")][..],
+        ),
+    ] {
         let status = head_as(&mut client, token).await.unwrap_err();
-        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert_refused(&status, reason, metadata);
         let status = insert_as(&mut client, token, policy).await.unwrap_err();
-        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert_refused(&status, reason, metadata);
     }
     // A reader reads and streams, but may not write: nothing is written.
     assert_eq!(head_as(&mut client, Some(READER)).await.unwrap(), 0);
@@ -217,11 +226,10 @@ async fn roles_decide_who_reads_writes_and_deletes() {
     let denied = insert_as(&mut client, Some(READER), policy)
         .await
         .unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
-    assert!(
-        denied.message().contains("dashboard is a reader"),
-        "{}",
-        denied.message()
+    assert_refused(
+        &denied,
+        Reason::RoleInsufficient,
+        &[(key::ROLE, "reader"), (key::REQUIRED_ROLE, "writer")],
     );
     assert_eq!(head_as(&mut client, Some(READER)).await.unwrap(), 0);
 
@@ -241,7 +249,11 @@ async fn roles_decide_who_reads_writes_and_deletes() {
         }
     };
     let denied = delete(WRITER).await.unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert_refused(
+        &denied,
+        Reason::RoleInsufficient,
+        &[(key::ROLE, "writer"), (key::REQUIRED_ROLE, "admin")],
+    );
     assert_eq!(head_as(&mut client, Some(READER)).await.unwrap(), 1);
     // An admin deletes.
     delete(ADMIN).await.unwrap();
@@ -259,11 +271,19 @@ async fn roles_decide_who_reads_writes_and_deletes() {
     .await;
     assert!(listed.is_ok());
     let denied = insert_as(&mut member, None, policy).await.unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert_refused(
+        &denied,
+        Reason::RoleInsufficient,
+        &[(key::ROLE, "reader"), (key::REQUIRED_ROLE, "writer")],
+    );
     let stranger = pki.client("stranger");
     let mut stranger = tls_client(&master, &pki, Some(&stranger)).await.unwrap();
     let status = head_as(&mut stranger, None).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_refused(
+        &status,
+        Reason::CredentialsUnknown,
+        &[(key::CREDENTIAL, "certificate")],
+    );
 
     // Tokens never reach the logs, and with auth configured there is no warning about it.
     let logs = master.logs();
@@ -374,7 +394,7 @@ async fn refusals_are_logged_with_a_limit_and_a_count() {
                 .get_ledger_info(GetLedgerInfoRequest {})
                 .await
                 .unwrap_err();
-            assert_eq!(refused.code(), Code::Unauthenticated);
+            assert_refused(&refused, Reason::CredentialsMissing, &[]);
         }
     };
     refuse_1000().await;

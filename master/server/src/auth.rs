@@ -10,6 +10,8 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 
+use crate::error::SecurityError;
+
 /// What a caller may do; each role includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -44,9 +46,20 @@ pub struct Identity {
 /// Why a call is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// No credentials, or credentials that match nothing.
-    #[error("{0}")]
-    Unauthenticated(String),
+    /// No credentials: no `authorization` metadata and no client certificate.
+    #[error(
+        "credentials required: an `authorization: Bearer TOKEN` header or a client certificate"
+    )]
+    CredentialsMissing,
+    /// `authorization` metadata that is not `Bearer TOKEN`.
+    #[error("the authorization metadata must be `Bearer TOKEN`")]
+    MalformedAuthorization,
+    /// A token the auth file does not name.
+    #[error("unknown token")]
+    UnknownToken,
+    /// A verified client certificate whose common name the auth file does not name.
+    #[error("the client certificate {0:?} names no known subject")]
+    UnknownSubject(String),
     /// A known caller whose role does not allow the call.
     #[error("{name} is a {role} and may not {action}: that needs the {needed} role")]
     PermissionDenied {
@@ -59,6 +72,30 @@ pub enum AuthError {
         /// What it tried.
         action: &'static str,
     },
+}
+
+impl AuthError {
+    /// Whether the caller is unknown (UNAUTHENTICATED), rather than known and not allowed.
+    pub fn is_unauthenticated(&self) -> bool {
+        !matches!(self, AuthError::PermissionDenied { .. })
+    }
+}
+
+/// What is wrong in the text of an auth file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFileError {
+    /// It is not TOML of the expected form (unknown keys and roles included).
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    /// A token's `sha256` is not 64 hex digits.
+    #[error("token {0:?}: sha256 must be 64 hex digits (the hash, not the token)")]
+    BadHash(String),
+    /// Two tokens have the same hash: one token, two names.
+    #[error("two tokens have the same hash")]
+    DuplicateHash,
+    /// Nobody is named.
+    #[error("it names no token and no subject: nobody could call")]
+    Empty,
 }
 
 #[derive(serde::Deserialize)]
@@ -101,30 +138,31 @@ pub fn token_hash(token: &str) -> String {
 
 impl Authorizer {
     /// Reads the auth file (TOML, see README "Security").
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the auth file {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("auth file {}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, SecurityError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SecurityError::ReadAuthFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| SecurityError::AuthFile {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Parses the text of an auth file.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let file: AuthFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, AuthFileError> {
+        let file: AuthFile = toml::from_str(text)?;
         let mut authorizer = Authorizer::default();
         for entry in file.token {
             let mut hash = [0u8; 32];
-            hex::decode_to_slice(entry.sha256.trim(), &mut hash).map_err(|_| {
-                format!(
-                    "token {:?}: sha256 must be 64 hex digits (the hash, not the token)",
-                    entry.name
-                )
-            })?;
+            hex::decode_to_slice(entry.sha256.trim(), &mut hash)
+                .map_err(|_| AuthFileError::BadHash(entry.name.clone()))?;
             let identity = Identity {
                 name: entry.name,
                 role: entry.role,
             };
             if authorizer.tokens.insert(hash, identity).is_some() {
-                return Err("two tokens have the same hash".into());
+                return Err(AuthFileError::DuplicateHash);
             }
         }
         for entry in file.subject {
@@ -135,7 +173,7 @@ impl Authorizer {
             authorizer.subjects.insert(entry.cn, identity);
         }
         if authorizer.tokens.is_empty() && authorizer.subjects.is_empty() {
-            return Err("it names no token and no subject: nobody could call".into());
+            return Err(AuthFileError::Empty);
         }
         Ok(authorizer)
     }
@@ -158,27 +196,16 @@ impl Authorizer {
                         v.strip_prefix("Bearer ")
                             .or_else(|| v.strip_prefix("bearer "))
                     })
-                    .ok_or_else(|| {
-                        AuthError::Unauthenticated(
-                            "the authorization metadata must be `Bearer TOKEN`".into(),
-                        )
-                    })?;
+                    .ok_or(AuthError::MalformedAuthorization)?;
                 let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-                self.tokens
-                    .get(&hash)
-                    .ok_or_else(|| AuthError::Unauthenticated("unknown token".into()))?
+                self.tokens.get(&hash).ok_or(AuthError::UnknownToken)?
             }
             None => match certificate_cn {
-                Some(cn) => self.subjects.get(cn).ok_or_else(|| {
-                    AuthError::Unauthenticated(format!(
-                        "the client certificate {cn:?} names no known subject"
-                    ))
-                })?,
-                None => {
-                    return Err(AuthError::Unauthenticated(
-                        "credentials required: an `authorization: Bearer TOKEN` header or a client certificate".into(),
-                    ));
-                }
+                Some(cn) => self
+                    .subjects
+                    .get(cn)
+                    .ok_or_else(|| AuthError::UnknownSubject(cn.to_string()))?,
+                None => return Err(AuthError::CredentialsMissing),
             },
         };
         if identity.role < needed {
@@ -248,30 +275,49 @@ mod tests {
     #[test]
     fn missing_or_wrong_credentials_are_unauthenticated() {
         let auth = authorizer();
-        for (token, cn) in [
-            (None, None),
-            (Some("wrong"), None),
-            (None, Some("stranger")),
+        for (token, cn, expected) in [
+            (None, None, AuthError::CredentialsMissing),
+            (Some("wrong"), None, AuthError::UnknownToken),
+            (
+                None,
+                Some("stranger"),
+                AuthError::UnknownSubject("stranger".into()),
+            ),
         ] {
-            assert!(matches!(
-                auth.authorize(&metadata(token), cn, Role::Reader, "stream"),
-                Err(AuthError::Unauthenticated(_))
-            ));
+            let refused = auth
+                .authorize(&metadata(token), cn, Role::Reader, "stream")
+                .unwrap_err();
+            assert_eq!(refused, expected);
+            assert!(refused.is_unauthenticated());
         }
+        let mut basic = MetadataMap::new();
+        basic.insert("authorization", "Basic czNjcmV0".parse().unwrap());
+        assert_eq!(
+            auth.authorize(&basic, None, Role::Reader, "stream"),
+            Err(AuthError::MalformedAuthorization)
+        );
     }
 
     #[test]
     fn the_file_holds_hashes_only_and_names_someone() {
-        assert!(
+        assert!(matches!(
             Authorizer::parse(
                 "[[token]]\nname = \"x\"\nrole = \"admin\"\nsha256 = \"plaintext\"\n"
-            )
-            .is_err()
-        );
-        assert!(Authorizer::parse("").is_err());
-        assert!(
-            Authorizer::parse("[[token]]\nname = \"x\"\nrole = \"root\"\nsha256 = \"00\"\n")
-                .is_err()
-        );
+            ),
+            Err(AuthFileError::BadHash(name)) if name == "x"
+        ));
+        assert!(matches!(Authorizer::parse(""), Err(AuthFileError::Empty)));
+        assert!(matches!(
+            Authorizer::parse("[[token]]\nname = \"x\"\nrole = \"root\"\nsha256 = \"00\"\n"),
+            Err(AuthFileError::Toml(_))
+        ));
+        let hash = token_hash("same");
+        assert!(matches!(
+            Authorizer::parse(&format!(
+                "[[token]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{hash}\"\n\
+                 [[token]]\nname = \"b\"\nrole = \"reader\"\nsha256 = \"{hash}\"\n"
+            )),
+            Err(AuthFileError::DuplicateHash)
+        ));
     }
 }

@@ -1,8 +1,15 @@
-//! The errors of the ledger, typed; [`crate::service`] maps them to gRPC statuses in one place.
+//! The errors of the ledger, typed; [`crate::service`] maps them to gRPC statuses and their
+//! reasons in one place. Also [`SecurityError`], why the TLS and auth files could not be used.
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 use ledger_anylog::policy::PolicyError;
 
 use ledger_storage::{Rejection, StorageError};
+
+use crate::auth::AuthFileError;
+use crate::limits::StreamLimit;
 
 /// Why a ledger operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -10,9 +17,43 @@ pub enum LedgerError {
     /// The policy text is not a valid policy.
     #[error("invalid policy: {0}")]
     InvalidPolicy(#[from] PolicyError),
-    /// A request field is missing or malformed.
-    #[error("{0}")]
-    InvalidArgument(String),
+    /// The policy text is longer than the limit; it was not parsed.
+    #[error("the policy is {size} bytes; the limit is {limit}")]
+    PolicyTooLarge {
+        /// Its length in bytes.
+        size: usize,
+        /// The most bytes a policy may have.
+        limit: usize,
+    },
+    /// The policy text nests deeper than the limit; it was not parsed.
+    #[error("the policy nests deeper than {0} levels")]
+    PolicyTooDeep(usize),
+    /// A get or delete named no id.
+    #[error("the policy id is empty")]
+    EmptyId,
+    /// A list had more conditions than the limit.
+    #[error("{count} conditions; at most {limit} are accepted")]
+    TooManyConditions {
+        /// How many it had.
+        count: usize,
+        /// How many are accepted.
+        limit: usize,
+    },
+    /// A list condition's key or value is longer than the limit.
+    #[error(
+        "a condition of {key_bytes} + {value_bytes} bytes; a key or a value has at most {limit}"
+    )]
+    ConditionTooLong {
+        /// The key's length in bytes.
+        key_bytes: usize,
+        /// The value's length in bytes.
+        value_bytes: usize,
+        /// The most bytes of a key or a value.
+        limit: usize,
+    },
+    /// A list's page token is not one this server gave.
+    #[error("page_token {0:?} is not one this server gave")]
+    BadPageToken(String),
     /// The write changed nothing: the id exists (insert) or does not (delete).
     #[error(transparent)]
     Rejected(#[from] Rejection),
@@ -33,16 +74,19 @@ pub enum LedgerError {
     #[error(
         "the snapshot was ended: the client read none of it for {0:?}; resume to get a new one"
     )]
-    SnapshotStalled(std::time::Duration),
+    SnapshotStalled(Duration),
     /// The caller is not allowed.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
     /// Too many streams are open.
     #[error("too many streams: {0}")]
-    TooManyStreams(String),
+    TooManyStreams(StreamLimit),
     /// The master is stopping; the client should go to another master or retry.
     #[error("the master is shutting down")]
     ShuttingDown,
+    /// The client's deadline passed while its stream was open.
+    #[error("the client's deadline of {0:?} passed")]
+    DeadlineExceeded(Duration),
     /// The upstream of a relay answered a forwarded write with this status.
     #[error("upstream: {}", .0.message())]
     Upstream(#[from] tonic::Status),
@@ -62,4 +106,33 @@ pub enum LedgerError {
     /// The storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+/// Why a server's TLS files or auth file could not be used: it does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    /// A TLS certificate, key or CA file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    ReadTlsFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The auth file could not be read.
+    #[error("cannot read the auth file {}: {source}", path.display())]
+    ReadAuthFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The auth file says something the master cannot use.
+    #[error("auth file {}: {source}", path.display())]
+    AuthFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong in it.
+        source: AuthFileError,
+    },
 }

@@ -378,21 +378,21 @@ impl Ledger {
     pub async fn list(&self, query: ListQuery) -> Result<ListPage, LedgerError> {
         self.require_ready()?;
         if query.conditions.len() > MAX_CONDITIONS {
-            return Err(LedgerError::InvalidArgument(format!(
-                "{} conditions; at most {MAX_CONDITIONS} are accepted",
-                query.conditions.len()
-            )));
+            return Err(LedgerError::TooManyConditions {
+                count: query.conditions.len(),
+                limit: MAX_CONDITIONS,
+            });
         }
         if let Some((key, value)) = query
             .conditions
             .iter()
             .find(|(k, v)| k.len() > MAX_CONDITION_BYTES || v.len() > MAX_CONDITION_BYTES)
         {
-            return Err(LedgerError::InvalidArgument(format!(
-                "a condition of {} + {} bytes; a key or a value has at most {MAX_CONDITION_BYTES}",
-                key.len(),
-                value.len()
-            )));
+            return Err(LedgerError::ConditionTooLong {
+                key_bytes: key.len(),
+                value_bytes: value.len(),
+                limit: MAX_CONDITION_BYTES,
+            });
         }
         let page_size = match query.page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -400,11 +400,9 @@ impl Ledger {
         };
         let start = match query.page_token.as_str() {
             "" => 0,
-            token => token.parse::<u64>().map_err(|_| {
-                LedgerError::InvalidArgument(format!(
-                    "page_token {token:?} is not one this server gave"
-                ))
-            })?,
+            token => token
+                .parse::<u64>()
+                .map_err(|_| LedgerError::BadPageToken(token.to_string()))?,
         };
         blocking(self.storage(), move |s| {
             let mut cursor = start;
@@ -537,9 +535,7 @@ impl Ledger {
 
 fn require_id(id: &str) -> Result<(), LedgerError> {
     if id.is_empty() {
-        return Err(LedgerError::InvalidArgument(
-            "the policy id is empty".into(),
-        ));
+        return Err(LedgerError::EmptyId);
     }
     Ok(())
 }

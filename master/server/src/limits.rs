@@ -21,10 +21,10 @@ pub fn check_policy_text(
     max_depth: usize,
 ) -> Result<(), LedgerError> {
     if text.len() > max_bytes {
-        return Err(LedgerError::InvalidArgument(format!(
-            "the policy is {} bytes; the limit is {max_bytes}",
-            text.len()
-        )));
+        return Err(LedgerError::PolicyTooLarge {
+            size: text.len(),
+            limit: max_bytes,
+        });
     }
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for byte in text.bytes() {
@@ -42,9 +42,7 @@ pub fn check_policy_text(
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max_depth {
-                    return Err(LedgerError::InvalidArgument(format!(
-                        "the policy nests deeper than {max_depth} levels"
-                    )));
+                    return Err(LedgerError::PolicyTooDeep(max_depth));
                 }
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
@@ -52,6 +50,29 @@ pub fn check_policy_text(
         }
     }
     Ok(())
+}
+
+/// Which stream limit refused a stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamLimit {
+    /// The server's: streams open in all.
+    #[error("{open} streams are open; the limit is {limit}")]
+    Server {
+        /// How many are open.
+        open: usize,
+        /// How many may be.
+        limit: usize,
+    },
+    /// One client's (an IPv4 address or an IPv6 /64).
+    #[error("{client} has {open} streams open; the limit per client is {limit}")]
+    Client {
+        /// The client, as counted.
+        client: IpAddr,
+        /// How many it has open.
+        open: usize,
+        /// How many it may have.
+        limit: usize,
+    },
 }
 
 /// Counts open streams, in all and per client address.
@@ -88,19 +109,20 @@ impl StreamLimiter {
     pub fn admit(&self, client: Option<IpAddr>) -> Result<StreamPermit, LedgerError> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.total >= self.max_total {
-            return Err(LedgerError::TooManyStreams(format!(
-                "{} streams are open; the limit is {}",
-                open.total, self.max_total
-            )));
+            return Err(LedgerError::TooManyStreams(StreamLimit::Server {
+                open: open.total,
+                limit: self.max_total,
+            }));
         }
         let client = client.map(client_key);
         if let Some(ip) = client {
             let mine = open.per_client.entry(ip).or_default();
             if *mine >= self.max_per_client {
-                return Err(LedgerError::TooManyStreams(format!(
-                    "{ip} has {mine} streams open; the limit per client is {}",
-                    self.max_per_client
-                )));
+                return Err(LedgerError::TooManyStreams(StreamLimit::Client {
+                    client: ip,
+                    open: *mine,
+                    limit: self.max_per_client,
+                }));
             }
             *mine += 1;
         }

@@ -36,7 +36,10 @@ fn outcome<T>(result: &Result<T, LedgerError>) -> &'static str {
 /// The `outcome` label of a failed write.
 pub fn error_outcome(error: &LedgerError) -> &'static str {
     match error {
-        LedgerError::InvalidPolicy(_) | LedgerError::InvalidArgument(_) => "invalid",
+        LedgerError::InvalidPolicy(_)
+        | LedgerError::PolicyTooLarge { .. }
+        | LedgerError::PolicyTooDeep(_)
+        | LedgerError::EmptyId => "invalid",
         LedgerError::Rejected(Rejection::AlreadyExists(_)) => "already_exists",
         LedgerError::Rejected(Rejection::NotFound(_)) | LedgerError::NotFound(_) => "not_found",
         LedgerError::Storage(e) if e.is_disk_full() => "disk_full",

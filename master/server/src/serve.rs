@@ -20,6 +20,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::anylog;
 use crate::auth::Authorizer;
+use crate::error::SecurityError;
 use crate::health;
 use crate::ledger::Ledger;
 use crate::limits::CountedStreams;
@@ -95,27 +96,58 @@ impl Default for ServeOptions {
     }
 }
 
-/// tonic answers a request whose protobuf does not decode (invalid UTF-8 in a string field, a
-/// truncated message) with INTERNAL, which tells a client the server failed. The request is what
-/// is wrong, so say INVALID_ARGUMENT, keeping tonic's message, which names the field.
-fn undecodable_is_invalid_argument(
-    mut response: http::Response<tonic::body::Body>,
-) -> http::Response<tonic::body::Body> {
-    let headers = response.headers_mut();
-    let undecodable = headers.get("grpc-status").is_some_and(|s| s == "13")
-        && headers
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| {
-                m.starts_with("failed%20to%20decode") || m.starts_with("failed to decode")
-            });
-    if undecodable {
-        headers.insert(
-            "grpc-status",
-            http::HeaderValue::from_static("3"), // INVALID_ARGUMENT
-        );
+/// The start of prost's `DecodeError` text, which tonic's codec puts in its INTERNAL status.
+const PROST_DECODE_FAILURE: &str = "failed to decode Protobuf message";
+
+/// Gives the refusals tonic makes itself, before any service sees the request, the reason a
+/// refusal of the master's own would have (`ledger/v1/errors.proto`):
+///
+/// - OUT_OF_RANGE: tonic refuses a request over `--max-message-bytes` before reading it. No
+///   service of this server answers OUT_OF_RANGE, so one without details is that refusal:
+///   `MESSAGE_TOO_LARGE`, with the limit.
+/// - INTERNAL for a request whose protobuf does not decode (invalid UTF-8 in a string field, a
+///   truncated message), which tells a client the server failed: the request is what is wrong,
+///   so INVALID_ARGUMENT `REQUEST_UNDECODABLE`, keeping the message, which names the field.
+///   `LedgerService` refuses those itself, typed, in its codec
+///   ([`ledger_proto::server::LedgerCodec`]); `grpc.health.v1` and reflection are servers that
+///   tonic-health and tonic-reflection generate with prost's codec, which this server cannot
+///   replace, and their status carries nothing typed: prost's message is all there is to tell
+///   it by, so it is matched here, and nowhere else.
+fn tonic_refusals_with_reasons(
+    max_message_bytes: usize,
+) -> impl Fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> + Clone {
+    use ledger_proto::errors::{Reason, key, refusal};
+    move |mut response| {
+        let headers = response.headers_mut();
+        // A status in the headers is a refusal made before any message was sent; one that has
+        // details already is the master's own.
+        let Some(code) = headers
+            .get("grpc-status")
+            .map(|code| tonic::Code::from_bytes(code.as_bytes()))
+        else {
+            return response;
+        };
+        if headers.contains_key("grpc-status-details-bin") {
+            return response;
+        }
+        let Some(status) = tonic::Status::from_header_map(headers) else {
+            return response;
+        };
+        let refused = match code {
+            tonic::Code::OutOfRange => refusal(
+                Reason::MessageTooLarge,
+                status.message(),
+                [(key::LIMIT_BYTES, max_message_bytes.to_string())],
+            ),
+            tonic::Code::Internal if status.message().starts_with(PROST_DECODE_FAILURE) => {
+                refusal(Reason::RequestUndecodable, status.message(), [])
+            }
+            _ => return response,
+        };
+        // Its text was a header value already: it makes one again.
+        let _ = refused.add_header(headers);
+        response
     }
-    response
 }
 
 /// The files that secure a server: PEM certificate, key and client CA, and the auth file.
@@ -138,9 +170,12 @@ pub struct SecurityFiles<'a> {
 pub fn load_security(
     files: &SecurityFiles<'_>,
     server: &str,
-) -> Result<(Option<ServerTlsConfig>, Option<Arc<Authorizer>>), String> {
+) -> Result<(Option<ServerTlsConfig>, Option<Arc<Authorizer>>), SecurityError> {
     let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        std::fs::read(path).map_err(|source| SecurityError::ReadTlsFile {
+            path: path.to_path_buf(),
+            source,
+        })
     };
     let tls = match (files.cert, files.key) {
         (Some(cert), Some(key)) => {
@@ -253,7 +288,7 @@ pub async fn serve_with(
     let mut serving = Box::pin(
         builder
             .layer(tower::util::MapResponseLayer::new(
-                undecodable_is_invalid_argument,
+                tonic_refusals_with_reasons(options.max_message_bytes),
             ))
             .add_service(health_service)
             // Reflection's calls are streams too: counted like the others.

@@ -183,7 +183,7 @@ fn run(
                 }
             }
             Err(e) => {
-                use ledger_storage::StorageError;
+                use ledger_storage::{Failure, StorageError};
                 let disk_full = e.is_disk_full();
                 let unknown = e.outcome_unknown();
                 if unknown {
@@ -201,6 +201,7 @@ fn run(
                     | StorageError::Busy(m)
                     | StorageError::DiskFull(m)
                     | StorageError::OutcomeUnknown(m)
+                    | StorageError::Corrupt(m)
                     | StorageError::Failed(m) => m.clone(),
                     StorageError::Query(e) => e.to_string(),
                     other => other.to_string(),
@@ -209,14 +210,17 @@ fn run(
                     health.send_replace(WriterHealth::DiskFull(message.clone()));
                 }
                 for request in batch.drain(..) {
-                    let error = if disk_full {
-                        StorageError::DiskFull(message.clone())
-                    } else if unknown {
-                        StorageError::OutcomeUnknown(message.clone())
-                    } else if e.is_unavailable() {
-                        StorageError::Unavailable(message.clone())
-                    } else {
-                        StorageError::Failed(message.clone())
+                    // Each caller gets the failure's own kind (its reason on the wire).
+                    let message = message.clone();
+                    let error = match e.failure() {
+                        Failure::DiskFull => StorageError::DiskFull(message),
+                        _ if unknown => StorageError::OutcomeUnknown(message),
+                        Failure::Busy => StorageError::Busy(message),
+                        Failure::Unavailable | Failure::OutcomeUnknown => {
+                            StorageError::Unavailable(message)
+                        }
+                        Failure::Corrupt => StorageError::Corrupt(message),
+                        Failure::Other => StorageError::Failed(message),
                     };
                     let _ = request.reply.send(Err(error.into()));
                 }

@@ -160,28 +160,71 @@ pub enum StorageError {
     Corrupt(String),
 }
 
+/// What a [`StorageError`] means to its caller, whichever backend said it and however.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The disk of the database is full: nothing of the write was committed.
+    DiskFull,
+    /// The connection was lost while a write was on its way or being committed: it may have
+    /// been committed.
+    OutcomeUnknown,
+    /// Every pooled connection stayed in use for the whole wait: overloaded, not cut off.
+    Busy,
+    /// The database is out of reach (worth retrying later); nothing was committed.
+    Unavailable,
+    /// A stored row does not hold what the ledger wrote.
+    Corrupt,
+    /// Anything else: a statement the database refused, migrations that could not be applied.
+    Other,
+}
+
 impl StorageError {
-    /// Whether the error says the database is out of reach (worth retrying later) rather than
-    /// that a statement is wrong.
-    pub fn is_unavailable(&self) -> bool {
+    /// What this error means, from its variant or, for a statement that failed, from what
+    /// diesel tells of the database's error.
+    pub fn failure(&self) -> Failure {
+        use diesel::result::Error;
+        match self {
+            StorageError::DiskFull(_) => Failure::DiskFull,
+            StorageError::OutcomeUnknown(_) => Failure::OutcomeUnknown,
+            StorageError::Busy(_) => Failure::Busy,
+            StorageError::Unavailable(_) => Failure::Unavailable,
+            StorageError::Corrupt(_) => Failure::Corrupt,
+            StorageError::Query(Error::DatabaseError(_, info))
+                if untyped_failure(info.message()) == Some(Failure::DiskFull) =>
+            {
+                Failure::DiskFull
+            }
+            StorageError::Query(_) if self.connection_lost() => Failure::Unavailable,
+            StorageError::Query(_) | StorageError::Migration(_) | StorageError::Failed(_) => {
+                Failure::Other
+            }
+        }
+    }
+
+    /// Whether a statement failed because its connection did (as diesel classifies it, or as
+    /// libpq says it), not because of the statement.
+    fn connection_lost(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error};
         match self {
-            StorageError::Unavailable(_)
-            | StorageError::Busy(_)
-            | StorageError::OutcomeUnknown(_) => true,
             StorageError::Query(Error::BrokenTransactionManager) => true,
             StorageError::Query(Error::DatabaseError(
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
                 _,
             )) => true,
-            // libpq reports a connection lost mid-statement, or ended by the server
-            // (57P01 admin shutdown), as an unclassified error: recognise it by its text.
             StorageError::Query(Error::DatabaseError(_, info)) => {
-                let message = info.message();
-                CONNECTION_LOST.iter().any(|sign| message.contains(sign))
+                untyped_failure(info.message()) == Some(Failure::Unavailable)
             }
             _ => false,
         }
+    }
+
+    /// Whether the error says the database is out of reach (worth retrying later) rather than
+    /// that a statement is wrong.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self.failure(),
+            Failure::Unavailable | Failure::Busy | Failure::OutcomeUnknown
+        )
     }
 
     /// Whether a write that failed with this error may have been committed all the same: its
@@ -190,45 +233,52 @@ impl StorageError {
     pub fn outcome_unknown(&self) -> bool {
         match self {
             StorageError::OutcomeUnknown(_) => true,
-            StorageError::Query(_) => self.is_unavailable(),
+            StorageError::Query(_) => self.connection_lost(),
             _ => false,
         }
     }
-}
 
-impl StorageError {
     /// Whether the error says the disk is full: SQLite's `SQLITE_FULL`, PostgreSQL's
     /// `53100 disk_full` or an `ENOSPC` it passes on. Worth telling apart: the operator frees
     /// space, and nothing else is wrong.
     pub fn is_disk_full(&self) -> bool {
-        use diesel::result::Error;
-        match self {
-            StorageError::DiskFull(_) => true,
-            StorageError::Query(Error::DatabaseError(_, info)) => {
-                let message = info.message();
-                DISK_FULL.iter().any(|sign| message.contains(sign))
-            }
-            _ => false,
-        }
+        self.failure() == Failure::DiskFull
     }
 }
 
-/// What SQLite's and PostgreSQL's messages say when the disk is full.
-const DISK_FULL: &[&str] = &[
-    "database or disk is full",
-    "No space left on device",
-    "could not extend file",
-];
-
-/// What libpq's messages say when the connection, not the statement, failed.
-const CONNECTION_LOST: &[&str] = &[
-    "server closed the connection",
-    "terminating connection",
-    "no connection to the server",
-    "connection to server",
-    "could not receive data from server",
-    "could not send data to server",
-];
+/// The failures a database reports that diesel gives no kind for, told by the message: the one
+/// place where the storage reads an error's text.
+///
+/// Why text: diesel's `DatabaseErrorKind` has no kind for a full disk and keeps the codes to
+/// itself (PostgreSQL's SQLSTATE `53100` and `57P01`, SQLite's `SQLITE_FULL` are not exposed),
+/// and libpq has no code at all for a connection lost on the client's side (`server closed the
+/// connection unexpectedly` is libpq's own text, with no SQLSTATE). What diesel does classify
+/// (`ClosedConnection`, `UnableToSendCommand`) is matched by kind in [`StorageError::failure`].
+fn untyped_failure(message: &str) -> Option<Failure> {
+    /// What SQLite's and PostgreSQL's messages say when the disk is full.
+    const DISK_FULL: &[&str] = &[
+        "database or disk is full",
+        "No space left on device",
+        "could not extend file",
+    ];
+    /// What libpq's messages say when the connection, not the statement, failed: lost
+    /// mid-statement, or ended by the server (57P01 admin shutdown).
+    const CONNECTION_LOST: &[&str] = &[
+        "server closed the connection",
+        "terminating connection",
+        "no connection to the server",
+        "connection to server",
+        "could not receive data from server",
+        "could not send data to server",
+    ];
+    if DISK_FULL.iter().any(|sign| message.contains(sign)) {
+        Some(Failure::DiskFull)
+    } else if CONNECTION_LOST.iter().any(|sign| message.contains(sign)) {
+        Some(Failure::Unavailable)
+    } else {
+        None
+    }
+}
 
 /// The storage of a ledger. Methods block: async callers run them on the blocking pool.
 pub trait Storage: Send + Sync + 'static {
@@ -290,4 +340,74 @@ pub trait Storage: Send + Sync + 'static {
     /// Drops the change-log entries up to `through_seq` (never beyond the head); subscribers
     /// behind it get a snapshot instead of a replay.
     fn prune_changes(&self, through_seq: u64) -> Result<(), StorageError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorKind, Error};
+
+    fn query(kind: DatabaseErrorKind, message: &str) -> StorageError {
+        StorageError::Query(Error::DatabaseError(kind, Box::new(message.to_string())))
+    }
+
+    #[test]
+    fn failures_are_told_by_kind_and_else_by_the_one_list_of_messages() {
+        use DatabaseErrorKind::{ClosedConnection, UniqueViolation, Unknown};
+        let cases = [
+            (query(ClosedConnection, "gone"), Failure::Unavailable, true),
+            (
+                query(Unknown, "server closed the connection unexpectedly"),
+                Failure::Unavailable,
+                true,
+            ),
+            (
+                query(
+                    Unknown,
+                    "terminating connection due to administrator command",
+                ),
+                Failure::Unavailable,
+                true,
+            ),
+            (
+                query(Unknown, "database or disk is full"),
+                Failure::DiskFull,
+                false,
+            ),
+            (
+                query(
+                    Unknown,
+                    "could not extend file \"base/1/2\": No space left on device",
+                ),
+                Failure::DiskFull,
+                false,
+            ),
+            (
+                query(UniqueViolation, "duplicate key"),
+                Failure::Other,
+                false,
+            ),
+            (StorageError::Busy("pool".into()), Failure::Busy, false),
+            (
+                StorageError::OutcomeUnknown("cut".into()),
+                Failure::OutcomeUnknown,
+                true,
+            ),
+            (StorageError::Corrupt("row".into()), Failure::Corrupt, false),
+            (
+                StorageError::Failed("earlier".into()),
+                Failure::Other,
+                false,
+            ),
+        ];
+        for (error, failure, unknown) in cases {
+            assert_eq!(error.failure(), failure, "{error}");
+            assert_eq!(error.outcome_unknown(), unknown, "{error}");
+            assert_eq!(
+                error.is_disk_full(),
+                failure == Failure::DiskFull,
+                "{error}"
+            );
+        }
+    }
 }

@@ -84,6 +84,23 @@ pub enum PolicyError {
     InvalidId,
 }
 
+impl PolicyError {
+    /// The kind of problem as a constant name (`INVALID_JSON`, `WRONG_STRUCTURE`, ...): what a
+    /// refusal's `problem` metadata says, so that clients need not read the message.
+    pub fn problem(&self) -> &'static str {
+        match self {
+            PolicyError::InvalidJson { .. } => "INVALID_JSON",
+            PolicyError::NumberOutOfRange(_) => "NUMBER_OUT_OF_RANGE",
+            PolicyError::IntegerTooLong { .. } => "INTEGER_TOO_LONG",
+            PolicyError::ReservedKey(_) => "RESERVED_KEY",
+            PolicyError::WrongStructure { .. } => "WRONG_STRUCTURE",
+            PolicyError::EmptyType => "EMPTY_TYPE",
+            PolicyError::BodyNotObject { .. } => "BODY_NOT_OBJECT",
+            PolicyError::InvalidId => "INVALID_ID",
+        }
+    }
+}
+
 /// Validates and completes a policy as the master does on insert.
 ///
 /// A body that has both `id` and `date` is already complete: it is kept exactly as it is, key

@@ -545,13 +545,15 @@ fn message_bytes(message: &pb::StreamLedgerResponse) -> usize {
     }
 }
 
-/// What a failed stream means.
+/// What a failed stream means: the master's reason says whether to resume at once; any other
+/// end (too many streams included) backs off and may try the next master.
 fn ended(status: &tonic::Status) -> End {
+    use ledger_proto::errors::{self, Reason};
     let reason = masters::describe_status(status);
-    match status.code() {
-        Code::ResourceExhausted => End::Lagged(reason),
+    match errors::reason(status) {
+        Some(Reason::SubscriberLagged | Reason::SnapshotStalled) => End::Lagged(reason),
         // A relay ends its streams so when its upstream replaced its copy with a snapshot.
-        Code::Aborted => End::Reset(reason),
+        _ if status.code() == Code::Aborted => End::Reset(reason),
         _ => End::Disconnected(reason),
     }
 }
