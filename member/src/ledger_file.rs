@@ -30,7 +30,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-use md5::{Digest, Md5};
+use ledger_anylog::digest::LedgerDigest;
 
 use crate::foreign::ForeignFiles;
 use crate::line::PolicyLine;
@@ -98,9 +98,9 @@ pub struct LedgerFile {
     file: Option<File>,
     seq: u64,
     len: u64,
-    /// The md5 state of the file's first `len` bytes: an append feeds it only the new bytes to
-    /// get the digest its record needs (the hasher is cloned, then finalized).
-    md5: Md5,
+    /// The digest of the file's first `len` bytes: an append feeds it only the new bytes to
+    /// get the md5 its record needs.
+    md5: LedgerDigest,
     index: HashMap<String, Entry>,
     /// Set when the file cannot be trusted: only a snapshot may replace it.
     awaiting_snapshot: bool,
@@ -195,20 +195,20 @@ impl LedgerFile {
             }
         }
         let mut index = HashMap::new();
-        let mut md5 = Md5::new();
+        let mut md5 = LedgerDigest::new();
         if distrust.is_none() {
             let scanned = match file_len {
                 Some(_) => scan(&paths.file, len),
-                None => Ok((HashMap::new(), Md5::new())),
+                None => Ok((HashMap::new(), LedgerDigest::new())),
             };
             match scanned {
-                Ok((_, hasher)) if FileMd5::of_hasher(&hasher) != recorded_md5 => {
+                Ok((_, hasher)) if FileMd5::of_digest(&hasher) != recorded_md5 => {
                     distrust = Some(format!(
                         "{} does not match its state record: the md5 of its first {len} bytes is \
                          {}, not the {recorded_md5} recorded at seq {seq}, so it was changed \
                          outside the member",
                         paths.file.display(),
-                        FileMd5::of_hasher(&hasher),
+                        FileMd5::of_digest(&hasher),
                     ))
                 }
                 Ok((scanned, hasher)) => (index, md5) = (scanned, hasher),
@@ -302,7 +302,7 @@ impl LedgerFile {
     /// The md5 of the file at [`LedgerFile::seq`]: the master's `GetLedgerInfo` digest at that
     /// seq when the file is in sync (meaningless while it awaits a snapshot).
     pub fn md5(&self) -> FileMd5 {
-        FileMd5::of_hasher(&self.md5)
+        FileMd5::of_digest(&self.md5)
     }
 
     /// Whether the file holds no policy.
@@ -434,11 +434,11 @@ impl LedgerFile {
             return self.separate_foreign(seq, inserted, &bytes, end);
         }
         let mut md5 = self.md5.clone();
-        md5.update(&bytes);
+        md5.push_bytes(&bytes);
         SyncState {
             seq,
             len: new_len,
-            md5: FileMd5::of_hasher(&md5),
+            md5: FileMd5::of_digest(&md5),
             pending: None,
         }
         .store(&self.paths)?;
@@ -544,14 +544,14 @@ impl LedgerFile {
         &mut self,
         seq: u64,
         new_len: u64,
-        new_md5: Md5,
+        new_md5: LedgerDigest,
         accounted: u64,
     ) -> Result<(), FileError> {
-        let md5 = FileMd5::of_hasher(&new_md5);
+        let md5 = FileMd5::of_digest(&new_md5);
         SyncState {
             seq: self.seq,
             len: self.len,
-            md5: FileMd5::of_hasher(&self.md5),
+            md5: FileMd5::of_digest(&self.md5),
             pending: Some(PendingRewrite {
                 seq,
                 len: new_len,
@@ -687,7 +687,7 @@ impl LedgerFile {
         }
         let prefix_intact = !replaced
             && size > self.len
-            && FileMd5::of_hasher(&hash_prefix(&self.paths.file, self.len)?) == self.md5();
+            && FileMd5::of_digest(&hash_prefix(&self.paths.file, self.len)?) == self.md5();
         if prefix_intact {
             let tail = read_range(&self.paths.file, self.len, size)?;
             self.foreign
@@ -835,14 +835,14 @@ impl Snapshot {
 struct Md5Writer {
     inner: BufWriter<File>,
     /// The md5 of every byte accepted so far.
-    md5: Md5,
+    md5: LedgerDigest,
 }
 
 impl Md5Writer {
     fn new(inner: BufWriter<File>) -> Md5Writer {
         Md5Writer {
             inner,
-            md5: Md5::new(),
+            md5: LedgerDigest::new(),
         }
     }
 }
@@ -851,7 +851,7 @@ impl Write for Md5Writer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let written = self.inner.write(buf)?;
         // Only what was accepted: a short write is retried with the rest by the caller.
-        self.md5.update(&buf[..written]);
+        self.md5.push_bytes(&buf[..written]);
         Ok(written)
     }
 
@@ -954,11 +954,11 @@ fn replace_file(paths: &LedgerPaths) -> Result<(), FileError> {
 
 /// Reads the first `len` bytes of the file as policy lines, indexes them and hashes them (in the
 /// same pass: the file is read once); the error says what makes the file unfit.
-fn scan(path: &Path, len: u64) -> Result<(HashMap<String, Entry>, Md5), String> {
+fn scan(path: &Path, len: u64) -> Result<(HashMap<String, Entry>, LedgerDigest), String> {
     let file = File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut reader = BufReader::with_capacity(1 << 20, file.take(len));
     let mut index = HashMap::new();
-    let mut md5 = Md5::new();
+    let mut md5 = LedgerDigest::new();
     let mut bytes = Vec::new();
     let mut offset = 0;
     for number in 1.. {
@@ -969,7 +969,7 @@ fn scan(path: &Path, len: u64) -> Result<(HashMap<String, Entry>, Md5), String> 
         if read == 0 {
             break;
         }
-        md5.update(&bytes);
+        md5.push_bytes(&bytes);
         let at = || format!("{} line {number}", path.display());
         if bytes.pop() != Some(b'\n') {
             return Err(format!("{} is incomplete", at()));
@@ -1079,30 +1079,16 @@ fn read_range(path: &Path, from: u64, to: u64) -> Result<Vec<u8>, FileError> {
     Ok(bytes)
 }
 
-/// The md5 state of the first `len` bytes of the file at `path`.
-fn hash_prefix(path: &Path, len: u64) -> Result<Md5, FileError> {
+/// The digest of the first `len` bytes of the file at `path`.
+fn hash_prefix(path: &Path, len: u64) -> Result<LedgerDigest, FileError> {
     let file = File::open(path).map_err(io_error("read", path))?;
-    let mut md5 = Md5::new();
+    let mut md5 = LedgerDigest::new();
     io::copy(
         &mut BufReader::with_capacity(1 << 20, file.take(len)),
-        &mut Md5Sink(&mut md5),
+        &mut md5,
     )
     .map_err(io_error("read", path))?;
     Ok(md5)
-}
-
-/// Feeds an md5 hasher as a writer.
-struct Md5Sink<'a>(&'a mut Md5);
-
-impl Write for Md5Sink<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Where `needle` starts in `haystack` (the last place, as an append is the latest write).

@@ -37,6 +37,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use ledger_anylog::digest::LedgerDigest;
+// The record's own checksum, which is not a ledger's digest.
 use md5::{Digest, Md5};
 
 use crate::paths::LedgerPaths;
@@ -53,7 +55,8 @@ const SLOT: usize = 512;
 /// The first word of every record, followed by the format's version.
 const MAGIC: &str = "ledger-member-state";
 
-/// The md5 of a ledger file's content (of its first `len` bytes).
+/// The md5 of a ledger file's content (of its first `len` bytes): the ledger's digest
+/// ([`LedgerDigest`]) at the recorded seq, kept as its 16 bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileMd5(pub [u8; 16]);
 
@@ -64,14 +67,16 @@ impl FileMd5 {
         0x7e,
     ]);
 
-    /// The md5 of `bytes`.
+    /// The md5 of a file holding `bytes`.
     pub fn of(bytes: &[u8]) -> FileMd5 {
-        FileMd5(Md5::digest(bytes).into())
+        let mut digest = LedgerDigest::new();
+        digest.push_bytes(bytes);
+        FileMd5::of_digest(&digest)
     }
 
-    /// The md5 of what `hasher` has seen so far; the hasher can go on (it is cloned).
-    pub fn of_hasher(hasher: &Md5) -> FileMd5 {
-        FileMd5(hasher.clone().finalize().into())
+    /// The md5 of what `digest` has seen so far; the digest can go on.
+    pub fn of_digest(digest: &LedgerDigest) -> FileMd5 {
+        FileMd5(digest.md5())
     }
 
     /// Reads 32 hex digits.
@@ -441,13 +446,17 @@ mod tests {
             "d41d8cd98f00b204e9800998ecf8427e"
         );
         assert_eq!(FileMd5::of(b""), FileMd5::EMPTY);
-        let mut hasher = Md5::new();
-        hasher.update(b"{\"a\": 1}\n");
-        let so_far = FileMd5::of_hasher(&hasher);
-        hasher.update(b"{\"b\": 2}\n");
+        let mut digest = LedgerDigest::new();
+        digest.push_line("{\"a\": 1}");
+        let so_far = FileMd5::of_digest(&digest);
+        digest.push_line("{\"b\": 2}");
         assert_eq!(so_far, FileMd5::of(b"{\"a\": 1}\n"));
         assert_eq!(
-            FileMd5::of_hasher(&hasher),
+            so_far.to_string(),
+            ledger_anylog::digest::of_lines(["{\"a\": 1}"])
+        );
+        assert_eq!(
+            FileMd5::of_digest(&digest),
             FileMd5::of(b"{\"a\": 1}\n{\"b\": 2}\n")
         );
         assert_eq!(FileMd5::parse(&so_far.to_string()), Some(so_far));

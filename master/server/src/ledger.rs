@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use ledger_anylog::digest::LedgerDigest;
 use ledger_anylog::policy;
-use md5::{Digest, Md5};
 use tokio_stream::Stream;
 
 use crate::error::LedgerError;
@@ -81,13 +81,13 @@ pub struct LedgerFile {
     pub bytes: Vec<u8>,
 }
 
-/// The md5 state of the ledger's file at one seq, which later inserts extend (an insert appends
+/// The digest of the ledger's file at one seq, which later inserts extend (an insert appends
 /// its line to a member's file) without reading the ledger again.
 #[derive(Clone)]
 struct DigestState {
     head_seq: u64,
     policy_count: u64,
-    md5: Md5,
+    digest: LedgerDigest,
 }
 
 impl DigestState {
@@ -95,7 +95,7 @@ impl DigestState {
         LedgerInfo {
             head_seq: self.head_seq,
             policy_count: self.policy_count,
-            digest: hex::encode(self.md5.clone().finalize()),
+            digest: self.digest.hex(),
             oldest_replayable_seq,
         }
     }
@@ -119,8 +119,7 @@ impl DigestState {
                 }
                 match change.kind {
                     ChangeKind::Inserted(policy) => {
-                        next.md5.update(policy.json.as_bytes());
-                        next.md5.update(b"\n");
+                        next.digest.push_line(&policy.json);
                         next.policy_count += 1;
                     }
                     ChangeKind::Deleted { .. } => return Ok(None),
@@ -132,14 +131,14 @@ impl DigestState {
     }
 }
 
-/// Reads the whole ledger at one seq as a file: its digest and md5 state, and with
-/// `keep_bytes` its bytes.
+/// Reads the whole ledger at one seq as a file: its digest (and the digest's state, to extend),
+/// and with `keep_bytes` its bytes.
 fn read_file_with_state(
     storage: &dyn Storage,
     keep_bytes: bool,
 ) -> Result<(LedgerFile, DigestState), StorageError> {
     metrics::digest_full_read();
-    let mut md5 = Md5::new();
+    let mut digest = LedgerDigest::new();
     let mut file = LedgerFile {
         head_seq: 0,
         policy_count: 0,
@@ -154,8 +153,7 @@ fn read_file_with_state(
             }
             SnapshotPart::Page(policies) => {
                 for policy in policies {
-                    md5.update(policy.json.as_bytes());
-                    md5.update(b"\n");
+                    digest.push_line(&policy.json);
                     if keep_bytes {
                         file.bytes.extend_from_slice(policy.json.as_bytes());
                         file.bytes.push(b'\n');
@@ -168,9 +166,9 @@ fn read_file_with_state(
     let state = DigestState {
         head_seq: file.head_seq,
         policy_count: file.policy_count,
-        md5,
+        digest,
     };
-    file.digest = hex::encode(state.md5.clone().finalize());
+    file.digest = state.digest.hex();
     Ok((file, state))
 }
 
