@@ -10,7 +10,8 @@ use tokio_stream::Stream;
 use crate::error::LedgerError;
 use crate::feed::ChangeFeed;
 use crate::metrics;
-use crate::subscription::{self, Event, SubscriptionContext, blocking};
+use crate::storage_io::{self, PAGE};
+use crate::subscription::{self, Event, SubscriptionContext};
 use crate::writer::Writer;
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
@@ -109,7 +110,7 @@ impl DigestState {
     ) -> Result<Option<DigestState>, StorageError> {
         let mut next = self.clone();
         while next.head_seq < head_seq {
-            let changes = storage.changes_after(next.head_seq, DEFAULT_PAGE_SIZE)?;
+            let changes = storage.changes_after(next.head_seq, PAGE)?;
             if changes.is_empty() {
                 return Ok(None);
             }
@@ -145,7 +146,7 @@ fn read_file_with_state(
         digest: String::new(),
         bytes: Vec::new(),
     };
-    storage.snapshot(DEFAULT_PAGE_SIZE, &mut |part| {
+    storage.snapshot(PAGE, &mut |part| {
         match part {
             SnapshotPart::Start { seq, policy_count } => {
                 file.head_seq = seq;
@@ -342,7 +343,7 @@ impl Ledger {
     pub async fn get(&self, id: &str) -> Result<StoredPolicy, LedgerError> {
         require_id(id)?;
         let key = id.to_string();
-        blocking(self.storage(), move |s| s.get(&key))
+        storage_io::run(self.storage(), move |s| s.get(&key))
             .await?
             .ok_or_else(|| LedgerError::NotFound(id.to_string()))
     }
@@ -383,13 +384,13 @@ impl Ledger {
                 ))
             })?,
         };
-        blocking(self.storage(), move |s| {
+        storage_io::run(self.storage(), move |s| {
             let mut cursor = start;
             let mut scanned = 0;
             let mut policies = Vec::new();
             loop {
-                let rows = s.list(query.policy_type.as_deref(), cursor, DEFAULT_PAGE_SIZE)?;
-                let exhausted = rows.len() < DEFAULT_PAGE_SIZE;
+                let rows = s.list(query.policy_type.as_deref(), cursor, PAGE)?;
+                let exhausted = rows.len() < PAGE;
                 let row_count = rows.len();
                 for (index, row) in rows.into_iter().enumerate() {
                     cursor = row.seq;
@@ -418,13 +419,14 @@ impl Ledger {
             }
         })
         .await
+        .map_err(LedgerError::from)
     }
 
     /// The head, size and digest of the ledger. Computed once for concurrent callers, and
     /// kept up to date by the inserts that follow without reading the ledger again; a delete
     /// (or a change no longer replayable) takes one full read.
     pub async fn info(&self) -> Result<LedgerInfo, LedgerError> {
-        let bounds = blocking(self.storage(), |s| s.bounds()).await?;
+        let bounds = storage_io::run(self.storage(), |s| s.bounds()).await?;
         let mut digest = self.digest.lock().await;
         if let Some(state) = digest.as_ref() {
             if state.head_seq == bounds.head_seq {
@@ -433,14 +435,15 @@ impl Ledger {
             let (state, head) = (state.clone(), bounds.head_seq);
             if state.head_seq < head
                 && let Some(next) =
-                    blocking(self.storage(), move |s| state.extended(s, head)).await?
+                    storage_io::run(self.storage(), move |s| state.extended(s, head)).await?
             {
                 let info = next.info(bounds.pruned_seq);
                 *digest = Some(next);
                 return Ok(info);
             }
         }
-        let (_, state) = blocking(self.storage(), |s| read_file_with_state(s, false)).await?;
+        let (_, state) =
+            storage_io::run(self.storage(), |s| read_file_with_state(s, false)).await?;
         let info = state.info(bounds.pruned_seq);
         *digest = Some(state);
         Ok(info)
@@ -458,7 +461,8 @@ impl Ledger {
         }
         // Drop the old copy before reading the new one: two would double the memory.
         *cached = None;
-        let (file, state) = blocking(self.storage(), |s| read_file_with_state(s, true)).await?;
+        let (file, state) =
+            storage_io::run(self.storage(), |s| read_file_with_state(s, true)).await?;
         let file = Arc::new(file);
         // The read gave the digest's state too.
         let mut digest = self.digest.lock().await;

@@ -20,5 +20,6 @@ pub mod log_limit;
 pub mod metrics;
 pub mod serve;
 pub mod service;
+pub mod storage_io;
 pub mod subscription;
 pub mod writer;
