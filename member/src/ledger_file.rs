@@ -126,16 +126,15 @@ impl LedgerFile {
     ///   truncated back to the recorded length, whose changes the master sends again;
     /// - a file shorter than recorded, a line that is not a valid policy, a policy twice, a
     ///   recorded part whose md5 is not the recorded one (changed outside the member), a
-    ///   damaged record or one of format 1 (which has no md5 to check against), a missing file,
-    ///   or a file without a record: the file is kept as it is until a full snapshot replaces
-    ///   it, and [`LedgerFile::seq`] is 0.
+    ///   damaged record, a missing file, or a file without a record: the file is kept as it is
+    ///   until a full snapshot replaces it, and [`LedgerFile::seq`] is 0.
     pub fn open(path: &Path) -> Result<LedgerFile, FileError> {
         let paths = LedgerPaths::new(path);
         let lock = lock(&paths)?;
         let mut distrust: Option<String> = None;
         let state = match SyncState::load(&paths) {
             Ok(state) => state,
-            Err(e @ (StateError::Damaged { .. } | StateError::OldFormat { .. })) => {
+            Err(e @ StateError::Damaged { .. }) => {
                 distrust = Some(e.to_string());
                 None
             }
@@ -1455,13 +1454,12 @@ mod tests {
 
     #[test]
     fn what_cannot_be_trusted_waits_for_a_snapshot() {
-        // A short file, a corrupt line, a duplicate, a damaged record, a missing record, a
-        // record of format 1; then changes that keep every line a valid policy, which only the
-        // recorded md5 reveals: a byte flipped inside a string value, a line edited to other
-        // valid JSON of the same length, two lines swapped, a recorded part changed before an
-        // unrecorded tail.
+        // A short file, a corrupt line, a duplicate, a damaged record, a missing record; then
+        // changes that keep every line a valid policy, which only the recorded md5 reveals: a
+        // byte flipped inside a string value, a line edited to other valid JSON of the same
+        // length, two lines swapped, a recorded part changed before an unrecorded tail.
         type Damage = fn(&LedgerPaths, &str);
-        let damages: [(&str, Damage); 10] = [
+        let damages: [(&str, Damage); 9] = [
             ("short", |p, good| {
                 std::fs::write(&p.file, &good[..good.len() - 10]).unwrap()
             }),
@@ -1484,15 +1482,6 @@ mod tests {
                 std::fs::write(&p.state, record).unwrap()
             }),
             ("no record", |p, _| std::fs::remove_file(&p.state).unwrap()),
-            ("format 1 record", |p, _| {
-                let state = SyncState::load(p).unwrap().unwrap();
-                let body = format!(
-                    "ledger-member-state 1\nseq {}\nlen {}\n",
-                    state.seq, state.len
-                );
-                let sealed = format!("{body}md5 {}\n", FileMd5::of(body.as_bytes()));
-                std::fs::write(&p.state, sealed).unwrap();
-            }),
             ("byte flipped in a string", |p, good| {
                 std::fs::write(&p.file, good.replacen("\"op2\"", "\"oq2\"", 1)).unwrap()
             }),
