@@ -27,7 +27,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use ledger_anylog::digest::LedgerDigest;
@@ -36,6 +35,8 @@ use crate::foreign::ForeignFiles;
 use crate::line::PolicyLine;
 use crate::paths::LedgerPaths;
 use crate::state::{FileMd5, PendingRewrite, StateError, SyncState};
+
+mod sys;
 
 /// Where a policy's line is in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,8 +387,7 @@ impl LedgerFile {
             // Only a ledger that never held a policy has no file (its snapshot was empty and
             // then removed by hand, or it was recorded empty): create it.
             let file = open_rw_create(&self.paths.file)?;
-            self.paths
-                .sync_dir()
+            sys::sync_dir(&self.paths)
                 .map_err(io_error("sync the directory of", &self.paths.file))?;
             self.file = Some(file);
         }
@@ -403,13 +403,13 @@ impl LedgerFile {
         }
         // Reserve the blocks first: a full disk then refuses the batch before any byte of it
         // reaches the file, so readers never see a torn last line.
-        reserve(file, self.len, bytes.len() as u64)
+        sys::reserve(file, self.len, bytes.len() as u64)
             .map_err(io_error("reserve space in", &self.paths.file))?;
         // One write for the whole batch keeps the window for a torn tail as small as the
         // system allows; start-up truncates whatever was not recorded.
         if let Err(e) = file
             .write_all_at(&bytes, self.len)
-            .and_then(|()| file.sync_data())
+            .and_then(|()| sys::fdatasync(file))
         {
             // Where reserving is not supported, cut a partial write at once rather than leave
             // it for readers until the next start; what follows the recorded part (someone
@@ -418,7 +418,7 @@ impl LedgerFile {
                 .journal_after(&self.paths.file.clone(), self.len)
                 .is_ok()
             {
-                let _ = file.set_len(self.len).and_then(|()| file.sync_data());
+                let _ = file.set_len(self.len).and_then(|()| sys::fdatasync(file));
             }
             return Err(io_error("append to", &self.paths.file)(e));
         }
@@ -504,7 +504,7 @@ impl LedgerFile {
                 out.write_all(b"\n")?;
             }
             out.flush()?;
-            out.inner.get_ref().sync_all()
+            sys::fsync(out.inner.get_ref())
         })();
         written.map_err(io_error("write", &self.paths.tmp))?;
 
@@ -774,7 +774,7 @@ impl LedgerFile {
         seq: u64,
     ) -> Result<(), FileError> {
         out.flush()
-            .and_then(|()| out.inner.get_ref().sync_all())
+            .and_then(|()| sys::fsync(out.inner.get_ref()))
             .map_err(io_error("write", path))?;
         let Md5Writer { inner, md5 } = out;
         drop(inner);
@@ -945,10 +945,8 @@ fn replace_file(paths: &LedgerPaths) -> Result<(), FileError> {
                 .map_err(io_error("keep a copy of", &paths.file))?;
         }
     }
-    std::fs::rename(&paths.tmp, &paths.file).map_err(io_error("rename over", &paths.file))?;
-    paths
-        .sync_dir()
-        .map_err(io_error("sync the directory of", &paths.file))
+    sys::rename(&paths.tmp, &paths.file).map_err(io_error("rename over", &paths.file))?;
+    sys::sync_dir(paths).map_err(io_error("sync the directory of", &paths.file))
 }
 
 /// Reads the first `len` bytes of the file as policy lines, indexes them and hashes them (in the
@@ -997,17 +995,11 @@ fn lock(paths: &LedgerPaths) -> Result<File, FileError> {
         .write(true)
         .open(&paths.lock)
         .map_err(io_error("open", &paths.lock))?;
-    // SAFETY: flock(2) on a descriptor we own; the lock lives as long as the file stays open.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let error = io::Error::last_os_error();
-        if error.kind() == io::ErrorKind::WouldBlock {
-            return Err(FileError::Locked {
-                path: paths.file.display().to_string(),
-                lock: paths.lock.display().to_string(),
-            });
-        }
-        return Err(io_error("lock", &paths.lock)(error));
+    if !sys::try_lock(&file).map_err(io_error("lock", &paths.lock))? {
+        return Err(FileError::Locked {
+            path: paths.file.display().to_string(),
+            lock: paths.lock.display().to_string(),
+        });
     }
     Ok(file)
 }
@@ -1032,39 +1024,13 @@ fn open_rw_create(path: &Path) -> Result<File, FileError> {
         .map_err(io_error("create", path))
 }
 
-/// Allocates the blocks for `len` bytes at `offset` without changing the file's size. A
-/// file system that cannot (EOPNOTSUPP) is left to the write itself.
-fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    if len == 0 {
-        return Ok(());
-    }
-    // SAFETY: fallocate on a file descriptor we own, with in-range sizes; it only allocates.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let error = io::Error::last_os_error();
-    match error.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
-        _ => Err(error),
-    }
-}
-
 /// Replaces the ledger file by its first `len` bytes (through `.tmp`, fsynced, renamed; the
 /// file it replaces is kept as `blockchain.old`).
 fn cut_to(paths: &LedgerPaths, len: u64) -> Result<(), FileError> {
     let source = File::open(&paths.file).map_err(io_error("read", &paths.file))?;
     let mut tmp = File::create(&paths.tmp).map_err(io_error("create", &paths.tmp))?;
     io::copy(&mut source.take(len), &mut tmp)
-        .and_then(|_| tmp.sync_all())
+        .and_then(|_| sys::fsync(&tmp))
         .map_err(io_error("write", &paths.tmp))?;
     replace_file(paths)
 }
