@@ -19,6 +19,34 @@ use crate::line::PolicyLine;
 use crate::paths::LedgerPaths;
 use crate::state::{FileMd5, PendingRewrite, StateError, SyncState};
 
+/// What the state record says, once an interrupted rewrite is finished or discarded.
+enum Recorded {
+    /// There is no record: a new member, or a file that is not this member's.
+    Nothing,
+    /// The record the file must agree with.
+    State(SyncState),
+    /// A record that cannot be trusted (damaged, or naming a rewrite that is not on disk), and
+    /// why.
+    Distrusted(String),
+}
+
+/// What start-up finds the file to be, against its record.
+enum Found {
+    /// The ledger up to `seq`: the file's first `len` bytes are the policies of `index`, every
+    /// line whole, and hash to the recorded md5 (`digest` goes on from there). The `tail` bytes
+    /// after them were never recorded: an append of ours cut short, or someone else's lines.
+    Ledger {
+        seq: u64,
+        len: u64,
+        index: HashMap<String, Entry>,
+        digest: LedgerDigest,
+        tail: u64,
+    },
+    /// A file that cannot be trusted, and why: it is kept as it is until a full snapshot
+    /// replaces it, and the member resyncs from seq 0.
+    Distrusted(String),
+}
+
 impl LedgerFile {
     /// Opens the ledger file at `path` for a daemon: locks it and repairs what a crash left.
     ///
@@ -29,8 +57,9 @@ impl LedgerFile {
     ///   rename): the rewrite is finished (old file kept as `blockchain.old`, rename, record);
     /// - a pending marker and no `.tmp`, the file of the pending length (crash after the rename,
     ///   before the record): the record is completed;
-    /// - a file longer than recorded (an append cut short, torn or not, or not yet recorded):
-    ///   truncated back to the recorded length, whose changes the master sends again;
+    /// - a file longer than recorded (an append cut short, torn or not, or not yet recorded, or
+    ///   lines someone else appended): the tail is journaled, then the file is cut back to the
+    ///   recorded length, whose changes the master sends again;
     /// - a file shorter than recorded, a line that is not a valid policy, a policy twice, a
     ///   recorded part whose md5 is not the recorded one (changed outside the member), a
     ///   damaged record, a missing file, or a file without a record: the file is kept as it is
@@ -38,23 +67,14 @@ impl LedgerFile {
     pub fn open(path: &Path) -> Result<LedgerFile, FileError> {
         let paths = LedgerPaths::new(path);
         let lock = lock(&paths)?;
-        let mut distrust: Option<String> = None;
-        let state = match SyncState::load(&paths) {
-            Ok(state) => state,
-            Err(e @ StateError::Damaged { .. }) => {
-                distrust = Some(e.to_string());
-                None
-            }
+        let recorded = match SyncState::load(&paths) {
+            Ok(None) => Recorded::Nothing,
+            Ok(Some(state)) => match state.pending {
+                Some(pending) => finish_rewrite(&paths, state, pending)?,
+                None => Recorded::State(state),
+            },
+            Err(e @ StateError::Damaged { .. }) => Recorded::Distrusted(e.to_string()),
             Err(e) => return Err(e.into()),
-        };
-        let state = match state {
-            Some(
-                state @ SyncState {
-                    pending: Some(pending),
-                    ..
-                },
-            ) => Some(finish_rewrite(&paths, state, pending, &mut distrust)?),
-            other => other,
         };
         // A rewrite or snapshot that never recorded its pending marker, or a state record never
         // renamed into place: neither is part of the ledger.
@@ -62,125 +82,51 @@ impl LedgerFile {
         remove_if_exists(&paths.state_tmp)?;
 
         let file_len = file_len(&paths.file)?;
-        let mut seq = 0;
-        let mut len = file_len.unwrap_or(0);
-        // What the recorded part of the file must hash to, and the tail to cut once it does.
-        let mut recorded_md5 = FileMd5::EMPTY;
-        let mut unrecorded_tail = 0;
-        if distrust.is_none() {
-            match (state, file_len) {
-                (None, None) => {}
-                (None, Some(_)) => {
-                    distrust = Some(format!(
-                        "{} has no state record beside it, so which seq it holds is unknown",
-                        paths.file.display()
-                    ))
-                }
-                (Some(state), None) if state.len == 0 => {
-                    (seq, recorded_md5) = (state.seq, state.md5);
-                }
-                (Some(state), None) => {
-                    distrust = Some(format!(
-                        "{} is missing though seq {} was recorded",
-                        paths.file.display(),
-                        state.seq
-                    ))
-                }
-                (Some(state), Some(actual)) if actual < state.len => {
-                    distrust = Some(format!(
-                        "{} has {actual} bytes, fewer than the {} recorded at seq {}",
-                        paths.file.display(),
-                        state.len,
-                        state.seq
-                    ))
-                }
-                (Some(state), Some(actual)) => {
-                    (seq, len, recorded_md5) = (state.seq, state.len, state.md5);
-                    unrecorded_tail = actual - state.len;
-                }
-            }
-        }
-        let mut index = HashMap::new();
-        let mut md5 = LedgerDigest::new();
-        if distrust.is_none() {
-            let scanned = match file_len {
-                Some(_) => scan(&paths.file, len),
-                None => Ok((HashMap::new(), LedgerDigest::new())),
-            };
-            match scanned {
-                Ok((_, hasher)) if FileMd5::of_digest(&hasher) != recorded_md5 => {
-                    distrust = Some(format!(
-                        "{} does not match its state record: the md5 of its first {len} bytes is \
-                         {}, not the {recorded_md5} recorded at seq {seq}, so it was changed \
-                         outside the member",
-                        paths.file.display(),
-                        FileMd5::of_digest(&hasher),
-                    ))
-                }
-                Ok((scanned, hasher)) => (index, md5) = (scanned, hasher),
-                Err(reason) => distrust = Some(reason),
-            }
-        }
+        let found = examine(&paths, recorded, file_len);
         // Cut only a file whose recorded part checked out: a damaged one is kept whole until
-        // a snapshot replaces it (it becomes `blockchain.old`). The tail is an append of ours
-        // cut short, or lines someone else appended: journaled first, never dropped unseen.
+        // a snapshot replaces it (it becomes `blockchain.old`).
         let foreign = ForeignFiles::new(&paths.file);
-        let mut replaced = None;
-        if distrust.is_none() && unrecorded_tail > 0 {
-            let end = len + unrecorded_tail;
-            let tail = read_range(&paths.file, len, end)?;
-            foreign
-                .journal(len, &tail)
-                .map_err(io_error("journal the tail of", &paths.file))?;
-            // Not a truncation: a node may append while this runs, and a truncation would cut
-            // what it wrote after the tail was read. The recorded part goes to a new file, and
-            // whatever reached the old one after the tail is journaled too.
-            cut_to(&paths, len)?;
-            let mut accounted = end;
-            if let Some(old_len) = std::fs::metadata(&paths.old).ok().map(|m| m.len())
-                && old_len > end
-            {
-                let later = read_range(&paths.old, end, old_len)?;
-                foreign
-                    .journal(end, &later)
-                    .map_err(io_error("journal the tail of", &paths.file))?;
-                accounted = old_len;
+        let replaced = match &found {
+            Found::Ledger { seq, len, tail, .. } if *tail > 0 => {
+                cut_unrecorded_tail(&paths, &foreign, *seq, *len, *tail)?
             }
-            replaced = std::fs::metadata(&paths.old).ok().map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                (m.ino(), accounted)
-            });
-            tracing::info!(
-                journaled_bytes = unrecorded_tail,
-                "repaired {}: moved the {unrecorded_tail} bytes after seq {seq} to {} to deal with",
-                paths.file.display(),
-                foreign.journal.display(),
-            );
-        }
+            _ => None,
+        };
         let file = match file_len {
             Some(_) => Some(open_rw(&paths.file)?),
             None => None,
         };
-        let awaiting_snapshot = distrust.is_some();
-        match &distrust {
-            Some(reason) => {
+        let (seq, len, md5, index, awaiting_snapshot) = match found {
+            Found::Ledger {
+                seq,
+                len,
+                index,
+                digest,
+                ..
+            } => {
+                if seq == 0 {
+                    tracing::info!(
+                        "starting a full sync of {} from seq 0",
+                        paths.file.display()
+                    );
+                } else {
+                    tracing::info!(
+                        policies = index.len(),
+                        bytes = len,
+                        "resuming from seq {seq} ({})",
+                        paths.file.display()
+                    );
+                }
+                (seq, len, digest, index, false)
+            }
+            Found::Distrusted(reason) => {
                 tracing::warn!(
                     "{reason}; resyncing from seq 0 (the master will send a full snapshot)"
                 );
-                seq = 0;
-                index.clear();
+                let len = file_len.unwrap_or(0);
+                (0, len, LedgerDigest::new(), HashMap::new(), true)
             }
-            None if seq == 0 => tracing::info!(
-                "starting a full sync of {} from seq 0",
-                paths.file.display()
-            ),
-            None => tracing::info!(
-                policies = index.len(),
-                bytes = len,
-                "resuming from seq {seq} ({})",
-                paths.file.display()
-            ),
-        }
+        };
         Ok(LedgerFile {
             paths,
             _lock: lock,
@@ -196,13 +142,107 @@ impl LedgerFile {
     }
 }
 
+/// Compares the record with the file (`file_len` bytes long, `None` when missing), then reads
+/// the recorded part once: every line a valid policy, no id twice, and the recorded md5.
+fn examine(paths: &LedgerPaths, recorded: Recorded, file_len: Option<u64>) -> Found {
+    let file = paths.file.display();
+    let (seq, len, md5, tail) = match (recorded, file_len) {
+        (Recorded::Distrusted(reason), _) => return Found::Distrusted(reason),
+        (Recorded::Nothing, None) => (0, 0, FileMd5::EMPTY, 0),
+        (Recorded::Nothing, Some(_)) => {
+            return Found::Distrusted(format!(
+                "{file} has no state record beside it, so which seq it holds is unknown"
+            ));
+        }
+        (Recorded::State(state), None) if state.len == 0 => (state.seq, 0, state.md5, 0),
+        (Recorded::State(state), None) => {
+            return Found::Distrusted(format!(
+                "{file} is missing though seq {} was recorded",
+                state.seq
+            ));
+        }
+        (Recorded::State(state), Some(actual)) if actual < state.len => {
+            return Found::Distrusted(format!(
+                "{file} has {actual} bytes, fewer than the {} recorded at seq {}",
+                state.len, state.seq
+            ));
+        }
+        (Recorded::State(state), Some(actual)) => {
+            (state.seq, state.len, state.md5, actual - state.len)
+        }
+    };
+    let scanned = match file_len {
+        Some(_) => scan(&paths.file, len),
+        None => Ok((HashMap::new(), LedgerDigest::new())),
+    };
+    match scanned {
+        Ok((_, digest)) if FileMd5::of_digest(&digest) != md5 => Found::Distrusted(format!(
+            "{file} does not match its state record: the md5 of its first {len} bytes is {}, \
+             not the {md5} recorded at seq {seq}, so it was changed outside the member",
+            FileMd5::of_digest(&digest),
+        )),
+        Ok((index, digest)) => Found::Ledger {
+            seq,
+            len,
+            index,
+            digest,
+            tail,
+        },
+        Err(reason) => Found::Distrusted(reason),
+    }
+}
+
+/// Journals the `tail` bytes after the recorded `len` (those of seq `seq`), then cuts the file
+/// to `len`; returns the replaced file (now `blockchain.old`): its inode and how much of it is
+/// accounted for.
+///
+/// The tail is an append of ours cut short, or lines someone else appended: journaled first,
+/// never dropped unseen.
+fn cut_unrecorded_tail(
+    paths: &LedgerPaths,
+    foreign: &ForeignFiles,
+    seq: u64,
+    len: u64,
+    tail: u64,
+) -> Result<Option<(u64, u64)>, FileError> {
+    let end = len + tail;
+    let bytes = read_range(&paths.file, len, end)?;
+    foreign
+        .journal(len, &bytes)
+        .map_err(io_error("journal the tail of", &paths.file))?;
+    // Not a truncation: a node may append while this runs, and a truncation would cut what it
+    // wrote after the tail was read. The recorded part goes to a new file, and whatever reached
+    // the old one after the tail is journaled too.
+    cut_to(paths, len)?;
+    let mut accounted = end;
+    if let Some(old_len) = std::fs::metadata(&paths.old).ok().map(|m| m.len())
+        && old_len > end
+    {
+        let later = read_range(&paths.old, end, old_len)?;
+        foreign
+            .journal(end, &later)
+            .map_err(io_error("journal the tail of", &paths.file))?;
+        accounted = old_len;
+    }
+    let replaced = std::fs::metadata(&paths.old).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.ino(), accounted)
+    });
+    tracing::info!(
+        journaled_bytes = tail,
+        "repaired {}: moved the {tail} bytes after seq {seq} to {} to deal with",
+        paths.file.display(),
+        foreign.journal.display(),
+    );
+    Ok(replaced)
+}
+
 /// Finishes or discards the rewrite a crash interrupted; returns the record that now holds.
 fn finish_rewrite(
     paths: &LedgerPaths,
     state: SyncState,
     pending: PendingRewrite,
-    distrust: &mut Option<String>,
-) -> Result<SyncState, FileError> {
+) -> Result<Recorded, FileError> {
     let done = SyncState {
         seq: pending.seq,
         len: pending.len,
@@ -232,7 +272,7 @@ fn finish_rewrite(
                 paths.file.display(),
                 pending.seq
             );
-            Ok(done)
+            Ok(Recorded::State(done))
         }
         // Not the file the marker names: keep the current one.
         Some(len) => {
@@ -244,7 +284,7 @@ fn finish_rewrite(
             );
             remove_if_exists(&paths.tmp)?;
             before.store(paths)?;
-            Ok(before)
+            Ok(Recorded::State(before))
         }
         // Crashed after the rename: only the record is behind. A longer file got someone
         // else's lines since: the record is completed, and start-up deals with the tail.
@@ -256,17 +296,14 @@ fn finish_rewrite(
                     paths.file.display(),
                     pending.seq
                 );
-                Ok(done)
+                Ok(Recorded::State(done))
             }
-            other => {
-                *distrust = Some(format!(
-                    "a rewrite of {} was interrupted and the file has {} bytes, not the {} recorded",
-                    paths.file.display(),
-                    other.map_or_else(|| "no".to_string(), |len| len.to_string()),
-                    pending.len
-                ));
-                Ok(before)
-            }
+            other => Ok(Recorded::Distrusted(format!(
+                "a rewrite of {} was interrupted and the file has {} bytes, not the {} recorded",
+                paths.file.display(),
+                other.map_or_else(|| "no".to_string(), |len| len.to_string()),
+                pending.len
+            ))),
         },
     }
 }
