@@ -11,7 +11,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use crate::error::LedgerError;
 use ledger_storage::Rejection;
 
-/// Serves the master's `/metrics` on `addr` and returns the address bound (see [`serve`]).
+/// Serves the master's `/metrics` on `addr` and returns the address bound (see
+/// [`ledger_ops::metrics_endpoint::serve`]).
 pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(

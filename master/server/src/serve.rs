@@ -33,7 +33,8 @@ pub type StartError = Box<dyn std::error::Error + Send + Sync>;
 /// kernel dropped the SYNs beyond it, and those clients waited a 1 s retransmission.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (the kernel caps it at `somaxconn`).
+/// A listening socket on `addr` with a backlog of `LISTEN_BACKLOG` (the kernel caps it at
+/// `somaxconn`).
 pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
