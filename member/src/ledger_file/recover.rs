@@ -257,15 +257,7 @@ fn finish_rewrite(
         // Crashed between the marker and the rename: the new file is complete and fsynced.
         Some(len) if len == pending.len => {
             replace_file(paths)?;
-            // What someone else appended to the file it replaced is theirs, not the ledger's.
-            if let Some(old_len) = std::fs::metadata(&paths.old).ok().map(|m| m.len())
-                && old_len > before.len
-            {
-                let tail = read_range(&paths.old, before.len, old_len)?;
-                ForeignFiles::new(&paths.file)
-                    .journal(before.len, &tail)
-                    .map_err(io_error("journal the tail of", &paths.old))?;
-            }
+            journal_replaced_tail(paths, before.len)?;
             done.store(paths)?;
             tracing::info!(
                 "finished the rewrite of {} a crash interrupted: it holds seq {}",
@@ -287,9 +279,11 @@ fn finish_rewrite(
             Ok(Recorded::State(before))
         }
         // Crashed after the rename: only the record is behind. A longer file got someone
-        // else's lines since: the record is completed, and start-up deals with the tail.
+        // else's lines since: the record is completed, and start-up deals with the tail. The
+        // crash may also have come before what reached the replaced file late was journaled.
         None => match file_len(&paths.file)? {
             Some(len) if len >= pending.len => {
+                journal_replaced_tail(paths, before.len)?;
                 done.store(paths)?;
                 tracing::info!(
                     "completed the record of an interrupted rewrite of {}: it holds seq {}",
@@ -306,6 +300,22 @@ fn finish_rewrite(
             ))),
         },
     }
+}
+
+/// Journals what the file a rewrite replaced (now `blockchain.old`) holds after its recorded
+/// `len`: someone else appended it, before the rename or through a descriptor opened before it,
+/// so it is theirs, not the ledger's. (Bytes journaled before the crash are journaled again,
+/// with the same range: the journal deals with each once.)
+fn journal_replaced_tail(paths: &LedgerPaths, len: u64) -> Result<(), FileError> {
+    if let Some(old_len) = std::fs::metadata(&paths.old).ok().map(|m| m.len())
+        && old_len > len
+    {
+        let tail = read_range(&paths.old, len, old_len)?;
+        ForeignFiles::new(&paths.file)
+            .journal(len, &tail)
+            .map_err(io_error("journal the tail of", &paths.old))?;
+    }
+    Ok(())
 }
 
 /// Reads the first `len` bytes of the file as policy lines, indexes them and hashes them (in the
@@ -481,6 +491,26 @@ mod tests {
                 md5: FileMd5::of(after.as_bytes()),
                 pending: None
             }
+        );
+    }
+
+    /// A crash after a rewrite's rename, before the bytes a node wrote into the file it replaced
+    /// (after the member's last look, before the rename: now `blockchain.old`) were journaled.
+    #[test]
+    fn a_rewrite_cut_after_its_rename_keeps_what_reached_the_replaced_file() {
+        let f = fixture();
+        drop(synced(&f, 3));
+        let before = read(&f.paths.file);
+        let after = text(&[policy(1), policy(3)]);
+        std::fs::write(&f.paths.old, format!("{before}{LOCAL}")).unwrap();
+        std::fs::write(&f.paths.file, &after).unwrap();
+        record_pending(&f, 3, &before, 4, &after);
+        let file = LedgerFile::open(&f.paths.file).unwrap();
+        assert_eq!((file.seq(), file.awaiting_snapshot()), (4, false));
+        let at = before.len();
+        assert_eq!(
+            journaled(&f),
+            [format!("{at}..{} {LOCAL}", at + LOCAL.len())]
         );
     }
 
