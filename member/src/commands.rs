@@ -7,9 +7,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::time::Duration;
 
+use ledger_anylog::digest::LedgerDigest;
 use ledger_anylog::policy;
 use ledger_proto::pb;
-use md5::{Digest, Md5};
 use tonic::{Code, Response, Status};
 
 use crate::config::{GetFormat, InsertArgs};
@@ -393,7 +393,7 @@ fn digest(path: &Path) -> Result<Option<(String, u64)>, String> {
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut md5 = Md5::new();
+    let mut digest = LedgerDigest::new();
     let mut lines = 0;
     loop {
         let chunk = reader
@@ -402,12 +402,12 @@ fn digest(path: &Path) -> Result<Option<(String, u64)>, String> {
         if chunk.is_empty() {
             break;
         }
-        md5.update(chunk);
+        digest.push_bytes(chunk);
         lines += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
         let consumed = chunk.len();
         reader.consume(consumed);
     }
-    Ok(Some((hex::encode(md5.finalize()), lines)))
+    Ok(Some((digest.hex(), lines)))
 }
 
 #[cfg(test)]

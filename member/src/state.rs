@@ -27,9 +27,8 @@
 //! still a valid policy. At `seq` it is the master's `GetLedgerInfo` digest, since the file is
 //! the same bytes.
 //!
-//! Format 2 (one record, no `gen`, the whole file) is read, and replaced by the two slots at the
-//! next write. Format 1 (no `file-md5`) is not read: such a file cannot be checked against
-//! anything but its own syntax, so the member resyncs it from seq 0 once rather than trust it.
+//! Format 3 is the only one: the formats before it were never released. A state file in any
+//! other shape is damaged, and the member resyncs from seq 0 rather than trust it.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -37,6 +36,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use ledger_anylog::digest::LedgerDigest;
+// The record's own checksum, which is not a ledger's digest.
 use md5::{Digest, Md5};
 
 use crate::paths::LedgerPaths;
@@ -44,16 +45,14 @@ use crate::paths::LedgerPaths;
 /// The record format this member writes and reads.
 const VERSION: u32 = 3;
 
-/// The oldest format this member reads: one record, without `gen`, filling the state file.
-const WHOLE_FILE_VERSION: u32 = 2;
-
 /// The size of each of the state file's two slots; a record is at most about 300 bytes.
 const SLOT: usize = 512;
 
 /// The first word of every record, followed by the format's version.
 const MAGIC: &str = "ledger-member-state";
 
-/// The md5 of a ledger file's content (of its first `len` bytes).
+/// The md5 of a ledger file's content (of its first `len` bytes): the ledger's digest
+/// ([`LedgerDigest`]) at the recorded seq, kept as its 16 bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileMd5(pub [u8; 16]);
 
@@ -64,14 +63,16 @@ impl FileMd5 {
         0x7e,
     ]);
 
-    /// The md5 of `bytes`.
+    /// The md5 of a file holding `bytes`.
     pub fn of(bytes: &[u8]) -> FileMd5 {
-        FileMd5(Md5::digest(bytes).into())
+        let mut digest = LedgerDigest::new();
+        digest.push_bytes(bytes);
+        FileMd5::of_digest(&digest)
     }
 
-    /// The md5 of what `hasher` has seen so far; the hasher can go on (it is cloned).
-    pub fn of_hasher(hasher: &Md5) -> FileMd5 {
-        FileMd5(hasher.clone().finalize().into())
+    /// The md5 of what `digest` has seen so far; the digest can go on.
+    pub fn of_digest(digest: &LedgerDigest) -> FileMd5 {
+        FileMd5(digest.md5())
     }
 
     /// Reads 32 hex digits.
@@ -131,18 +132,6 @@ pub enum StateError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The record is intact but in a format this member does not trust (format 1 has no md5
-    /// of the file, so the file cannot be checked against it).
-    #[error(
-        "the state file {path} is in format {version}, which records no md5 of the ledger file \
-         (written by an older member); this member needs format {VERSION}"
-    )]
-    OldFormat {
-        /// The state file.
-        path: String,
-        /// The format it is in.
-        version: u32,
-    },
     /// Reading or writing it failed.
     #[error("cannot {action} the state file {path}: {source}")]
     Io {
@@ -153,27 +142,6 @@ pub enum StateError {
         /// The failure.
         source: std::io::Error,
     },
-}
-
-/// Why a record's text cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DecodeError {
-    /// It is not an intact record.
-    Damaged(String),
-    /// It is an intact record of an older format.
-    OldFormat(u32),
-}
-
-impl From<&str> for DecodeError {
-    fn from(reason: &str) -> DecodeError {
-        DecodeError::Damaged(reason.to_string())
-    }
-}
-
-impl From<String> for DecodeError {
-    fn from(reason: String) -> DecodeError {
-        DecodeError::Damaged(reason)
-    }
 }
 
 impl SyncState {
@@ -203,12 +171,12 @@ impl SyncState {
     }
 
     /// Reads a record's text; the error says what is wrong with it.
-    pub fn decode(text: &str) -> Result<SyncState, DecodeError> {
+    pub fn decode(text: &str) -> Result<SyncState, String> {
         Self::decode_record(text).map(|(state, _)| state)
     }
 
-    /// Reads a record's text and its generation (0 for format 2, which has none).
-    fn decode_record(text: &str) -> Result<(SyncState, u64), DecodeError> {
+    /// Reads a record's text and its generation.
+    fn decode_record(text: &str) -> Result<(SyncState, u64), String> {
         let body_end = text
             .trim_end_matches('\n')
             .rfind('\n')
@@ -223,17 +191,14 @@ impl SyncState {
             return Err("its checksum does not match its content".into());
         }
         let mut lines = body.lines();
-        let version = lines
+        let version: u32 = lines
             .next()
             .and_then(|first| first.strip_prefix(MAGIC)?.strip_prefix(' ')?.parse().ok())
             .ok_or_else(|| format!("it does not start with {MAGIC:?} and a version"))?;
-        if version < WHOLE_FILE_VERSION {
-            return Err(DecodeError::OldFormat(version));
-        }
-        if version > VERSION {
-            return Err(
-                format!("its format {version} is newer than this member's {VERSION}").into(),
-            );
+        if version != VERSION {
+            return Err(format!(
+                "its format {version} is not this member's {VERSION}"
+            ));
         }
         let (mut seq, mut len, mut pending_seq, mut pending_len) = (None, None, None, None);
         let mut generation = None;
@@ -250,17 +215,17 @@ impl SyncState {
             let digest =
                 || FileMd5::parse(value).ok_or_else(|| format!("{key} {value:?} is not an md5"));
             let twice = match key {
-                "gen" if version >= 3 => generation.replace(number()?).is_some(),
+                "gen" => generation.replace(number()?).is_some(),
                 "seq" => seq.replace(number()?).is_some(),
                 "len" => len.replace(number()?).is_some(),
                 "file-md5" => md5.replace(digest()?).is_some(),
                 "pending-seq" => pending_seq.replace(number()?).is_some(),
                 "pending-len" => pending_len.replace(number()?).is_some(),
                 "pending-md5" => pending_md5.replace(digest()?).is_some(),
-                other => return Err(format!("unknown key {other:?}").into()),
+                other => return Err(format!("unknown key {other:?}")),
             };
             if twice {
-                return Err(format!("{key} appears twice").into());
+                return Err(format!("{key} appears twice"));
             }
         }
         let pending = match (pending_seq, pending_len, pending_md5) {
@@ -268,10 +233,7 @@ impl SyncState {
             (None, None, None) => None,
             _ => return Err("it has part of a pending rewrite".into()),
         };
-        let generation = match (version, generation) {
-            (WHOLE_FILE_VERSION, _) => 0,
-            (_, generation) => generation.ok_or("it has no gen")?,
-        };
+        let generation = generation.ok_or("it has no gen")?;
         let state = SyncState {
             seq: seq.ok_or("it has no seq")?,
             len: len.ok_or("it has no len")?,
@@ -293,17 +255,15 @@ impl SyncState {
             path: path.clone(),
             reason,
         };
-        if bytes.len() == 2 * SLOT {
-            return match current_slot(&bytes) {
-                Ok((_, state, _)) => Ok(Some(state)),
-                Err(reason) => Err(damaged(reason)),
-            };
+        if bytes.len() != 2 * SLOT {
+            return Err(damaged(format!(
+                "it has {} bytes, not the two slots of {SLOT}",
+                bytes.len()
+            )));
         }
-        let text = String::from_utf8(bytes).map_err(|_| damaged("it is not text".into()))?;
-        match SyncState::decode(&text) {
-            Ok(state) => Ok(Some(state)),
-            Err(DecodeError::Damaged(reason)) => Err(damaged(reason)),
-            Err(DecodeError::OldFormat(version)) => Err(StateError::OldFormat { path, version }),
+        match current_slot(&bytes) {
+            Ok((_, state, _)) => Ok(Some(state)),
+            Err(reason) => Err(damaged(reason)),
         }
     }
 
@@ -329,7 +289,7 @@ impl SyncState {
             file.sync_data()?;
             Ok(true)
         };
-        // No slot file yet (a new member, or format 2), or no intact record in it: a new file
+        // No slot file yet (a new member), or no intact record in it: a new file
         // with the record in the first slot replaces it whole.
         let replace = || -> std::io::Result<()> {
             let mut bytes = padded(&self.encode(1));
@@ -378,12 +338,7 @@ fn current_slot(bytes: &[u8]) -> Result<(usize, SyncState, u64), String> {
                 best = Some((slot, state, generation))
             }
             Ok(_) => {}
-            Err(DecodeError::Damaged(reason)) => {
-                reasons.push(format!("slot {}: {reason}", slot + 1))
-            }
-            Err(DecodeError::OldFormat(version)) => {
-                reasons.push(format!("slot {}: a format {version} record", slot + 1))
-            }
+            Err(reason) => reasons.push(format!("slot {}: {reason}", slot + 1)),
         }
     }
     best.ok_or_else(|| match reasons.is_empty() {
@@ -404,8 +359,8 @@ fn io_error(action: &'static str, path: &Path, source: std::io::Error) -> StateE
 mod tests {
     use super::*;
 
-    fn damaged(reason: &str) -> Result<SyncState, DecodeError> {
-        Err(DecodeError::Damaged(reason.into()))
+    fn damaged(reason: &str) -> Result<SyncState, String> {
+        Err(reason.into())
     }
 
     /// A record body with a valid checksum, whatever its lines say.
@@ -441,13 +396,17 @@ mod tests {
             "d41d8cd98f00b204e9800998ecf8427e"
         );
         assert_eq!(FileMd5::of(b""), FileMd5::EMPTY);
-        let mut hasher = Md5::new();
-        hasher.update(b"{\"a\": 1}\n");
-        let so_far = FileMd5::of_hasher(&hasher);
-        hasher.update(b"{\"b\": 2}\n");
+        let mut digest = LedgerDigest::new();
+        digest.push_line("{\"a\": 1}");
+        let so_far = FileMd5::of_digest(&digest);
+        digest.push_line("{\"b\": 2}");
         assert_eq!(so_far, FileMd5::of(b"{\"a\": 1}\n"));
         assert_eq!(
-            FileMd5::of_hasher(&hasher),
+            so_far.to_string(),
+            ledger_anylog::digest::of_lines(["{\"a\": 1}"])
+        );
+        assert_eq!(
+            FileMd5::of_digest(&digest),
             FileMd5::of(b"{\"a\": 1}\n{\"b\": 2}\n")
         );
         assert_eq!(FileMd5::parse(&so_far.to_string()), Some(so_far));
@@ -468,17 +427,20 @@ mod tests {
         assert!(SyncState::decode(&text.replace("seq 7", "seq 8")).is_err());
         assert!(SyncState::decode(&text[..text.len() / 2]).is_err());
         assert!(SyncState::decode("").is_err());
-        let unsound = sealed(&format!("{MAGIC} 2\nseq 3\nfile-md5 {}\n", FileMd5::EMPTY));
+        let unsound = sealed(&format!(
+            "{MAGIC} 3\ngen 1\nseq 3\nfile-md5 {}\n",
+            FileMd5::EMPTY
+        ));
         assert_eq!(SyncState::decode(&unsound), damaged("it has no len"));
-        let unsound = sealed(&format!("{MAGIC} 2\nseq 3\nlen 0\n"));
+        let unsound = sealed(&format!("{MAGIC} 3\ngen 1\nseq 3\nlen 0\n"));
         assert_eq!(SyncState::decode(&unsound), damaged("it has no file-md5"));
-        let unsound = sealed(&format!("{MAGIC} 2\nseq 3\nlen 0\nfile-md5 00\n"));
+        let unsound = sealed(&format!("{MAGIC} 3\ngen 1\nseq 3\nlen 0\nfile-md5 00\n"));
         assert_eq!(
             SyncState::decode(&unsound),
             damaged("file-md5 \"00\" is not an md5")
         );
         let unsound = sealed(&format!(
-            "{MAGIC} 2\nseq 3\nlen 0\nfile-md5 {}\npending-seq 4\npending-len 9\n",
+            "{MAGIC} 3\ngen 1\nseq 3\nlen 0\nfile-md5 {}\npending-seq 4\npending-len 9\n",
             FileMd5::EMPTY
         ));
         assert_eq!(
@@ -491,22 +453,10 @@ mod tests {
         ));
         assert_eq!(SyncState::decode(&no_gen), damaged("it has no gen"));
         let newer = sealed(&format!("{MAGIC} 4\nseq 3\n"));
-        assert!(matches!(
+        assert_eq!(
             SyncState::decode(&newer),
-            Err(DecodeError::Damaged(_))
-        ));
-    }
-
-    #[test]
-    fn a_format_1_record_is_recognised_as_such() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = LedgerPaths::new(&dir.path().join("blockchain.json"));
-        let v1 = sealed(&format!("{MAGIC} 1\nseq 5\nlen 50\n"));
-        assert_eq!(SyncState::decode(&v1), Err(DecodeError::OldFormat(1)));
-        std::fs::write(&paths.state, v1).unwrap();
-        let error = SyncState::load(&paths).unwrap_err();
-        assert!(matches!(error, StateError::OldFormat { version: 1, .. }));
-        assert!(error.to_string().contains("format 1"), "{error}");
+            damaged("its format 4 is not this member's 3")
+        );
     }
 
     #[test]
@@ -578,23 +528,5 @@ mod tests {
         // A record written over a damaged file replaces it whole.
         state(5).store(&paths).unwrap();
         assert_eq!(SyncState::load(&paths).unwrap(), Some(state(5)));
-    }
-
-    #[test]
-    fn a_format_2_record_is_read_then_replaced_by_slots() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = LedgerPaths::new(&dir.path().join("blockchain.json"));
-        let v2 = sealed(&format!(
-            "{MAGIC} 2\nseq 6\nlen 600\nfile-md5 {}\n",
-            FileMd5::of(b"6")
-        ));
-        std::fs::write(&paths.state, v2).unwrap();
-        assert_eq!(SyncState::load(&paths).unwrap(), Some(state(6)));
-        state(7).store(&paths).unwrap();
-        assert_eq!(SyncState::load(&paths).unwrap(), Some(state(7)));
-        assert_eq!(
-            std::fs::metadata(&paths.state).unwrap().len(),
-            2 * SLOT as u64
-        );
     }
 }

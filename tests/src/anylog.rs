@@ -305,8 +305,9 @@ pub fn encode_message(template: &Header, command: &str, data: &[u8]) -> Vec<Vec<
 
 /// The md5 hex of `bytes` (the digest a node sends in `get_blockchain`).
 pub fn md5_hex(bytes: &[u8]) -> String {
-    use md5::{Digest, Md5};
-    hex::encode(Md5::digest(bytes))
+    let mut digest = ledger_anylog::digest::LedgerDigest::new();
+    digest.push_bytes(bytes);
+    digest.hex()
 }
 
 /// A message received by a [`Node`]'s listener: one connection's blocks put together.

@@ -28,13 +28,5 @@ pub async fn within<T>(seconds: u64, what: &str, future: impl Future<Output = T>
     }
 }
 
-/// The md5 hex of the `blockchain.json` holding these policy lines.
-pub fn ledger_digest<'a>(lines: impl IntoIterator<Item = &'a str>) -> String {
-    use md5::{Digest, Md5};
-    let mut md5 = Md5::new();
-    for line in lines {
-        md5.update(line.as_bytes());
-        md5.update(b"\n");
-    }
-    hex::encode(md5.finalize())
-}
+/// The md5 hex of the `blockchain.json` holding these policy lines: the ledger's one digest.
+pub use ledger_anylog::digest::of_lines as ledger_digest;

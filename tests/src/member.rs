@@ -231,12 +231,13 @@ where
     .await
 }
 
-/// The md5 hex of a file's content, if it can be read.
+/// The md5 hex of a file's content (the ledger's digest when it is a `blockchain.json`), if it
+/// can be read.
 pub fn file_md5(path: &Path) -> Option<String> {
-    use md5::{Digest, Md5};
-    std::fs::read(path)
-        .ok()
-        .map(|bytes| hex::encode(Md5::digest(&bytes)))
+    let bytes = std::fs::read(path).ok()?;
+    let mut digest = ledger_anylog::digest::LedgerDigest::new();
+    digest.push_bytes(&bytes);
+    Some(digest.hex())
 }
 
 /// The seq a member recorded beside its ledger file, if the record can be read.

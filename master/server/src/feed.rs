@@ -25,10 +25,8 @@ use prost::bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
 use crate::metrics;
+use crate::storage_io::PAGE;
 use ledger_storage::{Change, ChangeKind, Storage, StorageError};
-
-/// Changes read from the storage per query when filling a gap.
-const FILL_PAGE: usize = 1000;
 
 /// A committed change as the feed hands it to every subscriber, with room for its encoding.
 ///
@@ -178,7 +176,7 @@ impl ChangeFeed {
                 continue;
             }
             while change.seq > published.seq + 1 {
-                let missing = storage.changes_after(published.seq, FILL_PAGE)?;
+                let missing = storage.changes_after(published.seq, PAGE)?;
                 if missing.is_empty() {
                     return Err(StorageError::Corrupt(format!(
                         "change {} committed but changes after {} are missing",
@@ -208,8 +206,8 @@ impl ChangeFeed {
     pub fn catch_up(&self, storage: &dyn Storage) -> Result<u64, StorageError> {
         loop {
             let after = self.lock_published().seq;
-            let changes = storage.changes_after(after, FILL_PAGE)?;
-            let full = changes.len() == FILL_PAGE;
+            let changes = storage.changes_after(after, PAGE)?;
+            let full = changes.len() == PAGE;
             self.publish_committed(storage, changes)?;
             if !full {
                 return Ok(self.lock_published().seq);

@@ -28,7 +28,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::feed::ChangeFeed;
-use crate::metrics;
+use crate::{metrics, storage_io};
 use connect::{ListenError, ListenTarget, Listening};
 use ledger_storage::{NOTIFY_CHANNEL, Storage};
 
@@ -280,11 +280,10 @@ async fn open(
 
 /// Publishes what was committed after the feed's last change.
 pub async fn catch_up(storage: &Arc<dyn Storage>, feed: &ChangeFeed) {
-    let (storage, feed) = (storage.clone(), feed.clone());
-    match tokio::task::spawn_blocking(move || feed.catch_up(&*storage)).await {
-        Ok(Ok(_)) => {}
-        // The database watch reports an unreachable database; here it is only a missed read.
-        Ok(Err(e)) => tracing::debug!(error = %e, "could not read the new changes"),
-        Err(e) => tracing::warn!(error = %e, "the catch-up task failed"),
+    let feed = feed.clone();
+    // The database watch reports an unreachable database; here it is only a missed read. (A
+    // task that panicked is logged by `storage_io::run`.)
+    if let Err(e) = storage_io::run(storage, move |s| feed.catch_up(s)).await {
+        tracing::debug!(error = %e, "could not read the new changes");
     }
 }

@@ -14,7 +14,7 @@ use tonic_health::server::HealthReporter;
 use crate::feed::ChangeFeed;
 use crate::service::LedgerGrpc;
 use crate::writer::WriterHealth;
-use crate::{follower, metrics};
+use crate::{follower, metrics, storage_io};
 use ledger_storage::Storage;
 
 /// The health service name that says, on a relay, whether its stream from upstream is open and
@@ -59,16 +59,14 @@ pub async fn watch_database(
                 }
             }
         }
-        let checked = storage.clone();
         let answer = tokio::time::timeout(
             interval.max(Duration::from_secs(1)),
-            tokio::task::spawn_blocking(move || checked.check()),
+            storage_io::run(&storage, |s| s.check()),
         )
         .await;
         let error = match answer {
-            Ok(Ok(Ok(_))) => None,
-            Ok(Ok(Err(e))) => Some(e.to_string()),
-            Ok(Err(e)) => Some(format!("the check failed: {e}")),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!("no answer within {interval:?}")),
         };
         let up = error.is_none();

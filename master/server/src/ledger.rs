@@ -4,14 +4,15 @@
 
 use std::sync::Arc;
 
+use ledger_anylog::digest::LedgerDigest;
 use ledger_anylog::policy;
-use md5::{Digest, Md5};
 use tokio_stream::Stream;
 
 use crate::error::LedgerError;
 use crate::feed::ChangeFeed;
 use crate::metrics;
-use crate::subscription::{self, Event, SubscriptionContext, blocking};
+use crate::storage_io::{self, PAGE};
+use crate::subscription::{self, Event, SubscriptionContext};
 use crate::upstream::Forwarder;
 use crate::writer::Writer;
 use ledger_storage::{
@@ -81,7 +82,7 @@ pub struct LedgerFile {
     pub bytes: Vec<u8>,
 }
 
-/// The md5 state of the ledger's file at one seq, which later inserts extend (an insert appends
+/// The digest of the ledger's file at one seq, which later inserts extend (an insert appends
 /// its line to a member's file) without reading the ledger again.
 #[derive(Clone)]
 struct DigestState {
@@ -89,7 +90,7 @@ struct DigestState {
     epoch: u64,
     head_seq: u64,
     policy_count: u64,
-    md5: Md5,
+    digest: LedgerDigest,
 }
 
 impl DigestState {
@@ -97,7 +98,7 @@ impl DigestState {
         LedgerInfo {
             head_seq: self.head_seq,
             policy_count: self.policy_count,
-            digest: hex::encode(self.md5.clone().finalize()),
+            digest: self.digest.hex(),
             oldest_replayable_seq,
         }
     }
@@ -111,7 +112,7 @@ impl DigestState {
     ) -> Result<Option<DigestState>, StorageError> {
         let mut next = self.clone();
         while next.head_seq < head_seq {
-            let changes = storage.changes_after(next.head_seq, DEFAULT_PAGE_SIZE)?;
+            let changes = storage.changes_after(next.head_seq, PAGE)?;
             if changes.is_empty() {
                 return Ok(None);
             }
@@ -121,8 +122,7 @@ impl DigestState {
                 }
                 match change.kind {
                     ChangeKind::Inserted(policy) => {
-                        next.md5.update(policy.json.as_bytes());
-                        next.md5.update(b"\n");
+                        next.digest.push_line(&policy.json);
                         next.policy_count += 1;
                     }
                     ChangeKind::Deleted { .. } => return Ok(None),
@@ -134,21 +134,21 @@ impl DigestState {
     }
 }
 
-/// Reads the whole ledger at one seq as a file: its digest and md5 state, and with
-/// `keep_bytes` its bytes.
+/// Reads the whole ledger at one seq as a file: its digest (and the digest's state, to extend),
+/// and with `keep_bytes` its bytes.
 fn read_file_with_state(
     storage: &dyn Storage,
     keep_bytes: bool,
 ) -> Result<(LedgerFile, DigestState), StorageError> {
     metrics::digest_full_read();
-    let mut md5 = Md5::new();
+    let mut digest = LedgerDigest::new();
     let mut file = LedgerFile {
         head_seq: 0,
         policy_count: 0,
         digest: String::new(),
         bytes: Vec::new(),
     };
-    storage.snapshot(DEFAULT_PAGE_SIZE, &mut |part| {
+    storage.snapshot(PAGE, &mut |part| {
         match part {
             SnapshotPart::Start { seq, policy_count } => {
                 file.head_seq = seq;
@@ -156,8 +156,7 @@ fn read_file_with_state(
             }
             SnapshotPart::Page(policies) => {
                 for policy in policies {
-                    md5.update(policy.json.as_bytes());
-                    md5.update(b"\n");
+                    digest.push_line(&policy.json);
                     if keep_bytes {
                         file.bytes.extend_from_slice(policy.json.as_bytes());
                         file.bytes.push(b'\n');
@@ -171,9 +170,9 @@ fn read_file_with_state(
         epoch: 0,
         head_seq: file.head_seq,
         policy_count: file.policy_count,
-        md5,
+        digest,
     };
-    file.digest = hex::encode(state.md5.clone().finalize());
+    file.digest = state.digest.hex();
     Ok((file, state))
 }
 
@@ -364,7 +363,7 @@ impl Ledger {
         self.require_ready()?;
         require_id(id)?;
         let key = id.to_string();
-        blocking(self.storage(), move |s| s.get(&key))
+        storage_io::run(self.storage(), move |s| s.get(&key))
             .await?
             .ok_or_else(|| LedgerError::NotFound(id.to_string()))
     }
@@ -404,13 +403,13 @@ impl Ledger {
                 .parse::<u64>()
                 .map_err(|_| LedgerError::BadPageToken(token.to_string()))?,
         };
-        blocking(self.storage(), move |s| {
+        storage_io::run(self.storage(), move |s| {
             let mut cursor = start;
             let mut scanned = 0;
             let mut policies = Vec::new();
             loop {
-                let rows = s.list(query.policy_type.as_deref(), cursor, DEFAULT_PAGE_SIZE)?;
-                let exhausted = rows.len() < DEFAULT_PAGE_SIZE;
+                let rows = s.list(query.policy_type.as_deref(), cursor, PAGE)?;
+                let exhausted = rows.len() < PAGE;
                 let row_count = rows.len();
                 for (index, row) in rows.into_iter().enumerate() {
                     cursor = row.seq;
@@ -439,6 +438,7 @@ impl Ledger {
             }
         })
         .await
+        .map_err(LedgerError::from)
     }
 
     /// The head, size and digest of the ledger. Computed once for concurrent callers, and
@@ -448,7 +448,7 @@ impl Ledger {
         self.require_ready()?;
         // Read before the storage: a copy replaced after this is read whole again next time.
         let epoch = self.feed().epoch();
-        let bounds = blocking(self.storage(), |s| s.bounds()).await?;
+        let bounds = storage_io::run(self.storage(), |s| s.bounds()).await?;
         let mut digest = self.digest.lock().await;
         if let Some(state) = digest.as_ref().filter(|state| state.epoch == epoch) {
             if state.head_seq == bounds.head_seq {
@@ -457,14 +457,15 @@ impl Ledger {
             let (state, head) = (state.clone(), bounds.head_seq);
             if state.head_seq < head
                 && let Some(next) =
-                    blocking(self.storage(), move |s| state.extended(s, head)).await?
+                    storage_io::run(self.storage(), move |s| state.extended(s, head)).await?
             {
                 let info = next.info(bounds.pruned_seq);
                 *digest = Some(next);
                 return Ok(info);
             }
         }
-        let (_, mut state) = blocking(self.storage(), |s| read_file_with_state(s, false)).await?;
+        let (_, mut state) =
+            storage_io::run(self.storage(), |s| read_file_with_state(s, false)).await?;
         state.epoch = epoch;
         let info = state.info(bounds.pruned_seq);
         *digest = Some(state);
@@ -486,7 +487,8 @@ impl Ledger {
         }
         // Drop the old copy before reading the new one: two would double the memory.
         *cached = None;
-        let (file, mut state) = blocking(self.storage(), |s| read_file_with_state(s, true)).await?;
+        let (file, mut state) =
+            storage_io::run(self.storage(), |s| read_file_with_state(s, true)).await?;
         state.epoch = epoch;
         let file = Arc::new(file);
         // The read gave the digest's state too.

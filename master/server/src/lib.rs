@@ -23,6 +23,7 @@ pub mod log_limit;
 pub mod metrics;
 pub mod serve;
 pub mod service;
+pub mod storage_io;
 pub mod subscription;
 pub mod upstream;
 pub mod writer;

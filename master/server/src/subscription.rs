@@ -24,10 +24,8 @@ use crate::feed::{Announced, ChangeFeed, SharedChange};
 use crate::limits::SnapshotLimiter;
 use crate::log_limit::{self, LogLimit};
 use crate::metrics;
+use crate::storage_io::{self, PAGE};
 use ledger_storage::{SnapshotPart, Storage, StorageError, StoredPolicy};
-
-/// Policies or changes read from the storage per query.
-const PAGE_SIZE: usize = 1000;
 
 /// One event of a subscription, before it is turned into a gRPC message.
 #[derive(Debug, Clone)]
@@ -68,19 +66,6 @@ pub struct SubscriptionContext {
     pub shutdown: CancellationToken,
     /// Turns to read a snapshot, and how long a reader waits for a client that does not read.
     pub snapshots: SnapshotLimiter,
-}
-
-/// Runs a blocking storage call on the blocking pool.
-pub(crate) async fn blocking<T, F>(storage: &Arc<dyn Storage>, f: F) -> Result<T, LedgerError>
-where
-    T: Send + 'static,
-    F: FnOnce(&dyn Storage) -> Result<T, StorageError> + Send + 'static,
-{
-    let storage = storage.clone();
-    tokio::task::spawn_blocking(move || f(&*storage))
-        .await
-        .map_err(|e| StorageError::Failed(format!("storage task failed: {e}")))?
-        .map_err(LedgerError::from)
 }
 
 /// Counts a subscription in the `ledger_subscribers` gauge for as long as it lives.
@@ -149,10 +134,10 @@ pub fn subscribe(
             yield Err(database_down());
             return;
         }
-        let mut bounds = match blocking(&ctx.storage, |s| s.bounds()).await {
+        let mut bounds = match storage_io::run(&ctx.storage, |s| s.bounds()).await {
             Ok(bounds) => bounds,
             Err(e) => {
-                yield Err(e);
+                yield Err(e.into());
                 return;
             }
         };
@@ -162,10 +147,10 @@ pub fn subscribe(
             // hand it an older ledger; past the wait it is another ledger and gets a reset.
             let mut head = ctx.feed.watch_head();
             let _ = tokio::time::timeout(ctx.progress_interval, head.wait_for(|h| *h >= after_seq)).await;
-            bounds = match blocking(&ctx.storage, |s| s.bounds()).await {
+            bounds = match storage_io::run(&ctx.storage, |s| s.bounds()).await {
                 Ok(bounds) => bounds,
                 Err(e) => {
-                    yield Err(e);
+                    yield Err(e.into());
                     return;
                 }
             };
@@ -179,10 +164,10 @@ pub fn subscribe(
                     yield Err(LedgerError::ShuttingDown);
                     return;
                 }
-                let changes = match blocking(&ctx.storage, move |s| s.changes_after(last, PAGE_SIZE)).await {
+                let changes = match storage_io::run(&ctx.storage, move |s| s.changes_after(last, PAGE)).await {
                     Ok(changes) => changes,
                     Err(e) => {
-                        yield Err(e);
+                        yield Err(e.into());
                         return;
                     }
                 };
@@ -190,7 +175,7 @@ pub fn subscribe(
                     yield Err(LedgerError::Reset);
                     return;
                 }
-                let full = changes.len() == PAGE_SIZE;
+                let full = changes.len() == PAGE;
                 for change in changes {
                     last = change.seq;
                     yield Ok(Event::Change(Arc::new(SharedChange::new(change))));
@@ -218,7 +203,7 @@ pub fn subscribe(
             let reader = tokio::task::spawn_blocking(move || {
                 let _turn = turn;
                 let mut stalled = false;
-                storage.snapshot(PAGE_SIZE, &mut |part| {
+                storage.snapshot(PAGE, &mut |part| {
                     match runtime.block_on(tokio::time::timeout(stall, pages.send(part))) {
                         Ok(sent) => sent.is_ok(),
                         Err(_) => {
@@ -314,10 +299,10 @@ pub fn subscribe(
                     let change = announced.change.upgrade();
                     let through = if change.is_some() { announced.seq - 1 } else { announced.seq };
                     while last < through {
-                        let missing = match blocking(&ctx.storage, move |s| s.changes_after(last, PAGE_SIZE)).await {
+                        let missing = match storage_io::run(&ctx.storage, move |s| s.changes_after(last, PAGE)).await {
                             Ok(missing) => missing,
                             Err(e) => {
-                                yield Err(e);
+                                yield Err(e.into());
                                 return;
                             }
                         };

@@ -5,7 +5,7 @@
 use md5::{Digest, Md5};
 
 /// A ledger's digest, extended one line at a time.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct LedgerDigest(Md5);
 
 impl LedgerDigest {
@@ -27,7 +27,26 @@ impl LedgerDigest {
 
     /// The digest so far, as lower-case hex, without consuming it.
     pub fn hex(&self) -> String {
-        hex::encode(self.0.clone().finalize())
+        hex::encode(self.md5())
+    }
+
+    /// The digest so far, as its 16 bytes, without consuming it (a member's state record keeps
+    /// them, and goes on extending the digest).
+    pub fn md5(&self) -> [u8; 16] {
+        self.0.clone().finalize().into()
+    }
+}
+
+/// Bytes written are added as they are in the file ([`LedgerDigest::push_bytes`]), so a file can
+/// be hashed with `io::copy` without being held in memory.
+impl std::io::Write for LedgerDigest {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.push_bytes(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -52,5 +71,9 @@ mod tests {
         digest.push_line("b");
         assert_eq!(digest.hex(), of_lines(["a", "b"]));
         assert_eq!(digest.hex(), hex::encode(Md5::digest(b"a\nb\n")));
+        assert_eq!(digest.md5(), <[u8; 16]>::from(Md5::digest(b"a\nb\n")));
+        // Not consumed: it goes on.
+        std::io::Write::write_all(&mut digest, b"c\n").unwrap();
+        assert_eq!(digest.hex(), of_lines(["a", "b", "c"]));
     }
 }

@@ -11,13 +11,13 @@
 //! off, which would not measure durable inserts); `--pg-url URL` uses a server of yours instead.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
+use ledger_anylog::digest::LedgerDigest;
 use ledger_anylog::wire;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
@@ -680,8 +680,9 @@ async fn anylog_get_blockchain(addr: &str) -> (f64, String, usize) {
     let seconds = started.elapsed().as_secs_f64();
     assert!(file.command.starts_with("file write "), "{}", file.command);
     let md5 = {
-        use md5::{Digest, Md5};
-        hex::encode(Md5::digest(&file.data))
+        let mut digest = LedgerDigest::new();
+        digest.push_bytes(&file.data);
+        digest.hex()
     };
     (seconds, md5, file.data.len())
 }
@@ -944,18 +945,9 @@ async fn catch_up(addr: &str, dir: &Path, head_seq: u64, extra: &[&str]) -> (Cat
 }
 
 fn md5_file(path: &Path) -> String {
-    use md5::{Digest, Md5};
-    let mut f = std::fs::File::open(path).unwrap();
-    let mut h = Md5::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex::encode(h.finalize())
+    let mut digest = LedgerDigest::new();
+    std::io::copy(&mut std::fs::File::open(path).unwrap(), &mut digest).unwrap();
+    digest.hex()
 }
 
 /// (sum, count) of the member's `ledger_member_file_write_duration_seconds`.

@@ -1,0 +1,143 @@
+//! Changes committed elsewhere, stored with their own seqs (a copy of another ledger): a run of
+//! changes ([`replicate`]), a whole ledger at a seq ([`replace`]); and the change log's pruned
+//! prefix ([`prune_changes`]).
+
+use diesel::prelude::*;
+
+use super::AnyConnection;
+use super::rows::{insert_change_row, lock_head, set_head};
+use crate::schema::{ledger, ledger_changes, ledger_head};
+use crate::{Change, ChangeKind, StorageError, StoredPolicy};
+
+/// Inserts the `ledger` row of a policy copied from upstream, its columns read from its line.
+fn insert_copied_row(
+    c: &mut AnyConnection,
+    policy: &StoredPolicy,
+    now: chrono::NaiveDateTime,
+) -> Result<(), StorageError> {
+    let columns = RowColumns::of(&policy.json);
+    diesel::insert_into(ledger::table)
+        .values((
+            ledger::policy_type.eq(&policy.policy_type),
+            ledger::policy_id.eq(&policy.id),
+            ledger::company_name.eq(columns.company),
+            ledger::date.eq(columns.date.unwrap_or(now)),
+            ledger::host.eq(REPLICATED_HOST),
+            ledger::status.eq(columns.status),
+            ledger::policy.eq(&policy.json),
+            ledger::seq.eq(policy.seq as i64),
+        ))
+        .execute(c)?;
+    Ok(())
+}
+
+/// The columns of a copied row that come from its policy, as an insert fills them.
+#[derive(Default)]
+struct RowColumns {
+    company: Option<String>,
+    status: Option<String>,
+    date: Option<chrono::NaiveDateTime>,
+}
+
+impl RowColumns {
+    fn of(json: &str) -> RowColumns {
+        let Ok((_, body)) = ledger_anylog::policy::parse_stored(json) else {
+            return RowColumns::default();
+        };
+        let text = |key: &str| body.get(key)?.as_str().map(str::to_string);
+        RowColumns {
+            company: text("company"),
+            status: text("status"),
+            date: text("date")
+                .as_deref()
+                .and_then(ledger_anylog::policy::parse_date),
+        }
+    }
+}
+
+/// The `host` column of rows copied from upstream rather than inserted by a client.
+const REPLICATED_HOST: &str = "upstream";
+
+/// [`Storage::replicate`](crate::Storage::replicate).
+pub(super) fn replicate(conn: &mut AnyConnection, changes: &[Change]) -> Result<(), StorageError> {
+    conn.transaction(|c| {
+        let mut head = lock_head(c)?.head_seq;
+        let now = chrono::Utc::now().naive_utc();
+        for change in changes {
+            if change.seq != head + 1 {
+                return Err(StorageError::Corrupt(format!(
+                    "replicated change {} does not follow the head {head}",
+                    change.seq
+                )));
+            }
+            let policy_type = match &change.kind {
+                ChangeKind::Inserted(policy) => {
+                    insert_copied_row(c, policy, now)?;
+                    policy.policy_type.clone()
+                }
+                ChangeKind::Deleted { id } => {
+                    let policy_type = ledger::table
+                        .filter(ledger::policy_id.eq(id))
+                        .select(ledger::policy_type)
+                        .first::<String>(c)
+                        .optional()?
+                        .ok_or_else(|| {
+                            StorageError::Corrupt(format!(
+                                "replicated change {} deletes unknown policy {id:?}",
+                                change.seq
+                            ))
+                        })?;
+                    diesel::delete(ledger::table.filter(ledger::policy_id.eq(id))).execute(c)?;
+                    policy_type
+                }
+            };
+            insert_change_row(c, change, &policy_type)?;
+            head = change.seq;
+        }
+        set_head(c, head)
+    })
+}
+
+/// [`Storage::replace`](crate::Storage::replace).
+pub(super) fn replace(
+    conn: &mut AnyConnection,
+    seq: u64,
+    policies: &[StoredPolicy],
+) -> Result<(), StorageError> {
+    conn.transaction(|c| {
+        lock_head(c)?;
+        diesel::delete(ledger::table).execute(c)?;
+        diesel::delete(ledger_changes::table).execute(c)?;
+        let now = chrono::Utc::now().naive_utc();
+        for policy in policies {
+            insert_copied_row(c, policy, now)?;
+        }
+        diesel::update(ledger_head::table.find(1))
+            .set((
+                ledger_head::head_seq.eq(seq as i64),
+                ledger_head::pruned_seq.eq(seq as i64),
+            ))
+            .execute(c)?;
+        Ok(())
+    })
+}
+
+/// [`Storage::prune_changes`](crate::Storage::prune_changes).
+pub(super) fn prune_changes(
+    conn: &mut AnyConnection,
+    through_seq: u64,
+) -> Result<(), StorageError> {
+    conn.transaction(|c| {
+        let bounds = lock_head(c)?;
+        let through = through_seq.min(bounds.head_seq);
+        if through <= bounds.pruned_seq {
+            return Ok(());
+        }
+        diesel::delete(ledger_changes::table.filter(ledger_changes::seq.le(through as i64)))
+            .execute(c)?;
+        diesel::update(ledger_head::table.find(1))
+            .set(ledger_head::pruned_seq.eq(through as i64))
+            .execute(c)?;
+        Ok(())
+    })
+}
