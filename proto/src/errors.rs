@@ -72,9 +72,7 @@ impl Reason {
             Reason::CredentialsMissing
             | Reason::CredentialsMalformed
             | Reason::CredentialsUnknown => Code::Unauthenticated,
-            Reason::RoleInsufficient | Reason::CredentialsNotForwardable => {
-                Code::PermissionDenied
-            }
+            Reason::RoleInsufficient | Reason::CredentialsNotForwardable => Code::PermissionDenied,
             Reason::TooManyStreams
             | Reason::SubscriberLagged
             | Reason::SnapshotStalled
