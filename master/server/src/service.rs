@@ -617,6 +617,13 @@ mod tests {
                 vec![(key::STALL_TIMEOUT_MS, "30000")],
             ),
             (LedgerError::ShuttingDown, Reason::ShuttingDown, vec![]),
+            (LedgerError::NoCopyYet, Reason::LedgerNotReady, vec![]),
+            (
+                LedgerError::CannotForward("certificate only".into()),
+                Reason::CredentialsNotForwardable,
+                vec![],
+            ),
+            (LedgerError::Reset, Reason::LedgerReplaced, vec![]),
             (
                 LedgerError::DeadlineExceeded(Duration::from_millis(1500)),
                 Reason::DeadlineExceeded,
