@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo build --release --workspace --bins
-//! cargo run --release -p ledger-tests --bin ledger-bench -- [--quick] [--json out.json]
+//! cargo run --release -p ledger-bench -- [--quick] [--json out.json]
 //! ```
 //!
 //! Everything runs on loopback; every loop is bounded in count and in time. PostgreSQL is a
@@ -22,10 +22,10 @@ use ledger_anylog::wire;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoRequest, InsertPolicyRequest, StreamLedgerRequest};
-use ledger_tests::member::applied_seq;
-use ledger_tests::metrics::listening_ports;
-use ledger_tests::postgres::Cluster;
-use ledger_tests::process::{Log, capture};
+use ledger_testkit::member::applied_seq;
+use ledger_testkit::metrics::listening_ports;
+use ledger_testkit::postgres::Cluster;
+use ledger_testkit::process::{Log, capture};
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 
@@ -91,7 +91,7 @@ fn binary(name: &str) -> PathBuf {
     if here.exists() {
         return here;
     }
-    ledger_tests::binary(name)
+    ledger_testkit::binary(name)
 }
 
 /// A child process killed (SIGKILL) when dropped.

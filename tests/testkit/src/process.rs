@@ -13,15 +13,18 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// The path of a workspace binary (`master`, `member`), built next to the test executable.
+/// The path of a workspace binary (`master`, `member`) of the build that made this executable:
+/// beside it (a binary such as `ledger-bench` in `target/<profile>/`), else one directory up (a
+/// test in `target/<profile>/deps/`).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable's path");
+    let exe = std::env::current_exe().expect("the executable's path");
+    let dir = exe.parent().expect("the executable's directory");
+    let beside = dir.join(name);
+    if beside.is_file() {
+        return beside;
+    }
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the target directory");
-    let path = dir.join(name);
+    let path = dir.parent().expect("the target directory").join(name);
     assert!(
         path.exists(),
         "{} does not exist: build the binaries first (cargo build --workspace --bins)",
