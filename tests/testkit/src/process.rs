@@ -144,6 +144,11 @@ impl Master {
         }
     }
 
+    /// The process id of the current run.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("master is running").id()
+    }
+
     /// Forgets the environment variables given at start, for the next [`Master::restart`].
     pub fn clear_env(&mut self) {
         self.env.clear();
@@ -329,6 +334,16 @@ impl Drop for Master {
             eprintln!("--- master log ---\n{}\n---", self.logs());
         }
     }
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`); 0 when it cannot be read.
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Sends `sig` to a child.
