@@ -1,32 +1,4 @@
-//! The test harness: starts the real `master` (and `member`) binaries and a throwaway
-//! PostgreSQL server, and gives tests a client for them. Nothing here is a mock.
-
-#![warn(missing_docs)]
-
-pub mod anylog;
-pub mod client;
-pub mod member;
-pub mod metrics;
-pub mod postgres;
-pub mod process;
-pub mod sql;
-pub mod tls;
-pub mod tmpfs;
-
-use std::future::Future;
-use std::time::Duration;
-
-pub use member::{Member, wait_until};
-pub use postgres::PostgresServer;
-pub use process::{Master, binary};
-
-/// Awaits `future`, failing the test after `seconds`: network tests must stop by themselves.
-pub async fn within<T>(seconds: u64, what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(Duration::from_secs(seconds), future).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {seconds}s: {what}"),
-    }
-}
-
-/// The md5 hex of the `blockchain.json` holding these policy lines: the ledger's one digest.
-pub use ledger_anylog::digest::of_lines as ledger_digest;
+//! `ledger-tests`: the end-to-end tests, in `tests/tests/*.rs` (`cargo test -p ledger-tests
+//! --test NAME`). The harness they use (the real binaries, a throwaway PostgreSQL, clients) is
+//! the crate `ledger-testkit` (`tests/testkit/`); the benchmark is `ledger-bench`
+//! (`tests/bench/`).

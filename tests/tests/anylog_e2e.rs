@@ -1,6 +1,6 @@
 //! The real `master` binary used as an EdgeLake / AnyLog node uses its master: the node-to-master
 //! TCP protocol (2048-byte blocks, replies on connections back to the node's own server) spoken
-//! by the independent test client `ledger_tests::anylog`, on SQLite and on a real PostgreSQL.
+//! by the independent test client `ledger_testkit::anylog`, on SQLite and on a real PostgreSQL.
 //! gRPC clients on the same port are checked to be unaffected.
 
 use std::net::SocketAddr;
@@ -11,15 +11,15 @@ use ledger_proto::errors::{Reason, key};
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoResponse, Policy, StreamLedgerResponse};
 use ledger_storage::DatabaseUrl;
-use ledger_tests::anylog::{
+use ledger_testkit::anylog::{
     self, BLOCK_SIZE, Node, SendOptions, block_capacity, encode_message, error_code, generic_flag,
     info_type, offset, send_bytes, set_u16, set_u32,
 };
-use ledger_tests::client::{
+use ledger_testkit::client::{
     Client, assert_refused, get, info, insert_ok, next_change, stream, until_caught_up,
 };
-use ledger_tests::sql::{LedgerRow, ledger_rows};
-use ledger_tests::{Master, Member, PostgresServer, ledger_digest, wait_until, within};
+use ledger_testkit::sql::{LedgerRow, ledger_rows};
+use ledger_testkit::{Master, Member, PostgresServer, ledger_digest, wait_until, within};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tonic::Streaming;
@@ -1279,7 +1279,7 @@ async fn anylog_off_leaves_only_grpc(backend: &str) {
     let ledger = info(&mut client).await;
     assert_eq!((ledger.head_seq, ledger.policy_count), (0, 0));
     assert!(
-        ledger_tests::process::logged_anylog_addr(&fx.master.logs()).is_none(),
+        ledger_testkit::process::logged_anylog_addr(&fx.master.logs()).is_none(),
         "no AnyLog listener:\n{}",
         fx.master.logs()
     );

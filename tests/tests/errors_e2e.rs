@@ -16,8 +16,8 @@ use ledger_proto::pb::{
     ListPoliciesRequest, StreamLedgerRequest, StreamLedgerResponse,
 };
 use ledger_server::auth::token_hash;
-use ledger_tests::client::{Client, assert_refused, delete, get, info, insert, stream};
-use ledger_tests::{Master, within};
+use ledger_testkit::client::{Client, assert_refused, delete, get, info, insert, stream};
+use ledger_testkit::{Master, within};
 use tonic::{Request, Status, Streaming};
 
 /// A master in its own temporary directory.
@@ -352,7 +352,7 @@ async fn each_refused_caller_is_told_why() {
 /// Opens `StreamLedger` and reads it to `caught_up`; the stream stays open.
 async fn open_stream(client: &mut Client) -> Streaming<StreamLedgerResponse> {
     let mut events = stream(client, 0).await;
-    ledger_tests::client::until_caught_up(&mut events).await;
+    ledger_testkit::client::until_caught_up(&mut events).await;
     events
 }
 

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use ledger_member::paths::LedgerPaths;
 use ledger_member::state::{FileMd5, SyncState};
 use ledger_proto::errors::{self, Reason};
-use ledger_tests::client::{Client, all_policies, delete, info, insert_ok, insert_with_deadline};
-use ledger_tests::member::{python_ledger_ids, wait_converged};
-use ledger_tests::postgres::Cluster;
-use ledger_tests::{Master, Member, PostgresServer, wait_until, within};
+use ledger_testkit::client::{Client, all_policies, delete, info, insert_ok, insert_with_deadline};
+use ledger_testkit::member::{python_ledger_ids, wait_converged};
+use ledger_testkit::postgres::Cluster;
+use ledger_testkit::{Master, Member, PostgresServer, wait_until, within};
 use tonic::Code;
 
 /// Concurrent writers of the scenarios under load.
@@ -676,7 +676,7 @@ async fn a_member_killed_while_it_appends() {
     );
     // Past seq 0 first: a member whose record says seq 0 is a new one, which gets a snapshot.
     wait_until(60, "the member to apply the first inserts", || async {
-        ledger_tests::member::applied_seq(&member.file).is_some_and(|seq| seq >= 100)
+        ledger_testkit::member::applied_seq(&member.file).is_some_and(|seq| seq >= 100)
     })
     .await;
     let mut mid_append = 0;

@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use ledger_proto::errors::{self, Reason};
 use ledger_proto::pb;
-use ledger_tests::client::{
+use ledger_testkit::client::{
     all_policies, assert_refused, info, insert, next_change, stream, until_caught_up,
 };
-use ledger_tests::member::{applied_seq, file_md5};
-use ledger_tests::tmpfs::Tmpfs;
-use ledger_tests::{Master, Member, ledger_digest, wait_until, within};
+use ledger_testkit::member::{applied_seq, file_md5};
+use ledger_testkit::tmpfs::Tmpfs;
+use ledger_testkit::{Master, Member, ledger_digest, wait_until, within};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 

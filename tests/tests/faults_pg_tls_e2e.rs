@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_server::follower::connect::{LISTEN_APPLICATION_NAME, ListenTarget};
-use ledger_tests::client::{Client, insert_ok, next, stream, until_caught_up};
-use ledger_tests::metrics::{sample, scrape_async};
-use ledger_tests::postgres::{CERT_USER, TlsPostgres};
-use ledger_tests::{Master, PostgresServer, wait_until, within};
+use ledger_testkit::client::{Client, insert_ok, next, stream, until_caught_up};
+use ledger_testkit::metrics::{sample, scrape_async};
+use ledger_testkit::postgres::{CERT_USER, TlsPostgres};
+use ledger_testkit::{Master, PostgresServer, wait_until, within};
 use tokio::time::timeout;
 use tonic::Streaming;
 

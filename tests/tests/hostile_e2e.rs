@@ -11,10 +11,10 @@ use ledger_proto::pb::{
     Condition, GetLedgerInfoResponse, GetPolicyRequest, InsertPolicyRequest, InsertPolicyResponse,
     ListPoliciesRequest, Policy, StreamLedgerRequest, StreamLedgerResponse,
 };
-use ledger_tests::client::{
+use ledger_testkit::client::{
     Client, assert_refused, get, info, insert, next, next_change, stream, until_caught_up,
 };
-use ledger_tests::{Master, ledger_digest, within};
+use ledger_testkit::{Master, ledger_digest, within};
 use prost::Message;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -8,10 +8,10 @@ use ledger_proto::errors::{Reason, key};
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{Condition, GetPolicyRequest, ListPoliciesRequest, Policy};
-use ledger_tests::client::{
+use ledger_testkit::client::{
     Client, assert_refused, delete, get, info, insert, next, next_change, stream, until_caught_up,
 };
-use ledger_tests::{Master, PostgresServer, ledger_digest, within};
+use ledger_testkit::{Master, PostgresServer, ledger_digest, within};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -826,7 +826,7 @@ async fn idle_streams_survive_keepalive_pings_both_ways() {
 /// one is needed (after a delete). Counted by `ledger_digest_full_reads_total` (issue 15,
 /// point 6).
 async fn the_digest_is_read_whole_once_and_extended_by_inserts(backend: &str) {
-    use ledger_tests::metrics::{sample, scrape_async};
+    use ledger_testkit::metrics::{sample, scrape_async};
     let fx = start(backend, &["--metrics-addr", "127.0.0.1:0"]);
     let port = fx.master.metrics_port();
     let full_reads = || async {

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use ledger_member::paths::LedgerPaths;
 use ledger_member::state::SyncState;
 use ledger_proto::pb;
-use ledger_tests::client::{all_policies as ledger, delete_ok as delete, insert_ok as insert};
-use ledger_tests::member::{applied_seq, file_md5, member_command, member_command_with_env};
-use ledger_tests::{Master, Member, wait_until, within};
+use ledger_testkit::client::{all_policies as ledger, delete_ok as delete, insert_ok as insert};
+use ledger_testkit::member::{applied_seq, file_md5, member_command, member_command_with_env};
+use ledger_testkit::{Master, Member, wait_until, within};
 
 /// How long a member may take to converge: generous, since speed is not what is tested.
 const CONVERGE_SECS: u64 = 60;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use ledger_member::paths::LedgerPaths;
 use ledger_member::state::SyncState;
 use ledger_proto::pb;
-use ledger_tests::client::{all_policies as ledger, info, insert};
-use ledger_tests::{Master, Member, wait_until};
+use ledger_testkit::client::{all_policies as ledger, info, insert};
+use ledger_testkit::{Master, Member, wait_until};
 
 /// A tmpfs mounted on a temporary directory; unmounted on drop.
 struct Tmpfs {

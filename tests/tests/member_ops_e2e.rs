@@ -1,17 +1,17 @@
 //! The member as operators run it, against the real `master` and `member` binaries over
 //! loopback: TLS, mTLS and bearer tokens on the client side (daemon and commands), Prometheus
 //! metrics, JSON logs, the TOML config file, and `member get --format table`. Certificates are
-//! made at test time (`ledger_tests::tls`).
+//! made at test time (`ledger_testkit::tls`).
 
 use std::path::Path;
 
 use ledger_proto::pb::GetLedgerInfoRequest;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_server::auth::token_hash;
-use ledger_tests::member::{CommandOutput, member_command};
-use ledger_tests::metrics::{sample, scrape_async};
-use ledger_tests::tls::{CertFiles, TestPki};
-use ledger_tests::{Master, Member, wait_until, within};
+use ledger_testkit::member::{CommandOutput, member_command};
+use ledger_testkit::metrics::{sample, scrape_async};
+use ledger_testkit::tls::{CertFiles, TestPki};
+use ledger_testkit::{Master, Member, wait_until, within};
 use tonic::transport::Channel;
 
 const READER: &str = "reader-token-31b7";
@@ -70,7 +70,7 @@ async fn admin_client(
     pki: &TestPki,
     admin: &CertFiles,
 ) -> LedgerServiceClient<Channel> {
-    LedgerServiceClient::new(ledger_tests::tls::channel(addr, &pki.ca, Some(admin)).await)
+    LedgerServiceClient::new(ledger_testkit::tls::channel(addr, &pki.ca, Some(admin)).await)
 }
 
 async fn digest(client: &mut LedgerServiceClient<Channel>) -> (u64, String) {
@@ -342,7 +342,7 @@ async fn metrics_follow_the_stream_the_file_and_reconnects() {
     let mut master = Master::start(dir.path(), &["--progress-interval", "200ms"]);
     let mut client = master.client().await;
     for n in 1..=3 {
-        ledger_tests::client::insert(&mut client, &operator(n))
+        ledger_testkit::client::insert(&mut client, &operator(n))
             .await
             .unwrap();
     }
@@ -379,7 +379,7 @@ async fn metrics_follow_the_stream_the_file_and_reconnects() {
     assert!(writes >= 1.0, "{scraped}");
 
     // A live insert moves the applied seq and is one more timed write.
-    ledger_tests::client::insert(&mut client, &operator(4))
+    ledger_testkit::client::insert(&mut client, &operator(4))
         .await
         .unwrap();
     wait_until(30, "applied seq 4 in the metrics", || async {
@@ -441,7 +441,7 @@ async fn json_logs_and_a_config_file_that_flags_and_environment_override() {
     let dir = tempfile::tempdir().unwrap();
     let master = Master::start(dir.path(), &[]);
     let mut client = master.client().await;
-    ledger_tests::client::insert(&mut client, &operator(1))
+    ledger_testkit::client::insert(&mut client, &operator(1))
         .await
         .unwrap();
 

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ledger_tests::client::{Client, delete_ok as delete, insert_ok as insert};
-use ledger_tests::member::{applied_seq, member_command_with_env};
-use ledger_tests::{Master, Member, wait_until, within};
+use ledger_testkit::client::{Client, delete_ok as delete, insert_ok as insert};
+use ledger_testkit::member::{applied_seq, member_command_with_env};
+use ledger_testkit::{Master, Member, wait_until, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -254,7 +254,7 @@ fn count(haystack: &str, needle: &str) -> usize {
 
 /// The master's digest and head seq.
 async fn master_info(client: &mut Client) -> (String, u64) {
-    let info = ledger_tests::client::info(client).await;
+    let info = ledger_testkit::client::info(client).await;
     (info.digest, info.head_seq)
 }
 
@@ -585,7 +585,7 @@ async fn a_refusal_is_logged_with_the_nodes_error_and_retried() {
 async fn node_tcp_sends_the_command_as_an_anylog_message() {
     let dir = tempfile::tempdir().unwrap();
     let master = Master::start(dir.path(), &[]);
-    let mut node = ledger_tests::anylog::Node::start().await;
+    let mut node = ledger_testkit::anylog::Node::start().await;
     let member_dir = tempfile::tempdir().unwrap();
     let member = Member::start(
         member_dir.path(),
@@ -593,14 +593,14 @@ async fn node_tcp_sends_the_command_as_an_anylog_message() {
         &["--node-tcp", &node.addr().to_string()],
     );
     member.wait_for_log(30, "caught up with master").await;
-    let check = |message: &ledger_tests::anylog::Received| {
+    let check = |message: &ledger_testkit::anylog::Received| {
         assert_eq!(message.command, RELOAD, "{message:?}");
         assert_eq!(message.blocks(), 1, "{message:?}");
         assert!(message.data.is_empty(), "{message:?}");
         let header = message.header();
         assert_eq!(
             header.info_type,
-            ledger_tests::anylog::info_type::REQUEST,
+            ledger_testkit::anylog::info_type::REQUEST,
             "{message:?}"
         );
         assert_eq!(header.error_code, 0);

@@ -1,9 +1,9 @@
 //! What operators rely on, against the real `master` binary: Prometheus metrics, JSON logs and
 //! the TOML config file with flags and environment winning over it.
 
-use ledger_tests::Master;
-use ledger_tests::client::{insert, stream, until_caught_up};
-use ledger_tests::metrics::{sample, scrape_async};
+use ledger_testkit::Master;
+use ledger_testkit::client::{insert, stream, until_caught_up};
+use ledger_testkit::metrics::{sample, scrape_async};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_writes_subscribers_and_the_head() {
@@ -61,7 +61,7 @@ async fn config_file_settings_apply_and_flags_and_environment_win() {
     let master = Master::start(dir.path(), &["--config", &config]);
     assert!(dir.path().join("from-file.db").exists());
     let mut client = master.client().await;
-    let masters = ledger_tests::client::info(&mut client).await;
+    let masters = ledger_testkit::client::info(&mut client).await;
     assert_eq!(
         masters.policy_count, 1,
         "the file's register = true applied"
@@ -95,7 +95,7 @@ async fn config_file_settings_apply_and_flags_and_environment_win() {
 
     // An unknown setting is refused with its name.
     std::fs::write(dir.path().join("bad.toml"), "no_such_flag = 1\n").unwrap();
-    let output = std::process::Command::new(ledger_tests::binary("master"))
+    let output = std::process::Command::new(ledger_testkit::binary("master"))
         .current_dir(dir.path())
         .args(["--config", "bad.toml"])
         .output()

@@ -9,13 +9,13 @@ use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_server::auth::token_hash;
 use ledger_storage::DatabaseUrl;
-use ledger_tests::anylog::Node;
-use ledger_tests::client::{delete_ok as delete, insert_ok as insert};
-use ledger_tests::member::wait_converged;
-use ledger_tests::metrics::{sample, scrape_async};
-use ledger_tests::sql::ledger_rows;
-use ledger_tests::tls::{CertFiles, TestPki, with_token};
-use ledger_tests::{Master, Member, PostgresServer, wait_until, within};
+use ledger_testkit::anylog::Node;
+use ledger_testkit::client::{delete_ok as delete, insert_ok as insert};
+use ledger_testkit::member::wait_converged;
+use ledger_testkit::metrics::{sample, scrape_async};
+use ledger_testkit::sql::ledger_rows;
+use ledger_testkit::tls::{CertFiles, TestPki, with_token};
+use ledger_testkit::{Master, Member, PostgresServer, wait_until, within};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -664,7 +664,7 @@ fn secure_relay(dir: &Path, pki: &TestPki, upstream: &Master, extra: &[&str]) ->
 /// A TLS client of `server`, as the certificate `identity` if given.
 async fn tls_client(server: &Master, pki: &TestPki, identity: Option<&CertFiles>) -> Client {
     LedgerServiceClient::new(
-        ledger_tests::tls::channel(&server.addr.to_string(), &pki.ca, identity).await,
+        ledger_testkit::tls::channel(&server.addr.to_string(), &pki.ca, identity).await,
     )
 }
 
@@ -923,7 +923,7 @@ async fn a_relay_serves_tls_with_its_own_auth_file() {
     .await;
 
     // Plaintext to the relay's TLS port is refused.
-    let out = ledger_tests::member::member_command(
+    let out = ledger_testkit::member::member_command(
         &["status", "--master", &relay.addr.to_string()],
         None,
     )

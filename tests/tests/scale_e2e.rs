@@ -9,8 +9,8 @@ use ledger_proto::errors::{self, Reason, key};
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
 use ledger_proto::pb::{GetLedgerInfoRequest, GetPolicyRequest};
-use ledger_tests::client::{Client, assert_refused, next_change, stream, until_caught_up};
-use ledger_tests::{Master, Member, PostgresServer, wait_until, within};
+use ledger_testkit::client::{Client, assert_refused, next_change, stream, until_caught_up};
+use ledger_testkit::{Master, Member, PostgresServer, wait_until, within};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -43,7 +43,7 @@ fn cluster(count: usize, args: &[&str]) -> Cluster {
 }
 
 async fn insert(client: &mut Client, json: &str) -> Result<String, tonic::Status> {
-    ledger_tests::client::insert(client, json)
+    ledger_testkit::client::insert(client, json)
         .await
         .map(|p| p.id)
 }

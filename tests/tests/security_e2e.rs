@@ -7,9 +7,9 @@ use ledger_proto::pb::{
     StreamLedgerRequest,
 };
 use ledger_server::auth::token_hash;
-use ledger_tests::client::assert_refused;
-use ledger_tests::tls::{CertFiles, TestPki};
-use ledger_tests::{Master, within};
+use ledger_testkit::client::assert_refused;
+use ledger_testkit::tls::{CertFiles, TestPki};
+use ledger_testkit::{Master, within};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
@@ -301,7 +301,7 @@ fn a_bad_auth_file_stops_the_master_with_its_reason() {
         "[[token]]\nname = \"x\"\nrole = \"writer\"\nsha256 = \"my-plain-token\"\n",
     )
     .unwrap();
-    let output = std::process::Command::new(ledger_tests::binary("master"))
+    let output = std::process::Command::new(ledger_testkit::binary("master"))
         .current_dir(dir.path())
         .args([
             "--listen",
@@ -352,7 +352,7 @@ fn database_url_secrets_never_reach_the_output() {
         ),
     ];
     for (url, by_env, shown) in cases {
-        let mut master = Command::new(ledger_tests::binary("master"));
+        let mut master = Command::new(ledger_testkit::binary("master"));
         master
             .current_dir(dir.path())
             .args(["--listen", "127.0.0.1:0", "--bind", "--db-timeout", "1s"])

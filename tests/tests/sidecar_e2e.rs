@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
-use ledger_tests::client::{all_policies, delete_ok as delete, insert_ok as insert};
-use ledger_tests::member::{applied_seq, file_md5, member_command};
-use ledger_tests::{Master, Member, wait_until};
+use ledger_testkit::client::{all_policies, delete_ok as delete, insert_ok as insert};
+use ledger_testkit::member::{applied_seq, file_md5, member_command};
+use ledger_testkit::{Master, Member, wait_until};
 use tonic::transport::Channel;
 
 type Client = LedgerServiceClient<Channel>;

@@ -6,8 +6,8 @@ use ledger_storage::{
     Change, ChangeKind, DatabaseUrl, DieselStorage, NewPolicy, Rejection, SnapshotPart, Storage,
     StoredPolicy, WriteOp,
 };
-use ledger_tests::PostgresServer;
-use ledger_tests::sql::{LedgerRow, ledger_rows};
+use ledger_testkit::PostgresServer;
+use ledger_testkit::sql::{LedgerRow, ledger_rows};
 
 /// A fresh database of the backend and its URL; the guard keeps a SQLite file's directory.
 struct Fresh {

@@ -18,6 +18,8 @@ pub struct Member {
     /// Its ledger file, `dir/blockchain.json`.
     pub file: PathBuf,
     args: Vec<String>,
+    /// Environment variables set for every run, after the default `LEDGER_LOG=info`.
+    env: Vec<(String, String)>,
     log: Log,
 }
 
@@ -25,6 +27,16 @@ impl Member {
     /// Starts `member` in `dir` with the ledger file `dir/blockchain.json`, following
     /// `masters` (HOST:PORT, in order), with `args` added.
     pub fn start(dir: &Path, masters: &[String], args: &[&str]) -> Member {
+        Self::start_with_env(dir, masters, args, &[])
+    }
+
+    /// [`Member::start`] with environment variables (`LEDGER_LOG=warn` for a quiet member).
+    pub fn start_with_env(
+        dir: &Path,
+        masters: &[String],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Member {
         let file = dir.join("blockchain.json");
         let mut all = vec!["--ledger-file".to_string(), file.display().to_string()];
         for master in masters {
@@ -37,6 +49,10 @@ impl Member {
             dir: dir.to_path_buf(),
             file,
             args: all,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log: Arc::default(),
         };
         member.spawn();
@@ -50,6 +66,7 @@ impl Member {
             .env_remove("LEDGER_MASTER")
             .env_remove("LEDGER_FILE")
             .env("LEDGER_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -65,6 +82,36 @@ impl Member {
         assert!(self.child.is_none(), "restart after kill9 or terminate");
         self.log.lock().unwrap().push(RESTART_MARK.to_string());
         self.spawn();
+    }
+
+    /// The process id of the current run.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("member is running").id()
+    }
+
+    /// The one TCP port the current run listens on, read from `/proc` (up to 30 s): for a
+    /// member started with `--metrics-addr 127.0.0.1:0` whose log does not say it (a quiet
+    /// `LEDGER_LOG=warn` one). The kernel picks the port when the member binds, so no other
+    /// process can take it first.
+    pub fn listening_port(&mut self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match crate::metrics::listening_ports(self.pid())[..] {
+                [port] => return port,
+                [] => {}
+                ref many => panic!("member listens on several ports {many:?}:\n{}", self.logs()),
+            }
+            let child = self.child.as_mut().expect("member is running");
+            if let Some(status) = child.try_wait().expect("polling member") {
+                panic!("member exited with {status}:\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member did not listen within 30s:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Kills the process with SIGKILL: no chance to finish anything.
@@ -234,9 +281,9 @@ where
 /// The md5 hex of a file's content (the ledger's digest when it is a `blockchain.json`), if it
 /// can be read.
 pub fn file_md5(path: &Path) -> Option<String> {
-    let bytes = std::fs::read(path).ok()?;
+    let mut file = std::fs::File::open(path).ok()?;
     let mut digest = ledger_anylog::digest::LedgerDigest::new();
-    digest.push_bytes(&bytes);
+    std::io::copy(&mut file, &mut digest).ok()?;
     Some(digest.hex())
 }
 

@@ -30,6 +30,14 @@ static TLS_ONLY: OnceLock<TlsPostgres> = OnceLock::new();
 static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
 
 impl PostgresServer {
+    /// The server at `base_url` (`postgres://USER@HOST:PORT`, without a database; a trailing
+    /// `/` is dropped), whose user may create databases.
+    pub fn at(base_url: &str) -> PostgresServer {
+        PostgresServer {
+            base_url: base_url.trim_end_matches('/').to_string(),
+        }
+    }
+
     /// The server of this test process, started on first use.
     pub fn get() -> &'static PostgresServer {
         SERVER.get_or_init(|| match std::env::var("LEDGER_TEST_POSTGRES_URL") {

@@ -34,6 +34,22 @@ pub fn assert_refused(status: &Status, reason: Reason, metadata: &[(&str, &str)]
 /// The generated client over a tonic channel.
 pub type Client = LedgerServiceClient<Channel>;
 
+/// A client of the master at `addr` (HOST:PORT) for long runs: connected within 10 s, each call
+/// bounded by `call_timeout` (`None` for long streams), answers of up to 64 MiB.
+pub async fn connect(addr: &str, call_timeout: Option<std::time::Duration>) -> Client {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(timeout) = call_timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connecting to master at {addr}: {e}"));
+    LedgerServiceClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
 /// `InsertPolicy`: the stored policy or the status.
 pub async fn insert(client: &mut Client, json: &str) -> Result<Policy, Status> {
     within(30, "InsertPolicy", async {

@@ -13,15 +13,18 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// The path of a workspace binary (`master`, `member`), built next to the test executable.
+/// The path of a workspace binary (`master`, `member`) of the build that made this executable:
+/// beside it (a binary such as `ledger-bench` in `target/<profile>/`), else one directory up (a
+/// test in `target/<profile>/deps/`).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable's path");
+    let exe = std::env::current_exe().expect("the executable's path");
+    let dir = exe.parent().expect("the executable's directory");
+    let beside = dir.join(name);
+    if beside.is_file() {
+        return beside;
+    }
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the target directory");
-    let path = dir.join(name);
+    let path = dir.parent().expect("the target directory").join(name);
     assert!(
         path.exists(),
         "{} does not exist: build the binaries first (cargo build --workspace --bins)",
@@ -139,6 +142,11 @@ impl Master {
             env,
             log,
         }
+    }
+
+    /// The process id of the current run.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("master is running").id()
     }
 
     /// Forgets the environment variables given at start, for the next [`Master::restart`].
@@ -326,6 +334,16 @@ impl Drop for Master {
             eprintln!("--- master log ---\n{}\n---", self.logs());
         }
     }
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`); 0 when it cannot be read.
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Sends `sig` to a child.
