@@ -35,6 +35,7 @@ use crate::feed::ChangeFeed;
 use crate::health::UPSTREAM_SERVICE;
 use crate::ledger::Caller;
 use crate::metrics;
+use crate::storage_io;
 use crate::writer::Pruner;
 
 /// What a relay needs to follow its upstream and forward writes to it.
@@ -139,13 +140,13 @@ impl CopySink {
         let Some(last) = changes.last().map(|change| change.seq) else {
             return Ok(());
         };
-        let (storage, feed, mut pruner) = (self.storage.clone(), self.feed.clone(), self.pruner);
-        let stored = blocking(move || {
+        let (feed, mut pruner) = (self.feed.clone(), self.pruner);
+        let stored = storage_io::run(&self.storage, move |storage| {
             storage.replicate(&changes)?;
             // Published as a writer publishes its commits: subscribers below get the changes
             // from memory, or read what they missed from the storage.
-            feed.publish_committed(&*storage, changes)?;
-            pruner.committed(&*storage, last);
+            feed.publish_committed(storage, changes)?;
+            pruner.committed(storage, last);
             Ok(pruner)
         })
         .await;
@@ -163,8 +164,7 @@ impl CopySink {
     /// and subscribe again) and serves from now on.
     async fn replace(&mut self, seq: u64, policies: Vec<StoredPolicy>) -> Result<(), Stop> {
         let count = policies.len() as u64;
-        let storage = self.storage.clone();
-        let replaced = blocking(move || storage.replace(seq, &policies)).await;
+        let replaced = storage_io::run(&self.storage, move |s| s.replace(seq, &policies)).await;
         if let Err(e) = replaced {
             return Err(self.write_failed(e));
         }
@@ -195,8 +195,7 @@ impl Sink for CopySink {
 
     async fn prepare(&mut self) -> Result<(), ()> {
         if self.head.is_none() {
-            let storage = self.storage.clone();
-            match blocking(move || storage.bounds()).await {
+            match storage_io::run(&self.storage, |s| s.bounds()).await {
                 Ok(bounds) => self.head = Some(bounds.head_seq),
                 Err(e) => {
                     tracing::error!("cannot read the relay's copy of the ledger: {e}");
@@ -289,15 +288,6 @@ fn stored(policy: pb::Policy) -> StoredPolicy {
         json: policy.json,
         seq: policy.seq,
     }
-}
-
-/// Runs a blocking storage call on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, StorageError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StorageError::Failed(format!("the relay's storage task failed: {e}")))?
 }
 
 /// A relay's write path: inserts and deletes go to the upstream the relay follows, with the
