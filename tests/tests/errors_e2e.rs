@@ -17,19 +17,11 @@ use ledger_proto::pb::{
 };
 use ledger_server::auth::token_hash;
 use ledger_testkit::client::{Client, assert_refused, delete, get, info, insert, stream};
-use ledger_testkit::{Master, within};
+use ledger_testkit::{Master, TempMaster, within};
 use tonic::{Request, Status, Streaming};
 
-/// A master in its own temporary directory.
-struct Fixture {
-    master: Master,
-    _dir: tempfile::TempDir,
-}
-
-fn start(args: &[&str]) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let master = Master::start(dir.path(), args);
-    Fixture { master, _dir: dir }
+fn start(args: &[&str]) -> TempMaster {
+    TempMaster::start(args)
 }
 
 fn operator(n: usize) -> String {

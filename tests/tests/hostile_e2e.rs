@@ -14,22 +14,14 @@ use ledger_proto::pb::{
 use ledger_testkit::client::{
     Client, assert_refused, get, info, insert, next, next_change, stream, until_caught_up,
 };
-use ledger_testkit::{Master, ledger_digest, within};
+use ledger_testkit::{Master, TempMaster, ledger_digest, within};
 use prost::Message;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Code, Status, Streaming};
 
-/// A master in its own temporary directory.
-struct Fixture {
-    master: Master,
-    _dir: tempfile::TempDir,
-}
-
-fn start(args: &[&str]) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let master = Master::start(dir.path(), args);
-    Fixture { master, _dir: dir }
+fn start(args: &[&str]) -> TempMaster {
+    TempMaster::start(args)
 }
 
 fn operator(n: usize) -> String {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use member::{Member, wait_until};
 pub use postgres::PostgresServer;
-pub use process::{Master, binary};
+pub use process::{Master, TempMaster, binary};
 
 /// Awaits `future`, failing the test after `seconds`: network tests must stop by themselves.
 pub async fn within<T>(seconds: u64, what: &str, future: impl Future<Output = T>) -> T {

@@ -59,6 +59,24 @@ pub fn capture(child: &mut Child, log: &Log, ready: Option<mpsc::Sender<String>>
     });
 }
 
+/// A master in a temporary directory of its own (its SQLite ledger, its logs' files), removed
+/// after the master is killed.
+pub struct TempMaster {
+    /// The master (dropped first: it is killed before its directory goes).
+    pub master: Master,
+    /// Its working directory.
+    pub dir: tempfile::TempDir,
+}
+
+impl TempMaster {
+    /// Starts `master` with `args` in a new temporary directory.
+    pub fn start(args: &[&str]) -> TempMaster {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let master = Master::start(dir.path(), args);
+        TempMaster { master, dir }
+    }
+}
+
 /// A running `master` process.
 pub struct Master {
     child: Option<Child>,
