@@ -15,7 +15,7 @@ use ledger_proto::pb::{
     Condition, DeletePolicyRequest, GetLedgerInfoRequest, GetPolicyRequest, InsertPolicyRequest,
     ListPoliciesRequest, StreamLedgerRequest, StreamLedgerResponse,
 };
-use ledger_server::auth::token_hash;
+use ledger_testkit::auth::AuthFile;
 use ledger_testkit::client::{Client, assert_refused, delete, get, info, insert, stream};
 use ledger_testkit::{Master, TempMaster, within};
 use tonic::{Request, Status, Streaming};
@@ -244,18 +244,11 @@ fn with_authorization<T>(request: T, value: Option<&str>) -> Request<T> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_refused_caller_is_told_why() {
     let dir = tempfile::tempdir().unwrap();
-    let auth = dir.path().join("auth.toml");
-    std::fs::write(
-        &auth,
-        format!(
-            "[[token]]\nname = \"dashboard\"\nrole = \"reader\"\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"ingest\"\nrole = \"writer\"\nsha256 = \"{}\"\n",
-            token_hash(READER),
-            token_hash(WRITER)
-        ),
-    )
-    .unwrap();
-    let master = Master::start(dir.path(), &["--auth-file", auth.to_str().unwrap()]);
+    let auth = AuthFile::new()
+        .token("dashboard", "reader", READER)
+        .token("ingest", "writer", WRITER)
+        .write(&dir.path().join("auth.toml"));
+    let master = Master::start(dir.path(), &["--auth-file", &auth]);
     let mut client = master.client().await;
     let reader = format!("Bearer {READER}");
     let writer = format!("Bearer {WRITER}");

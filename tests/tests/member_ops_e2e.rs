@@ -7,7 +7,7 @@ use std::path::Path;
 
 use ledger_proto::pb::GetLedgerInfoRequest;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
-use ledger_server::auth::token_hash;
+use ledger_testkit::auth::AuthFile;
 use ledger_testkit::member::{CommandOutput, member_command};
 use ledger_testkit::metrics::{sample, scrape_async};
 use ledger_testkit::tls::{CertFiles, TestPki};
@@ -21,23 +21,14 @@ const ADMIN: &str = "admin-token-e98a";
 /// Tokens of each role, and certificate subjects: `member-reader` reads, `relay-writer` (a
 /// relay forwarding writes with its certificate) writes, `ops-admin` administers.
 fn auth_file(dir: &Path) -> String {
-    let path = dir.join("auth.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[[token]]\nname = \"dashboard\"\nrole = \"reader\"\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"ingest\"\nrole = \"writer\"\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"operator\"\nrole = \"admin\"\nsha256 = \"{}\"\n\
-             [[subject]]\ncn = \"member-reader\"\nrole = \"reader\"\n\
-             [[subject]]\ncn = \"relay-writer\"\nrole = \"writer\"\n\
-             [[subject]]\ncn = \"ops-admin\"\nrole = \"admin\"\n",
-            token_hash(READER),
-            token_hash(WRITER),
-            token_hash(ADMIN)
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
+    AuthFile::new()
+        .token("dashboard", "reader", READER)
+        .token("ingest", "writer", WRITER)
+        .token("operator", "admin", ADMIN)
+        .subject("member-reader", "reader")
+        .subject("relay-writer", "writer")
+        .subject("ops-admin", "admin")
+        .write(&dir.join("auth.toml"))
 }
 
 fn path(p: &Path) -> String {

@@ -7,9 +7,9 @@ use std::path::Path;
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::stream_ledger_response::Event;
-use ledger_server::auth::token_hash;
 use ledger_storage::DatabaseUrl;
 use ledger_testkit::anylog::Node;
+use ledger_testkit::auth::AuthFile;
 use ledger_testkit::client::{delete_ok as delete, insert_ok as insert};
 use ledger_testkit::member::wait_converged;
 use ledger_testkit::metrics::{sample, scrape_async};
@@ -578,46 +578,27 @@ const RELAY_ONLY: &str = "relay-only-token-d41c";
 /// The upstream's callers: tokens `ingest` (writer), `dashboard` (reader), `operator` (admin);
 /// certificates `relay-1` (writer: a relay's own identity) and `member-reader` (reader).
 fn upstream_auth(dir: &Path) -> String {
-    let path = dir.join("upstream-auth.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[[token]]\nname = \"ingest\"\nrole = \"writer\"\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"dashboard\"\nrole = \"reader\"\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"operator\"\nrole = \"admin\"\nsha256 = \"{}\"\n\
-             [[subject]]\ncn = \"relay-1\"\nrole = \"writer\"\n\
-             [[subject]]\ncn = \"member-reader\"\nrole = \"reader\"\n",
-            token_hash(WRITER),
-            token_hash(READER),
-            token_hash(ADMIN)
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
+    AuthFile::new()
+        .token("ingest", "writer", WRITER)
+        .token("dashboard", "reader", READER)
+        .token("operator", "admin", ADMIN)
+        .subject("relay-1", "writer")
+        .subject("member-reader", "reader")
+        .write(&dir.join("upstream-auth.toml"))
 }
 
 /// The relay's own callers: it lets the writer and admin tokens do what upstream lets them,
 /// but also lets the reader token write and knows a token upstream does not; certificates
 /// `ops-admin` (admin) and `member-reader` (reader).
 fn relay_auth(dir: &Path) -> String {
-    let path = dir.join("relay-auth.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[[token]]\nname = \"ingest-here\"\nrole = \"writer\"\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"dashboard-here\"\nrole = \"writer\"\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"operator-here\"\nrole = \"admin\"\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"local\"\nrole = \"writer\"\nsha256 = \"{}\"\n\
-             [[subject]]\ncn = \"ops-admin\"\nrole = \"admin\"\n\
-             [[subject]]\ncn = \"member-reader\"\nrole = \"reader\"\n",
-            token_hash(WRITER),
-            token_hash(READER),
-            token_hash(ADMIN),
-            token_hash(RELAY_ONLY)
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
+    AuthFile::new()
+        .token("ingest-here", "writer", WRITER)
+        .token("dashboard-here", "writer", READER)
+        .token("operator-here", "admin", ADMIN)
+        .token("local", "writer", RELAY_ONLY)
+        .subject("ops-admin", "admin")
+        .subject("member-reader", "reader")
+        .write(&dir.join("relay-auth.toml"))
 }
 
 fn path(p: &Path) -> String {

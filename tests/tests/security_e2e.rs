@@ -6,7 +6,7 @@ use ledger_proto::pb::{
     DeletePolicyRequest, GetLedgerInfoRequest, InsertPolicyRequest, ListPoliciesRequest,
     StreamLedgerRequest,
 };
-use ledger_server::auth::token_hash;
+use ledger_testkit::auth::AuthFile;
 use ledger_testkit::client::assert_refused;
 use ledger_testkit::tls::{CertFiles, TestPki};
 use ledger_testkit::{Master, within};
@@ -18,21 +18,12 @@ const WRITER: &str = "writer-token-9a2e";
 const ADMIN: &str = "admin-token-77d0";
 
 fn auth_file(dir: &std::path::Path) -> String {
-    let path = dir.join("auth.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[[token]]\nname = \"dashboard\"\nrole = \"reader\"\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"ingest\"\nrole = \"writer\"\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"operator\"\nrole = \"admin\"\nsha256 = \"{}\"\n\
-             [[subject]]\ncn = \"member-1\"\nrole = \"reader\"\n",
-            token_hash(READER),
-            token_hash(WRITER),
-            token_hash(ADMIN)
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
+    AuthFile::new()
+        .token("dashboard", "reader", READER)
+        .token("ingest", "writer", WRITER)
+        .token("operator", "admin", ADMIN)
+        .subject("member-1", "reader")
+        .write(&dir.join("auth.toml"))
 }
 
 async fn tls_client(

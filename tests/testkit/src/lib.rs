@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod anylog;
+pub mod auth;
 pub mod client;
 pub mod member;
 pub mod metrics;
