@@ -108,6 +108,7 @@ on_both_backends!(
     one_batch_can_insert_delete_and_reinsert_an_id,
     anylog_columns_hold_the_policy_date_status_and_host,
     a_copy_keeps_the_upstreams_seqs_and_a_snapshot_replaces_it,
+    a_ledger_of_the_first_schema_is_migrated_in_place,
 );
 
 fn inserts_take_consecutive_seqs(backend: &str) {
@@ -271,6 +272,11 @@ fn pruning_moves_the_replay_bound(backend: &str) {
     assert_eq!(storage.bounds().unwrap().pruned_seq, 10);
     // The policies themselves stay.
     assert_eq!(snapshot(&*storage, 100).2.len(), 10);
+    // With every change pruned, the head still stands: the next insert follows it.
+    let next = storage.apply(&[insert(11)]).unwrap();
+    assert_eq!(next[0].as_ref().unwrap().seq, 11);
+    drop(storage);
+    assert_eq!(open(&db.url).bounds().unwrap().head_seq, 11);
 }
 
 fn concurrent_writers_commit_in_seq_order(backend: &str) {
@@ -419,8 +425,8 @@ fn postgres_an_id_stored_while_waiting_for_the_head_is_refused() {
     other
         .batch_execute(
             "BEGIN; SELECT head_seq FROM ledger_head WHERE id = 1 FOR UPDATE; \
-             INSERT INTO ledger (policy_type, policy_id, host, policy, seq) \
-                 VALUES ('operator', 'id-2', 'elsewhere', '{\"operator\": {}}', 2); \
+             INSERT INTO ledger (sequence_id, policy_type, policy_id, host, policy, seq) \
+                 VALUES (2, 'operator', 'id-2', 'elsewhere', '{\"operator\": {}}', 2); \
              INSERT INTO ledger_changes (seq, op, policy_id, policy_type, policy) \
                  VALUES (2, 'insert', 'id-2', 'operator', '{\"operator\": {}}'); \
              UPDATE ledger_head SET head_seq = 2 WHERE id = 1;",
@@ -623,4 +629,80 @@ fn a_copy_keeps_the_upstreams_seqs_and_a_snapshot_replaces_it(backend: &str) {
     copy.replicate(&[inserted(8, 11)]).unwrap();
     assert_eq!(copy.changes_after(10, 100).unwrap(), vec![inserted(8, 11)]);
     assert_eq!(copy.policy_count().unwrap(), 3);
+}
+
+/// A ledger written by the first schema (before issue 16: `sequence_id` numbered apart from
+/// `seq`, the head row moved by every commit) opens with its policies, changes and head, now with
+/// `sequence_id` = `seq`, and takes new writes after its head.
+fn a_ledger_of_the_first_schema_is_migrated_in_place(backend: &str) {
+    use diesel::connection::SimpleConnection;
+    use diesel::{Connection, PgConnection, RunQueryDsl, SqliteConnection};
+
+    let db = fresh(backend);
+    // Policies id-1, id-2 (deleted by change 3) and id-4; head 4.
+    let old_rows = "INSERT INTO ledger (policy_type, policy_id, host, policy, seq) VALUES \
+             ('operator', 'id-1', 'h', '{\"operator\": {\"id\": \"id-1\"}}', 1), \
+             ('operator', 'id-4', 'h', '{\"operator\": {\"id\": \"id-4\"}}', 4); \
+         INSERT INTO ledger_changes (seq, op, policy_id, policy_type, policy) VALUES \
+             (1, 'insert', 'id-1', 'operator', '{\"operator\": {\"id\": \"id-1\"}}'), \
+             (2, 'insert', 'id-2', 'operator', '{\"operator\": {\"id\": \"id-2\"}}'), \
+             (3, 'delete', 'id-2', 'operator', NULL), \
+             (4, 'insert', 'id-4', 'operator', '{\"operator\": {\"id\": \"id-4\"}}'); \
+         UPDATE ledger_head SET head_seq = 4 WHERE id = 1;";
+    let record = "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY NOT NULL, \
+             run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP); \
+         INSERT INTO __diesel_schema_migrations (version) VALUES ('20261130000000');";
+    #[derive(diesel::QueryableByName)]
+    struct Ids {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        sequence_id: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        seq: i64,
+    }
+    let ids_query =
+        "SELECT CAST(sequence_id AS BIGINT) AS sequence_id, seq FROM ledger ORDER BY seq";
+    let ids: Vec<Ids> = match &db.url {
+        DatabaseUrl::Sqlite(path) => {
+            let mut c = SqliteConnection::establish(&path.to_string_lossy()).unwrap();
+            c.batch_execute(include_str!(
+                "../../master/storage/migrations/sqlite/2026-11-30-000000_create_ledger/up.sql"
+            ))
+            .unwrap();
+            c.batch_execute(old_rows).unwrap();
+            c.batch_execute(record).unwrap();
+            drop(c);
+            let storage = open(&db.url);
+            let mut c = SqliteConnection::establish(&path.to_string_lossy()).unwrap();
+            let ids = diesel::sql_query(ids_query).load(&mut c).unwrap();
+            drop(storage);
+            ids
+        }
+        DatabaseUrl::Postgres(url) => {
+            let mut c = PgConnection::establish(url).unwrap();
+            c.batch_execute(include_str!(
+                "../../master/storage/migrations/postgres/2026-11-30-000000_create_ledger/up.sql"
+            ))
+            .unwrap();
+            c.batch_execute(old_rows).unwrap();
+            c.batch_execute(record).unwrap();
+            drop(open(&db.url));
+            diesel::sql_query(ids_query).load(&mut c).unwrap()
+        }
+    };
+    let ids: Vec<(i64, i64)> = ids.iter().map(|r| (r.sequence_id, r.seq)).collect();
+    assert_eq!(ids, [(1, 1), (4, 4)], "sequence_id takes each row's seq");
+    let storage = open(&db.url);
+    assert_eq!(storage.bounds().unwrap().head_seq, 4);
+    let seqs: Vec<u64> = storage
+        .changes_after(0, 10)
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4], "the change log is kept");
+    let (seq, count, policies) = snapshot(&*storage, 10);
+    assert_eq!((seq, count, policies.len()), (4, 2, 2));
+    let next = storage.apply(&[insert(5)]).unwrap();
+    assert_eq!(next[0].as_ref().unwrap().seq, 5);
+    assert_eq!(storage.get("id-5").unwrap().unwrap().seq, 5);
 }

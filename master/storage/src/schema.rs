@@ -1,9 +1,9 @@
 //! The diesel table definitions; the DDL lives in `master/migrations/{sqlite,postgres}`.
 
 diesel::table! {
-    /// The AnyLog `ledger` table: one row per stored policy.
+    /// The AnyLog `ledger` table: one row per stored policy. `sequence_id` is the row's `seq`.
     ledger (sequence_id) {
-        sequence_id -> Integer,
+        sequence_id -> BigInt,
         policy_type -> Text,
         policy_id -> Text,
         company_name -> Nullable<Text>,

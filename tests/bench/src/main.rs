@@ -309,6 +309,26 @@ async fn bench_backend(backend: &str, opts: &Options, pg: Option<&PostgresServer
 }
 
 fn main() {
+    // `ledger-bench load ADDR CLIENTS SECONDS`: only the insert load on a running master, for
+    // profiling it from outside (perf, strace) with the bench's own clients and policies.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("load") {
+        let [addr, clients, seconds] = [2, 3, 4].map(|i| args.get(i).cloned().unwrap_or_default());
+        let clients: usize = clients
+            .parse()
+            .expect("ledger-bench load ADDR CLIENTS SECONDS");
+        let seconds: f64 = seconds
+            .parse()
+            .expect("ledger-bench load ADDR CLIENTS SECONDS");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let rate = runtime.block_on(throughput(&addr, clients, seconds));
+        println!("{rate:.0} inserts/s from {clients} clients over {seconds} s");
+        return;
+    }
     let opts = options();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

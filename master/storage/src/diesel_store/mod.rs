@@ -79,8 +79,12 @@ impl DieselStorage {
                 .connect()
                 .map_err(|e| StorageError::Unavailable(format!("{}: {e}", path.display())))?;
             // WAL lets readers (streams, queries) run beside the writer; it is a property of
-            // the file, so setting it once is enough.
-            conn.batch_execute("PRAGMA journal_mode = WAL;")?;
+            // the file, so setting it once is enough. The page size takes effect only in a new
+            // file, and must come first: the file is created in the page size of that moment.
+            conn.batch_execute(&format!(
+                "PRAGMA page_size = {}; PRAGMA journal_mode = WAL;",
+                url::SQLITE_NEW_PAGE_SIZE
+            ))?;
         }
         let pool = pool::build(url, pool_size, timeout)?;
         let storage = DieselStorage {

@@ -173,6 +173,12 @@ mod tests {
     }
 
     #[derive(QueryableByName)]
+    struct PageSize {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        page_size: i32,
+    }
+
+    #[derive(QueryableByName)]
     struct Checkpoint {
         #[diesel(sql_type = diesel::sql_types::Integer)]
         wal_autocheckpoint: i32,
@@ -196,7 +202,12 @@ mod tests {
             let checkpoint = diesel::sql_query("PRAGMA wal_autocheckpoint")
                 .get_result::<Checkpoint>(&mut *c)
                 .unwrap();
-            assert_eq!(checkpoint.wal_autocheckpoint, 10_000);
+            // A new ledger has pages of 1 KiB: 40 MiB of them.
+            assert_eq!(checkpoint.wal_autocheckpoint, 40_960);
+            let page = diesel::sql_query("PRAGMA page_size")
+                .get_result::<PageSize>(&mut *c)
+                .unwrap();
+            assert_eq!(page.page_size, 1024);
             assert_eq!(setting(&mut c, "temp_store"), "2", "2 is MEMORY");
             held.push(c);
         }

@@ -35,14 +35,14 @@ pub(super) fn list(
     limit: usize,
 ) -> Result<Vec<StoredPolicy>, StorageError> {
     let mut query = ledger::table
-        .filter(ledger::seq.gt(after_seq as i64))
+        .filter(ledger::sequence_id.gt(after_seq as i64))
         .select((
             ledger::policy_id,
             ledger::policy_type,
             ledger::policy,
             ledger::seq,
         ))
-        .order(ledger::seq.asc())
+        .order(ledger::sequence_id.asc())
         .limit(limit as i64)
         .into_boxed();
     if let Some(policy_type) = policy_type {
@@ -128,8 +128,8 @@ pub(super) fn snapshot(
         let (mut rows_read, mut bytes_read) = (0usize, 0usize);
         loop {
             let rows = ledger::table
-                .filter(ledger::seq.gt(after))
-                .order(ledger::seq.asc())
+                .filter(ledger::sequence_id.gt(after))
+                .order(ledger::sequence_id.asc())
                 .limit(rows_per_page as i64)
                 .select((
                     ledger::policy_id,

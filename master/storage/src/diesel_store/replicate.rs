@@ -18,6 +18,7 @@ fn insert_copied_row(
     let columns = RowColumns::of(&policy.json);
     diesel::insert_into(ledger::table)
         .values((
+            ledger::sequence_id.eq(policy.seq as i64),
             ledger::policy_type.eq(&policy.policy_type),
             ledger::policy_id.eq(&policy.id),
             ledger::company_name.eq(columns.company),
@@ -135,8 +136,13 @@ pub(super) fn prune_changes(
         }
         diesel::delete(ledger_changes::table.filter(ledger_changes::seq.le(through as i64)))
             .execute(c)?;
+        // The head row takes the head: on SQLite it may be behind the last change (which this
+        // may delete), as commits do not write it.
         diesel::update(ledger_head::table.find(1))
-            .set(ledger_head::pruned_seq.eq(through as i64))
+            .set((
+                ledger_head::head_seq.eq(bounds.head_seq as i64),
+                ledger_head::pruned_seq.eq(through as i64),
+            ))
             .execute(c)?;
         Ok(())
     })

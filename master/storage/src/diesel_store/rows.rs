@@ -34,7 +34,8 @@ pub(super) fn lock_head(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
     // Locking the head row until commit makes writers, even of different masters, assign seqs
     // one transaction at a time. PostgreSQL: a row lock, read in the same round trip, and no new
     // row version (an UPDATE per transaction on one row bloats it between vacuums). SQLite: any
-    // write takes the database's write lock.
+    // write statement takes the database's write lock, even one that changes no row: a delete
+    // of the row that cannot exist (`id` is checked to be 1) takes it without writing a page.
     let (head, pruned): (i64, i64) = match c {
         AnyConnection::Postgres(pg) => ledger_head::table
             .find(1)
@@ -42,9 +43,7 @@ pub(super) fn lock_head(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
             .for_update()
             .first(pg)?,
         AnyConnection::Sqlite(_) => {
-            diesel::update(ledger_head::table.find(1))
-                .set(ledger_head::head_seq.eq(ledger_head::head_seq))
-                .execute(c)?;
+            diesel::delete(ledger_head::table.find(0)).execute(c)?;
             return read_bounds(c);
         }
     };
@@ -55,13 +54,21 @@ pub(super) fn lock_head(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
 }
 
 /// The head and pruned seqs.
+///
+/// The head is the greater of the head row and the last change: on SQLite, commits do not write
+/// the head row (one page fewer synced per insert); it holds the head only where no change does
+/// (after [`Storage::replace`](crate::Storage::replace) or a prune). PostgreSQL's commits keep
+/// it, as masters sharing the database lock it to take turns.
 pub(super) fn read_bounds(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
     let (head, pruned): (i64, i64) = ledger_head::table
         .find(1)
         .select((ledger_head::head_seq, ledger_head::pruned_seq))
         .first(c)?;
+    let last_change: Option<i64> = ledger_changes::table
+        .select(diesel::dsl::max(ledger_changes::seq))
+        .first(c)?;
     Ok(Bounds {
-        head_seq: head as u64,
+        head_seq: head.max(last_change.unwrap_or(0)) as u64,
         pruned_seq: pruned as u64,
     })
 }

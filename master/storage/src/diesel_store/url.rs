@@ -17,15 +17,23 @@ use super::AnyConnection;
 /// - The busy timeout lets a reader wait for the writer instead of failing.
 /// - `temp_store = MEMORY`: statement journals and sorts stay in memory instead of temp files
 ///   opened, written and unlinked during writes.
-/// - `wal_autocheckpoint`: the writer copies the WAL into the database once it holds this many
-///   pages, inside a commit, then fsyncs the database. At SQLite's default (1,000 pages, 4 MiB)
-///   that happened every ~36 commits under 64 clients and cost ~25% of the writer's time (strace:
-///   ~600 page reads and writes and a 5 ms fsync each). At 10,000 pages (40 MiB of WAL at most,
-///   unless a long read holds it) pages written repeatedly (the head, the tables' last pages, the
-///   id index) are copied once per checkpoint, and checkpoints are ten times rarer.
+/// - `wal_autocheckpoint` ([`SQLITE_WAL_CHECKPOINT_BYTES`], set by [`DatabaseUrl::connect`]).
 const SQLITE_CONNECTION_PRAGMAS: &str = "PRAGMA busy_timeout = 10000; \
-     PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY; \
-     PRAGMA wal_autocheckpoint = 10000;";
+     PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;";
+
+/// The writer copies the WAL into the database once it holds this many bytes of pages, inside a
+/// commit, then syncs the database. At SQLite's default (1,000 pages, 4 MiB) that happened every
+/// ~36 commits under 64 clients and cost ~25% of the writer's time (strace: ~600 page reads and
+/// writes and a 5 ms fsync each). At 40 MiB (unless a long read holds the WAL) pages written
+/// repeatedly (the tables' last pages, the id index) are copied once per checkpoint, and
+/// checkpoints are rare. In pages: 10,000 of 4 KiB, 40,960 of 1 KiB.
+pub(super) const SQLITE_WAL_CHECKPOINT_BYTES: i64 = 40 << 20;
+
+/// The page size of a new SQLite ledger. Every page an insert touches is written to the WAL and
+/// synced: an insert touches about four (the table's last page, the id and date indexes, the
+/// change log's last page), so at SQLite's default of 4 KiB it wrote ~17 KiB, at 1 KiB ~4 KiB
+/// (issue 16). A policy row (~0.5 KiB) still fits a page. An existing file keeps its page size.
+pub(super) const SQLITE_NEW_PAGE_SIZE: u32 = 1024;
 
 /// Where the ledger lives, parsed from `--database-url`.
 #[derive(Clone, PartialEq, Eq)]
@@ -173,6 +181,19 @@ impl DatabaseUrl {
                     .map_err(Error::ConnectionError)?;
                 conn.batch_execute(SQLITE_CONNECTION_PRAGMAS)
                     .map_err(Error::QueryError)?;
+                #[derive(QueryableByName)]
+                struct PageSize {
+                    #[diesel(sql_type = diesel::sql_types::BigInt)]
+                    page_size: i64,
+                }
+                let page = diesel::sql_query("PRAGMA page_size")
+                    .get_result::<PageSize>(&mut conn)
+                    .map_err(Error::QueryError)?;
+                conn.batch_execute(&format!(
+                    "PRAGMA wal_autocheckpoint = {};",
+                    SQLITE_WAL_CHECKPOINT_BYTES / page.page_size.max(512)
+                ))
+                .map_err(Error::QueryError)?;
                 Ok(AnyConnection::Sqlite(conn))
             }
             DatabaseUrl::Postgres(url) => {

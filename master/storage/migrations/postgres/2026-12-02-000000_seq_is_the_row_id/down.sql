@@ -1,0 +1,1 @@
+CREATE UNIQUE INDEX ledger_seq ON ledger (seq);
