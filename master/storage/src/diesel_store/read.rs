@@ -5,7 +5,7 @@ use diesel::prelude::*;
 
 use super::AnyConnection;
 use super::rows::{OP_DELETE, OP_INSERT, PolicyRow, read_bounds, stored_policy};
-use crate::schema::{ledger, ledger_changes};
+use crate::schema::ledger;
 use crate::{Change, ChangeKind, SnapshotPart, StorageError, StoredPolicy};
 
 /// About how many bytes of policies one snapshot page holds.
@@ -61,20 +61,50 @@ pub(super) fn changes_after(
     after_seq: u64,
     limit: usize,
 ) -> Result<Vec<Change>, StorageError> {
-    let rows = ledger_changes::table
-        .filter(ledger_changes::seq.gt(after_seq as i64))
-        .order(ledger_changes::seq.asc())
-        .limit(limit as i64)
-        .select((
-            ledger_changes::seq,
-            ledger_changes::op,
-            ledger_changes::policy_id,
-            ledger_changes::policy_type,
-            ledger_changes::policy,
-        ))
-        .load::<(i64, String, String, String, Option<String>)>(c)?;
+    use diesel::sql_types::{BigInt, Nullable, Text};
+
+    #[derive(QueryableByName)]
+    struct ChangeRow {
+        #[diesel(sql_type = BigInt)]
+        seq: i64,
+        #[diesel(sql_type = Text)]
+        op: String,
+        #[diesel(sql_type = Text)]
+        policy_id: String,
+        #[diesel(sql_type = Text)]
+        policy_type: String,
+        #[diesel(sql_type = Nullable<Text>)]
+        policy: Option<String>,
+    }
+    // The changes are the stored policies' rows and the change log (see `rows`). One statement
+    // reads both, so both are read at one moment (on PostgreSQL each statement has its own
+    // snapshot); each side takes at most `limit` rows in seq order from its own row id, from
+    // `after_seq` or the pruned seq, whichever is later: a stored policy's insert below the
+    // pruned seq is not replayable, as the deletes around it are gone. (Parameters appear in
+    // their order: SQLite numbers `$N` by first appearance.)
+    let rows = diesel::sql_query(
+        "SELECT * FROM (SELECT sequence_id AS seq, $1 AS op, policy_id, policy_type, policy \
+             FROM ledger WHERE sequence_id > (SELECT CASE WHEN pruned_seq > $2 THEN pruned_seq ELSE $2 END \
+                 FROM ledger_head WHERE id = 1) \
+             ORDER BY sequence_id LIMIT $3) AS stored \
+         UNION ALL \
+         SELECT * FROM (SELECT seq, op, policy_id, policy_type, policy \
+             FROM ledger_changes WHERE seq > $2 ORDER BY seq LIMIT $3) AS logged \
+         ORDER BY seq LIMIT $3",
+    )
+    .bind::<Text, _>(OP_INSERT)
+    .bind::<BigInt, _>(after_seq as i64)
+    .bind::<BigInt, _>(limit as i64)
+    .load::<ChangeRow>(c)?;
     rows.into_iter()
-        .map(|(seq, op, id, policy_type, policy)| {
+        .map(|row| {
+            let ChangeRow {
+                seq,
+                op,
+                policy_id: id,
+                policy_type,
+                policy,
+            } = row;
             let kind = match op.as_str() {
                 OP_INSERT => ChangeKind::Inserted(stored_policy((id, policy_type, policy, seq))?),
                 OP_DELETE => ChangeKind::Deleted { id },

@@ -5,7 +5,7 @@
 use diesel::prelude::*;
 
 use super::AnyConnection;
-use super::rows::{insert_change_row, lock_head, set_head};
+use super::rows::{lock_head, retire_policy, set_head};
 use crate::schema::{ledger, ledger_changes, ledger_head};
 use crate::{Change, ChangeKind, StorageError, StoredPolicy};
 
@@ -62,7 +62,8 @@ const REPLICATED_HOST: &str = "upstream";
 /// [`Storage::replicate`](crate::Storage::replicate).
 pub(super) fn replicate(conn: &mut AnyConnection, changes: &[Change]) -> Result<(), StorageError> {
     conn.transaction(|c| {
-        let mut head = lock_head(c)?.head_seq;
+        let bounds = lock_head(c)?;
+        let mut head = bounds.head_seq;
         let now = chrono::Utc::now().naive_utc();
         for change in changes {
             if change.seq != head + 1 {
@@ -71,28 +72,17 @@ pub(super) fn replicate(conn: &mut AnyConnection, changes: &[Change]) -> Result<
                     change.seq
                 )));
             }
-            let policy_type = match &change.kind {
-                ChangeKind::Inserted(policy) => {
-                    insert_copied_row(c, policy, now)?;
-                    policy.policy_type.clone()
-                }
+            match &change.kind {
+                ChangeKind::Inserted(policy) => insert_copied_row(c, policy, now)?,
                 ChangeKind::Deleted { id } => {
-                    let policy_type = ledger::table
-                        .filter(ledger::policy_id.eq(id))
-                        .select(ledger::policy_type)
-                        .first::<String>(c)
-                        .optional()?
-                        .ok_or_else(|| {
-                            StorageError::Corrupt(format!(
-                                "replicated change {} deletes unknown policy {id:?}",
-                                change.seq
-                            ))
-                        })?;
-                    diesel::delete(ledger::table.filter(ledger::policy_id.eq(id))).execute(c)?;
-                    policy_type
+                    retire_policy(c, id, change.seq, bounds.pruned_seq)?.ok_or_else(|| {
+                        StorageError::Corrupt(format!(
+                            "replicated change {} deletes unknown policy {id:?}",
+                            change.seq
+                        ))
+                    })?;
                 }
-            };
-            insert_change_row(c, change, &policy_type)?;
+            }
             head = change.seq;
         }
         set_head(c, head)

@@ -1,11 +1,16 @@
 //! The rows every job reads or writes, on either backend: the one `ledger_head` row (locked by
 //! each writer, which serializes the seqs), a `ledger` row as a [`StoredPolicy`], and a
 //! `ledger_changes` row.
+//!
+//! Where the changes are: a stored policy's row is the change that inserted it (its
+//! `sequence_id` is that seq), so an insert writes one row, not two. `ledger_changes` holds the
+//! rest: each delete, and the insert of each policy since deleted, moved there by the delete
+//! ([`retire_policy`]). Every seq is in exactly one of the two tables until pruned.
 
 use diesel::prelude::*;
 
 use super::AnyConnection;
-use crate::schema::{ledger_changes, ledger_head};
+use crate::schema::{ledger, ledger_changes, ledger_head};
 use crate::{Bounds, Change, ChangeKind, StorageError, StoredPolicy};
 
 /// The `op` of a `ledger_changes` row that inserted a policy.
@@ -55,20 +60,26 @@ pub(super) fn lock_head(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
 
 /// The head and pruned seqs.
 ///
-/// The head is the greater of the head row and the last change: on SQLite, commits do not write
-/// the head row (one page fewer synced per insert); it holds the head only where no change does
-/// (after [`Storage::replace`](crate::Storage::replace) or a prune). PostgreSQL's commits keep
-/// it, as masters sharing the database lock it to take turns.
+/// The head is the greatest of the head row, the last policy and the last logged change: on
+/// SQLite, commits do not write the head row (one page fewer synced per insert); it holds the
+/// head only where no change does (after [`Storage::replace`](crate::Storage::replace) or a
+/// prune). PostgreSQL's commits keep it, as masters sharing the database lock it to take turns.
 pub(super) fn read_bounds(c: &mut AnyConnection) -> Result<Bounds, StorageError> {
     let (head, pruned): (i64, i64) = ledger_head::table
         .find(1)
         .select((ledger_head::head_seq, ledger_head::pruned_seq))
         .first(c)?;
-    let last_change: Option<i64> = ledger_changes::table
+    let last_insert: Option<i64> = ledger::table
+        .select(diesel::dsl::max(ledger::sequence_id))
+        .first(c)?;
+    let last_logged: Option<i64> = ledger_changes::table
         .select(diesel::dsl::max(ledger_changes::seq))
         .first(c)?;
+    let head = head
+        .max(last_insert.unwrap_or(0))
+        .max(last_logged.unwrap_or(0));
     Ok(Bounds {
-        head_seq: head.max(last_change.unwrap_or(0)) as u64,
+        head_seq: head as u64,
         pruned_seq: pruned as u64,
     })
 }
@@ -82,7 +93,7 @@ pub(super) fn set_head(c: &mut AnyConnection, head: u64) -> Result<(), StorageEr
 }
 
 /// Inserts the `ledger_changes` row of `change`, of a policy of `policy_type`.
-pub(super) fn insert_change_row(
+fn insert_change_row(
     c: &mut AnyConnection,
     change: &Change,
     policy_type: &str,
@@ -101,4 +112,44 @@ pub(super) fn insert_change_row(
         ))
         .execute(c)?;
     Ok(())
+}
+
+/// Deletes the policy `id` as change `seq`: its row goes, its insert moves into the change log
+/// (unless pruned already: at or below `pruned_seq`) beside the delete. Returns its type, or
+/// `None` when no policy has this id.
+pub(super) fn retire_policy(
+    c: &mut AnyConnection,
+    id: &str,
+    seq: u64,
+    pruned_seq: u64,
+) -> Result<Option<String>, StorageError> {
+    let Some(row) = ledger::table
+        .filter(ledger::policy_id.eq(id))
+        .select((
+            ledger::policy_id,
+            ledger::policy_type,
+            ledger::policy,
+            ledger::seq,
+        ))
+        .first::<PolicyRow>(c)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    diesel::delete(ledger::table.filter(ledger::policy_id.eq(id))).execute(c)?;
+    let policy = stored_policy(row)?;
+    let policy_type = policy.policy_type.clone();
+    if policy.seq > pruned_seq {
+        let inserted = Change {
+            seq: policy.seq,
+            kind: ChangeKind::Inserted(policy),
+        };
+        insert_change_row(c, &inserted, &policy_type)?;
+    }
+    let deleted = Change {
+        seq,
+        kind: ChangeKind::Deleted { id: id.to_string() },
+    };
+    insert_change_row(c, &deleted, &policy_type)?;
+    Ok(Some(policy_type))
 }

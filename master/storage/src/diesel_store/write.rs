@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use diesel::prelude::*;
 
 use super::AnyConnection;
-use super::rows::{OP_INSERT, insert_change_row, lock_head};
-use crate::schema::{ledger, ledger_changes};
+use super::rows::{lock_head, retire_policy};
+use crate::schema::ledger;
 use crate::{Change, ChangeKind, NewPolicy, Rejection, StorageError, WriteOp};
 
 /// The PostgreSQL channel on which a commit announces new changes to the other masters.
@@ -60,25 +60,6 @@ fn write_inserts(
                 .values(&rows)
                 .execute(lite)?,
         };
-        let changes: Vec<_> = inserted()
-            .map(|(policy, _)| {
-                (
-                    ledger_changes::seq.eq(policy.seq as i64),
-                    ledger_changes::op.eq(OP_INSERT),
-                    ledger_changes::policy_id.eq(&policy.id),
-                    ledger_changes::policy_type.eq(&policy.policy_type),
-                    ledger_changes::policy.eq(Some(&policy.json)),
-                )
-            })
-            .collect();
-        match &mut *c {
-            AnyConnection::Postgres(pg) => diesel::insert_into(ledger_changes::table)
-                .values(&changes)
-                .execute(pg)?,
-            AnyConnection::Sqlite(lite) => diesel::insert_into(ledger_changes::table)
-                .values(&changes)
-                .execute(lite)?,
-        };
     }
     unwritten.clear();
     Ok(())
@@ -116,7 +97,7 @@ fn apply_inserts_pg(
     let numbered = diesel::sql_query(
         "WITH head AS (SELECT head_seq FROM ledger_head WHERE id = 1 FOR UPDATE), \
          input AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::timestamp[], $9::text[]) \
+             $6::timestamp[], $8::text[]) \
              WITH ORDINALITY AS r(policy_id, policy_type, company_name, host, policy, date, status, ord)), \
          fresh AS (SELECT DISTINCT ON (policy_id) * FROM input \
              WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.policy_id = input.policy_id) \
@@ -125,12 +106,10 @@ fn apply_inserts_pg(
              FROM fresh, head), \
          policies AS (INSERT INTO ledger (sequence_id, policy_type, policy_id, company_name, date, host, status, policy, seq) \
              SELECT seq, policy_type, policy_id, company_name, date, host, status, policy, seq FROM numbered), \
-         changes AS (INSERT INTO ledger_changes (seq, op, policy_id, policy_type, policy) \
-             SELECT seq, $7, policy_id, policy_type, policy FROM numbered), \
          moved AS (UPDATE ledger_head SET head_seq = (SELECT max(seq) FROM numbered) \
              WHERE id = 1 AND EXISTS (SELECT 1 FROM numbered) RETURNING head_seq) \
          SELECT ord, seq FROM numbered \
-         UNION ALL SELECT 0, head_seq FROM moved, LATERAL (SELECT pg_notify($8, head_seq::text)) AS n",
+         UNION ALL SELECT 0, head_seq FROM moved, LATERAL (SELECT pg_notify($7, head_seq::text)) AS n",
     )
     .bind::<Array<Text>, _>(column(|p| &p.id))
     .bind::<Array<Text>, _>(column(|p| &p.policy_type))
@@ -138,7 +117,6 @@ fn apply_inserts_pg(
     .bind::<Array<Text>, _>(column(|p| &p.host))
     .bind::<Array<Text>, _>(column(|p| &p.json))
     .bind::<Array<Timestamp>, _>(dates)
-    .bind::<Text, _>(OP_INSERT)
     .bind::<Text, _>(NOTIFY_CHANNEL)
     .bind::<Array<Nullable<Text>>, _>(optional(|p| p.status.as_deref()))
     .load::<Numbered>(pg);
@@ -182,7 +160,8 @@ pub(super) fn apply(
         }
     }
     conn.transaction(|c| {
-        let start = lock_head(c)?.head_seq;
+        let bounds = lock_head(c)?;
+        let start = bounds.head_seq;
         // One query tells which of the batch's ids are stored (and their types), rather than
         // one query per write: on PostgreSQL every statement is a round trip.
         let ids: Vec<&str> = ops
@@ -218,21 +197,18 @@ pub(super) fn apply(
                     results.push(Ok(p.inserted_at(head)));
                 }
                 WriteOp::Delete { id } => {
-                    let Some(policy_type) = stored.remove(id) else {
+                    if stored.remove(id).is_none() {
                         results.push(Err(Rejection::NotFound(id.clone())));
                         continue;
-                    };
+                    }
                     // The delete may remove a policy inserted earlier in this batch.
                     write_inserts(c, &results, &mut unwritten)?;
                     head += 1;
-                    diesel::delete(ledger::table.filter(ledger::policy_id.eq(id)))
-                        .execute(c)?;
-                    let change = Change {
+                    retire_policy(c, id, head, bounds.pruned_seq)?;
+                    results.push(Ok(Change {
                         seq: head,
                         kind: ChangeKind::Deleted { id: id.clone() },
-                    };
-                    insert_change_row(c, &change, &policy_type)?;
-                    results.push(Ok(change));
+                    }));
                 }
             }
         }

@@ -1,4 +1,8 @@
-UPDATE ledger_head SET head_seq = max(head_seq, COALESCE((SELECT max(seq) FROM ledger_changes), 0));
+UPDATE ledger_head SET head_seq = max(head_seq, COALESCE((SELECT max(seq) FROM ledger_changes), 0),
+    COALESCE((SELECT max(sequence_id) FROM ledger), 0));
+INSERT INTO ledger_changes (seq, op, policy_id, policy_type, policy)
+    SELECT seq, 'insert', policy_id, policy_type, policy FROM ledger
+    WHERE seq > (SELECT pruned_seq FROM ledger_head WHERE id = 1);
 
 CREATE TABLE ledger_changes_prev (
     seq BIGINT PRIMARY KEY,

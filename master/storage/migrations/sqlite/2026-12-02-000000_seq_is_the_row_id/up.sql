@@ -4,6 +4,9 @@
 --   unique index on `seq` goes (one index fewer to update). `seq` stays, equal to it, for readers
 --   of the table.
 -- * no AUTOINCREMENT: it updated `sqlite_sequence` on every insert; seqs come from the head.
+-- * a stored policy's row is the change that inserted it: the change log keeps only deletes and
+--   the inserts of policies since deleted (moved there by the delete), so an insert writes one
+--   row, not the same policy twice.
 -- * the change log's `seq` becomes its row id: `BIGINT PRIMARY KEY` was a second b-tree.
 CREATE TABLE ledger_next (
     sequence_id INTEGER PRIMARY KEY,
@@ -35,6 +38,8 @@ INSERT INTO ledger_changes_next (seq, op, policy_id, policy_type, policy)
 DROP TABLE ledger_changes;
 ALTER TABLE ledger_changes_next RENAME TO ledger_changes;
 
--- The head row is no longer written by every insert: the head is the greater of this row and the
--- last change (see rows::read_bounds). Bring the row up to date once.
+-- The head row is no longer written by every insert: the head is the greatest of this row, the
+-- last policy and the last logged change (see rows::read_bounds). Bring the row up to date once,
+-- before the inserts of stored policies leave the log.
 UPDATE ledger_head SET head_seq = max(head_seq, COALESCE((SELECT max(seq) FROM ledger_changes), 0));
+DELETE FROM ledger_changes WHERE op = 'insert' AND seq IN (SELECT sequence_id FROM ledger);
