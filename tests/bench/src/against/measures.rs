@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ledger_testkit::process::proc_status_kib;
 
-use super::procfs::{Usage, delta, sample};
+use super::procfs::{Usage, delta, delta_by_role, device_bytes_written, sample};
 use super::systems::{Running, Subscription, Writer};
 use crate::stats::{Dist, dist};
 
@@ -80,6 +80,11 @@ pub(crate) struct OneClient {
     /// The PostgreSQL cluster's (postmaster and all its children), for Ledger-PG; `None`
     /// otherwise, or when its processes are not ours to count (`--pg-url`).
     pub(crate) database: Option<Usage>,
+    /// `database` per kind of PostgreSQL process (walwriter, checkpointer, backend, ...).
+    pub(crate) database_by_role: std::collections::BTreeMap<String, Usage>,
+    /// Bytes the disk under the benchmark's directory wrote during the run, from every process
+    /// of the machine ([`device_bytes_written`]); `None` when not readable.
+    pub(crate) device_bytes: Option<u64>,
 }
 
 impl OneClient {
@@ -108,6 +113,12 @@ impl OneClient {
         )
     }
 
+    /// KiB the whole disk wrote per write (all processes of the machine).
+    pub(crate) fn device_kib_per_write(&self) -> f64 {
+        self.device_bytes
+            .map_or(f64::NAN, |b| b as f64 / 1024.0 / self.writes as f64)
+    }
+
     /// CPU µs per write of the server and its database together, then of each.
     pub(crate) fn cpu_us_per_write(&self) -> (f64, f64, Option<f64>) {
         let db = self.database.map(|d| self.cpu(d));
@@ -125,17 +136,25 @@ impl OneClient {
 pub(crate) async fn one_client(running: &Running<'_>, seconds: f64) -> OneClient {
     let writer = running.writer().await;
     let (server_pids, counted) = (running.server_pids(), running.database_counted());
+    let device_before = device_bytes_written(running.dir());
     let server_before = sample(&server_pids);
     let database_before = sample(&running.database_pids());
     let (writes, secs) = drive(&[writer], 1, Stop::After(Duration::from_secs_f64(seconds))).await;
     let server = delta(&server_before, &sample(&server_pids));
-    let database = delta(&database_before, &sample(&running.database_pids()));
+    let device_after = device_bytes_written(running.dir());
+    let database_after = sample(&running.database_pids());
+    let database_by_role = delta_by_role(&database_before, &database_after);
+    let database = delta(&database_before, &database_after);
     let database = (running.kind == super::systems::Kind::Postgres && counted).then_some(database);
     OneClient {
         writes,
         seconds: secs,
         server,
         database,
+        database_by_role,
+        device_bytes: device_before
+            .zip(device_after)
+            .map(|(b, a)| a.saturating_sub(b)),
     }
 }
 

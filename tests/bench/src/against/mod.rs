@@ -129,6 +129,7 @@ pub(crate) fn run(opts: Options) {
         floor.p50, floor.p99
     );
     println!("{}", processes_counted(opts.pg_url.is_some()));
+    println!("{WRITE_BYTES_CAVEAT}");
     if opts.quick {
         println!("--quick: the fresh read is of {entries} entries (100,000 without --quick)");
     }
@@ -143,6 +144,7 @@ pub(crate) fn run(opts: Options) {
             "fresh_read_entries": entries,
             "fsync_floor": dist_json(&floor),
             "processes_counted": processes_counted(opts.pg_url.is_some()),
+            "write_bytes_caveat": WRITE_BYTES_CAVEAT,
             "systems": Kind::ALL.iter().zip(&results)
                 .map(|(k, r)| (k.key().to_string(), system_json(r)))
                 .collect::<serde_json::Map<_, _>>(),
@@ -156,6 +158,13 @@ pub(crate) fn run(opts: Options) {
         println!("JSON written to {}", path.display());
     }
 }
+
+/// Why the table has a whole-disk row beside `write_bytes` (see
+/// [`procfs::device_bytes_written`]).
+const WRITE_BYTES_CAVEAT: &str = "write_bytes is charged per dirtied page-cache folio (large \
+    folios on 6.x kernels: an 8 KiB overwrite + fdatasync in a 1 MiB file counts 1,024 KiB), so \
+    small in-place commits to big files (PostgreSQL's WAL segments, SQLite's WAL) count far above \
+    what the disk writes; the whole-disk row (all processes of the machine) is the cross-check";
 
 /// The sentence of the report that says whose `/proc` counters the disk and CPU rows add up.
 fn processes_counted(pg_url: bool) -> &'static str {
@@ -198,6 +207,20 @@ async fn measure(
                 one.kib_per_write().0,
                 one.cpu_us_per_write().0
             );
+            if !one.database_by_role.is_empty() {
+                let roles: Vec<String> = one
+                    .database_by_role
+                    .iter()
+                    .map(|(role, u)| {
+                        format!(
+                            "{role} {:.2} KiB {:.0} µs",
+                            u.write_bytes as f64 / 1024.0 / one.writes as f64,
+                            u.cpu_us as f64 / one.writes as f64
+                        )
+                    })
+                    .collect();
+                eprintln!("  PostgreSQL per write: {}", roles.join(", "));
+            }
             results[i].writes_1.push(one);
             results[i].writes_16.push(w16);
             results[i].writes_64.push(w64);
@@ -206,14 +229,19 @@ async fn measure(
 
     // Streams: a fresh server per system and round (Ledger with room for 1,000 streams from
     // one address, as fanout.rs), one write so that Ledger's head is past 0 (a subscriber at
-    // seq 0 would get a snapshot, not a stream at the head); 1,000 streams opened at once,
-    // then, with them closed, propagation to 10 subscribers.
+    // seq 0 would get a snapshot, not a stream at the head); 1,000 streams opened at once.
+    // Then propagation to 10 subscribers, on another fresh server with one write too.
     for round in 1..=rounds {
         for (i, kind) in Kind::ALL.into_iter().enumerate() {
             let running = Running::start(kind, setup, &["--max-streams-per-client", "5000"]).await;
             drive(&[running.writer().await], 1, Stop::Count(1)).await;
             let f = measures::open_streams(&running, STREAMS).await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            drop(running);
+            // Propagation on another fresh server: right after 1,000 watches close, etcd
+            // delivers events tens of ms late for a while (a trial run: p50 64 ms, against
+            // 1.2 ms on a fresh etcd), which would measure the teardown, not propagation.
+            let running = Running::start(kind, setup, &[]).await;
+            drive(&[running.writer().await], 1, Stop::Count(1)).await;
             let p = measures::propagation(&running, SUBSCRIBERS, paced, RATE).await;
             eprintln!(
                 "[round {round}] {}: {STREAMS} streams open in {:.3} s, {:.1} KiB RSS each; propagation p50 {:.2} ms p99 {:.2} ms ({}/{} delivered)",
@@ -285,14 +313,19 @@ fn system_json(r: &Results) -> Value {
         "kib_written_per_write_1_client": rounds_json(&one(|o| o.kib_per_write().0)),
         "kib_written_per_write_server_process": rounds_json(&one(|o| o.kib_per_write().1)),
         "kib_written_per_write_postgresql": rounds_json(&one(|o| o.kib_per_write().2.unwrap_or(f64::NAN))),
+        "device_kib_written_per_write_1_client": rounds_json(&one(OneClient::device_kib_per_write)),
         "cpu_us_per_write_1_client": rounds_json(&one(|o| o.cpu_us_per_write().0)),
         "cpu_us_per_write_server_process": rounds_json(&one(|o| o.cpu_us_per_write().1)),
         "cpu_us_per_write_postgresql": rounds_json(&one(|o| o.cpu_us_per_write().2.unwrap_or(f64::NAN))),
         "one_client_runs": r.writes_1.iter().map(|o| json!({
             "writes": o.writes, "seconds": o.seconds,
+            "device_write_bytes": o.device_bytes,
             "server_write_bytes": o.server.write_bytes, "server_cpu_us": o.server.cpu_us,
             "postgresql_write_bytes": o.database.map(|d| d.write_bytes),
             "postgresql_cpu_us": o.database.map(|d| d.cpu_us),
+            "postgresql_by_process": o.database_by_role.iter().map(|(role, u)| (role.clone(), json!({
+                "write_bytes": u.write_bytes, "cpu_us": u.cpu_us,
+            }))).collect::<serde_json::Map<_, _>>(),
         })).collect::<Vec<_>>(),
         "open_1000_streams_seconds": rounds_json(&r.fanout.iter().map(|f| f.open_seconds).collect::<Vec<_>>()),
         "rss_kib_per_idle_subscriber": rounds_json(&r.fanout.iter().map(|f| f.kib_per_stream()).collect::<Vec<_>>()),

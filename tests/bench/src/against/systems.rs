@@ -119,6 +119,11 @@ impl<'a> Running<'a> {
         }
     }
 
+    /// The benchmark's directory, on the disk every system writes to.
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        &self.setup.root
+    }
+
     /// The server's own processes: the master, or etcd.
     pub(crate) fn server_pids(&self) -> Vec<u32> {
         match &self.server {

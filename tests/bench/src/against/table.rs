@@ -99,13 +99,25 @@ fn rows() -> Vec<Row> {
                 format!(" (master {master:.2} + PG {pg:.2})")
             }),
             ..row(
-                "KiB written to disk per write, 1 client",
+                "KiB written to disk per write, 1 client (write_bytes)",
                 |r| r.writes_1.iter().map(|o| o.kib_per_write().0).collect(),
                 Some(AtMost(2.0)),
                 Some(AtMost(2.0)),
                 2,
             )
         },
+        row(
+            "KiB the whole disk wrote per write, 1 client (all processes: cross-check)",
+            |r| {
+                r.writes_1
+                    .iter()
+                    .map(|o| o.device_kib_per_write())
+                    .collect()
+            },
+            None,
+            None,
+            2,
+        ),
         Row {
             detail: Some(|r| {
                 let master = median(
