@@ -6,10 +6,16 @@
 //! cargo run --release -p ledger-bench -- [--quick] [--json out.json]
 //! ```
 //!
+//! `--against etcd [--quick] [--rounds N] [--seconds S] [--json FILE]` runs instead the side by
+//! side comparison with etcd (issue 16, point 1; [`against`]): Ledger on SQLite, Ledger on
+//! PostgreSQL and a real one-node etcd (installed by `scripts/install-etcd.sh` when missing),
+//! taking turns round by round, and prints the medians and Ledger's ratios to etcd.
+//!
 //! Everything runs on loopback; every loop is bounded in count and in time. PostgreSQL is a
 //! private cluster started here with `fsync=on` (the test harness runs its cluster with fsync
 //! off, which would not measure durable inserts); `--pg-url URL` uses a server of yours instead.
 
+mod against;
 mod anylog;
 mod apply;
 mod bytes;
@@ -52,6 +58,12 @@ struct Options {
     only_fanout: bool,
     /// Item (7) only.
     only_anylog: bool,
+    /// `--against etcd`: the side-by-side comparison instead of items (1)-(7).
+    against: Option<String>,
+    /// `--rounds N` of `--against`.
+    rounds: Option<usize>,
+    /// `--seconds S` of `--against`.
+    seconds: Option<f64>,
 }
 
 fn options() -> Options {
@@ -63,6 +75,9 @@ fn options() -> Options {
         only_inserts: false,
         only_fanout: false,
         only_anylog: false,
+        against: None,
+        rounds: None,
+        seconds: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -73,10 +88,26 @@ fn options() -> Options {
             "--only-anylog" => o.only_anylog = true,
             "--json" => o.json = Some(args.next().expect("--json FILE").into()),
             "--pg-url" => o.pg_url = Some(args.next().expect("--pg-url URL")),
+            "--against" => o.against = Some(args.next().expect("--against etcd")),
+            "--rounds" => {
+                o.rounds = Some(
+                    args.next()
+                        .and_then(|n| n.parse().ok())
+                        .expect("--rounds N"),
+                )
+            }
+            "--seconds" => {
+                o.seconds = Some(
+                    args.next()
+                        .and_then(|s| s.parse().ok())
+                        .expect("--seconds S"),
+                )
+            }
             "--backend" => o.backends = vec![args.next().expect("--backend sqlite|postgres")],
             "-h" | "--help" => {
                 println!(
-                    "ledger-bench [--quick] [--only-inserts | --only-fanout | --only-anylog] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]"
+                    "ledger-bench [--quick] [--only-inserts | --only-fanout | --only-anylog] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]\n\
+                     ledger-bench --against etcd [--quick] [--rounds N] [--seconds S] [--json FILE] [--pg-url postgres://USER@HOST:PORT]"
                 );
                 std::process::exit(0);
             }
@@ -330,6 +361,17 @@ fn main() {
         return;
     }
     let opts = options();
+    if let Some(other) = &opts.against {
+        assert!(other == "etcd", "--against {other}: only etcd is known");
+        against::run(against::Options {
+            quick: opts.quick,
+            rounds: opts.rounds,
+            seconds: opts.seconds,
+            json: opts.json,
+            pg_url: opts.pg_url,
+        });
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -410,19 +410,37 @@ impl Cluster {
         }
     }
 
+    /// The pid of the running postmaster (the first line of its `postmaster.pid`).
+    pub fn postmaster_pid(&self) -> u32 {
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", pid_file.display()));
+        text.lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {}: {text:?}", pid_file.display()))
+    }
+
+    /// The server's processes now: the postmaster and every process it started (WAL writer,
+    /// checkpointer, background writer, backends, ...), for a benchmark that counts what the
+    /// whole server does (`/proc/PID/io`, `/proc/PID/stat`). Backends come and go with
+    /// connections, so this is a snapshot.
+    pub fn processes(&self) -> Vec<u32> {
+        let postmaster = self.postmaster_pid();
+        let mut pids: Vec<u32> = children_of(postmaster as i32)
+            .into_iter()
+            .map(|pid| pid as u32)
+            .collect();
+        pids.push(postmaster);
+        pids
+    }
+
     /// Kills the server as a crash does: SIGKILL to the postmaster and to every process it
     /// started (backends, checkpointer, WAL writer, ...), so nothing is flushed or checkpointed
     /// on the way out. The data directory stays as the crash left it: [`Cluster::restart`]
     /// recovers it from the WAL. Returns once every one of them is gone; the number killed.
     pub fn kill9(&self) -> usize {
-        let pid_file = self.dir.join("data").join("postmaster.pid");
-        let text = std::fs::read_to_string(&pid_file)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", pid_file.display()));
-        let postmaster: i32 = text
-            .lines()
-            .next()
-            .and_then(|line| line.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no pid in {}: {text:?}", pid_file.display()));
+        let postmaster = self.postmaster_pid() as i32;
         // Stopped first, so that it starts no process while its children are listed.
         // SAFETY: kill(2) on the pid its lock file names, which is alive (it answers queries).
         let stopped = unsafe { libc::kill(postmaster, libc::SIGSTOP) };
