@@ -68,9 +68,10 @@ fn write_inserts(
 /// PostgreSQL, a batch of inserts only: the whole write in one statement, committed on its own.
 ///
 /// Every statement is a round trip: the general path takes six (begin, lock the head, look the
-/// ids up, write both tables, move the head, commit), this one. Locking the head, skipping the
-/// ids already stored or repeated in the batch, numbering the rest from the head, writing them
-/// to both tables, moving the head and notifying the other masters all happen in it.
+/// ids up, write the rows, move the head, commit), this one: a call of the `ledger_insert_batch`
+/// function. Locking the head, skipping the ids already stored or repeated in the batch,
+/// numbering the rest from the head, storing them, moving the head and notifying the other
+/// masters all happen in it.
 ///
 /// Returns `None` when another master stored one of the ids while this statement waited for
 /// the head (its snapshot predates that commit, so the unique index refuses the row and
@@ -94,22 +95,10 @@ fn apply_inserts_pg(
     let optional =
         |f: fn(&NewPolicy) -> Option<&str>| inserts.iter().map(|p| f(p)).collect::<Vec<_>>();
     let dates: Vec<chrono::NaiveDateTime> = inserts.iter().map(|p| p.date).collect();
+    // The statement lives in the database (`ledger_insert_batch`, see the migrations): parsed
+    // and planned once per connection instead of on every commit.
     let numbered = diesel::sql_query(
-        "WITH head AS (SELECT head_seq FROM ledger_head WHERE id = 1 FOR UPDATE), \
-         input AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::timestamp[], $8::text[]) \
-             WITH ORDINALITY AS r(policy_id, policy_type, company_name, host, policy, date, status, ord)), \
-         fresh AS (SELECT DISTINCT ON (policy_id) * FROM input \
-             WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.policy_id = input.policy_id) \
-             ORDER BY policy_id, ord), \
-         numbered AS (SELECT fresh.*, head.head_seq + row_number() OVER (ORDER BY ord) AS seq \
-             FROM fresh, head), \
-         policies AS (INSERT INTO ledger (sequence_id, policy_type, policy_id, company_name, date, host, status, policy, seq) \
-             SELECT seq, policy_type, policy_id, company_name, date, host, status, policy, seq FROM numbered), \
-         moved AS (UPDATE ledger_head SET head_seq = (SELECT max(seq) FROM numbered) \
-             WHERE id = 1 AND EXISTS (SELECT 1 FROM numbered) RETURNING head_seq) \
-         SELECT ord, seq FROM numbered \
-         UNION ALL SELECT 0, head_seq FROM moved, LATERAL (SELECT pg_notify($7, head_seq::text)) AS n",
+        "SELECT ord, seq FROM ledger_insert_batch($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind::<Array<Text>, _>(column(|p| &p.id))
     .bind::<Array<Text>, _>(column(|p| &p.policy_type))
@@ -117,8 +106,8 @@ fn apply_inserts_pg(
     .bind::<Array<Text>, _>(column(|p| &p.host))
     .bind::<Array<Text>, _>(column(|p| &p.json))
     .bind::<Array<Timestamp>, _>(dates)
-    .bind::<Text, _>(NOTIFY_CHANNEL)
     .bind::<Array<Nullable<Text>>, _>(optional(|p| p.status.as_deref()))
+    .bind::<Text, _>(NOTIFY_CHANNEL)
     .load::<Numbered>(pg);
     let numbered = match numbered {
         Ok(rows) => rows,

@@ -1,3 +1,4 @@
+DROP FUNCTION ledger_insert_batch(text[], text[], text[], text[], text[], timestamp[], text[], text);
 INSERT INTO ledger_changes (seq, op, policy_id, policy_type, policy)
     SELECT seq, 'insert', policy_id, policy_type, policy FROM ledger
     WHERE seq > (SELECT pruned_seq FROM ledger_head WHERE id = 1);
