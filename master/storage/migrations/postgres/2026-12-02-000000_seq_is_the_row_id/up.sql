@@ -16,14 +16,17 @@ DELETE FROM ledger_changes c USING ledger l WHERE c.op = 'insert' AND c.seq = l.
 -- stored or repeated, number the rest from the head, store them, move the head, notify the other
 -- masters; returns (ord, seq) per stored insert and (0, new head). A function, so that PostgreSQL
 -- parses and plans its statement once per connection: sent as text, its parsing and custom
--- planning cost ~1 ms of PostgreSQL's CPU per commit, more than the insert itself (issue 16). Its
--- plan does not depend on the table's size: the input is a few rows, each id looked up by index.
+-- planning cost ~1 ms of PostgreSQL's CPU per commit, more than the insert itself (issue 16).
+-- That one plan is made when the connection first calls it, maybe while the ledger is empty, when
+-- scanning the whole table to look the ids up looks cheapest, and then stays: without sequential
+-- scans it looks each id up by index, right for every size (the input is a few rows).
 CREATE FUNCTION ledger_insert_batch(
     ids text[], types text[], companies text[], hosts text[], policies text[],
     dates timestamp[], statuses text[], channel text)
 RETURNS TABLE (ord bigint, seq bigint)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 BEGIN
