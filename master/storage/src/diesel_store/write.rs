@@ -51,12 +51,15 @@ fn write_inserts(
                 )
             })
             .collect();
-        // diesel's multi-backend connection has no multi-row INSERT: use the concrete one.
-        match &mut *c {
-            AnyConnection::Postgres(pg) => diesel::insert_into(ledger::table)
+        // One row is a statement of fixed text, which diesel keeps prepared; a multi-row one
+        // is parsed and planned at every call. diesel's multi-backend connection has no
+        // multi-row INSERT: use the concrete one.
+        match (&mut *c, rows.as_slice()) {
+            (_, [row]) => diesel::insert_into(ledger::table).values(row).execute(c)?,
+            (AnyConnection::Postgres(pg), _) => diesel::insert_into(ledger::table)
                 .values(&rows)
                 .execute(pg)?,
-            AnyConnection::Sqlite(lite) => diesel::insert_into(ledger::table)
+            (AnyConnection::Sqlite(lite), _) => diesel::insert_into(ledger::table)
                 .values(&rows)
                 .execute(lite)?,
         };
@@ -162,12 +165,18 @@ pub(super) fn apply(
             .collect();
         let mut stored: HashMap<String, String> = HashMap::new();
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            stored.extend(
-                ledger::table
+            let found = match chunk {
+                // Fixed text, kept prepared (see `write_inserts`).
+                [id] => ledger::table
+                    .filter(ledger::policy_id.eq(id))
+                    .select((ledger::policy_id, ledger::policy_type))
+                    .load::<(String, String)>(c)?,
+                _ => ledger::table
                     .filter(ledger::policy_id.eq_any(chunk))
                     .select((ledger::policy_id, ledger::policy_type))
                     .load::<(String, String)>(c)?,
-            );
+            };
+            stored.extend(found);
         }
         let mut head = start;
         let mut results: Vec<Result<Change, Rejection>> = Vec::with_capacity(ops.len());
