@@ -393,6 +393,13 @@ async fn stream_resumes_from_a_middle_seq(backend: &str) {
     let (nothing, caught_up) = until_caught_up(&mut at_head).await;
     assert!(nothing.is_empty());
     assert_eq!(caught_up, 7);
+    // Which reads nothing from the database (issue 16), and still gets the next change.
+    let next_policy = insert(&mut client, &operator(7)).await.unwrap();
+    let event = next_change(&mut at_head).await;
+    assert_eq!(
+        (event.seq, event.event),
+        (8, Some(Event::Inserted(next_policy)))
+    );
     // Beyond the head (another ledger's seq): a reset, not a silent gap.
     let mut beyond = stream(&mut client, 1000).await;
     assert!(matches!(

@@ -134,125 +134,133 @@ pub fn subscribe(
             yield Err(database_down());
             return;
         }
-        let mut bounds = match storage_io::run(&ctx.storage, |s| s.bounds()).await {
-            Ok(bounds) => bounds,
-            Err(e) => {
-                yield Err(e.into());
-                return;
-            }
-        };
-        if after_seq > bounds.head_seq {
-            // A subscriber ahead of us: usually this server (a relay, a restarted master) is a
-            // moment behind its upstream. Wait a little for the head to get there rather than
-            // hand it an older ledger; past the wait it is another ledger and gets a reset.
-            let mut head = ctx.feed.watch_head();
-            let _ = tokio::time::timeout(ctx.progress_interval, head.wait_for(|h| *h >= after_seq)).await;
-            bounds = match storage_io::run(&ctx.storage, |s| s.bounds()).await {
+        // A subscriber at the head this master published (a member reconnecting: after a
+        // restart, a thousand at once): nothing to replay, so nothing to read. It joined the
+        // feed above, which carries every later change. (The feed's head is published after
+        // the commit, so it is never ahead of the database.)
+        let mut last;
+        if after_seq > 0 && after_seq == ctx.feed.head() {
+            last = after_seq;
+        } else {
+            let mut bounds = match storage_io::run(&ctx.storage, |s| s.bounds()).await {
                 Ok(bounds) => bounds,
                 Err(e) => {
                     yield Err(e.into());
                     return;
                 }
             };
-        }
-        let replayable = after_seq > 0 && after_seq >= bounds.pruned_seq && after_seq <= bounds.head_seq;
-        let mut last;
-        if replayable {
-            last = after_seq;
-            loop {
-                if ctx.shutdown.is_cancelled() {
-                    yield Err(LedgerError::ShuttingDown);
-                    return;
-                }
-                let changes = match storage_io::run(&ctx.storage, move |s| s.changes_after(last, PAGE)).await {
-                    Ok(changes) => changes,
+            if after_seq > bounds.head_seq {
+                // A subscriber ahead of us: usually this server (a relay, a restarted master) is a
+                // moment behind its upstream. Wait a little for the head to get there rather than
+                // hand it an older ledger; past the wait it is another ledger and gets a reset.
+                let mut head = ctx.feed.watch_head();
+                let _ = tokio::time::timeout(ctx.progress_interval, head.wait_for(|h| *h >= after_seq)).await;
+                bounds = match storage_io::run(&ctx.storage, |s| s.bounds()).await {
+                    Ok(bounds) => bounds,
                     Err(e) => {
                         yield Err(e.into());
                         return;
                     }
                 };
-                if reset(&epoch) {
-                    yield Err(LedgerError::Reset);
-                    return;
-                }
-                let full = changes.len() == PAGE;
-                for change in changes {
-                    last = change.seq;
-                    yield Ok(Event::Change(Arc::new(SharedChange::new(change))));
-                }
-                if !full {
-                    break;
-                }
             }
-        } else {
-            // The reader thread holds one read transaction (a pooled connection) for the whole
-            // snapshot and waits on the bounded channel while the client is slow. So snapshots
-            // take turns, and a reader whose client takes no page for the stall timeout gives
-            // up and frees its connection; a dropped stream ends it at once.
-            let turn = tokio::select! {
-                turn = ctx.snapshots.acquire(client) => turn,
-                _ = ctx.shutdown.cancelled() => {
-                    yield Err(LedgerError::ShuttingDown);
-                    return;
-                }
-            };
-            let (pages, mut received) = mpsc::channel(2);
-            let storage = ctx.storage.clone();
-            let stall = ctx.snapshots.stall_timeout;
-            let runtime = tokio::runtime::Handle::current();
-            let reader = tokio::task::spawn_blocking(move || {
-                let _turn = turn;
-                let mut stalled = false;
-                storage.snapshot(PAGE, &mut |part| {
-                    match runtime.block_on(tokio::time::timeout(stall, pages.send(part))) {
-                        Ok(sent) => sent.is_ok(),
-                        Err(_) => {
-                            stalled = true;
-                            false
+            let replayable = after_seq > 0 && after_seq >= bounds.pruned_seq && after_seq <= bounds.head_seq;
+            if replayable {
+                last = after_seq;
+                loop {
+                    if ctx.shutdown.is_cancelled() {
+                        yield Err(LedgerError::ShuttingDown);
+                        return;
+                    }
+                    let changes = match storage_io::run(&ctx.storage, move |s| s.changes_after(last, PAGE)).await {
+                        Ok(changes) => changes,
+                        Err(e) => {
+                            yield Err(e.into());
+                            return;
                         }
+                    };
+                    if reset(&epoch) {
+                        yield Err(LedgerError::Reset);
+                        return;
                     }
-                })?;
-                if stalled {
-                    metrics::snapshot_stalled();
-                    static STALLS: LogLimit = LogLimit::new(Duration::from_secs(10));
-                    if let Some(suppressed) = STALLS.admit() {
-                        tracing::warn!(client = ?client, "ended a snapshot whose client read nothing for {stall:?}{}", log_limit::more(suppressed));
+                    let full = changes.len() == PAGE;
+                    for change in changes {
+                        last = change.seq;
+                        yield Ok(Event::Change(Arc::new(SharedChange::new(change))));
                     }
-                    return Err(LedgerError::SnapshotStalled(stall));
+                    if !full {
+                        break;
+                    }
                 }
-                Ok(())
-            });
-            last = 0;
-            loop {
-                let part = tokio::select! {
-                    part = received.recv() => part,
+            } else {
+                // The reader thread holds one read transaction (a pooled connection) for the whole
+                // snapshot and waits on the bounded channel while the client is slow. So snapshots
+                // take turns, and a reader whose client takes no page for the stall timeout gives
+                // up and frees its connection; a dropped stream ends it at once.
+                let turn = tokio::select! {
+                    turn = ctx.snapshots.acquire(client) => turn,
                     _ = ctx.shutdown.cancelled() => {
                         yield Err(LedgerError::ShuttingDown);
                         return;
                     }
                 };
-                match part {
-                    Some(SnapshotPart::Start { seq, policy_count }) => {
-                        last = seq;
-                        yield Ok(Event::Reset { snapshot_seq: seq, policy_count });
-                    }
-                    Some(SnapshotPart::Page(policies)) => {
-                        for policy in policies {
-                            yield Ok(Event::Snapshot(policy));
+                let (pages, mut received) = mpsc::channel(2);
+                let storage = ctx.storage.clone();
+                let stall = ctx.snapshots.stall_timeout;
+                let runtime = tokio::runtime::Handle::current();
+                let reader = tokio::task::spawn_blocking(move || {
+                    let _turn = turn;
+                    let mut stalled = false;
+                    storage.snapshot(PAGE, &mut |part| {
+                        match runtime.block_on(tokio::time::timeout(stall, pages.send(part))) {
+                            Ok(sent) => sent.is_ok(),
+                            Err(_) => {
+                                stalled = true;
+                                false
+                            }
                         }
+                    })?;
+                    if stalled {
+                        metrics::snapshot_stalled();
+                        static STALLS: LogLimit = LogLimit::new(Duration::from_secs(10));
+                        if let Some(suppressed) = STALLS.admit() {
+                            tracing::warn!(client = ?client, "ended a snapshot whose client read nothing for {stall:?}{}", log_limit::more(suppressed));
+                        }
+                        return Err(LedgerError::SnapshotStalled(stall));
                     }
-                    None => break,
+                    Ok(())
+                });
+                last = 0;
+                loop {
+                    let part = tokio::select! {
+                        part = received.recv() => part,
+                        _ = ctx.shutdown.cancelled() => {
+                            yield Err(LedgerError::ShuttingDown);
+                            return;
+                        }
+                    };
+                    match part {
+                        Some(SnapshotPart::Start { seq, policy_count }) => {
+                            last = seq;
+                            yield Ok(Event::Reset { snapshot_seq: seq, policy_count });
+                        }
+                        Some(SnapshotPart::Page(policies)) => {
+                            for policy in policies {
+                                yield Ok(Event::Snapshot(policy));
+                            }
+                        }
+                        None => break,
+                    }
                 }
-            }
-            match reader.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    yield Err(e);
-                    return;
-                }
-                Err(e) => {
-                    yield Err(StorageError::Failed(format!("snapshot task failed: {e}")).into());
-                    return;
+                match reader.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        yield Err(e);
+                        return;
+                    }
+                    Err(e) => {
+                        yield Err(StorageError::Failed(format!("snapshot task failed: {e}")).into());
+                        return;
+                    }
                 }
             }
         }
