@@ -1,12 +1,17 @@
 //! The single writer: group commit of inserts and deletes.
 //!
-//! Every write goes through one thread that drains all the requests waiting at that moment into
-//! one transaction (one commit, one fsync), then answers each request and publishes the changes
-//! to the [`ChangeFeed`]. One writer per master means seqs are published in the order they
-//! commit; acknowledging only after the commit keeps every acknowledged write durable.
+//! Writes are committed one transaction at a time, under one lock (the writer's core): the writer
+//! thread drains all the requests waiting at that moment into one transaction (one commit, one
+//! fsync), then answers each request and publishes the changes to the [`ChangeFeed`]. A write
+//! that finds no other write committing or waiting takes the lock and commits itself, on the
+//! runtime thread that received it (moved off the runtime for the while): alone, it would only
+//! wait for the writer thread to wake and then for its answer to come back, two thread hand-offs
+//! that cost more than the commit's work on a small VM (issue 16). One lock per master means
+//! seqs are published in the order they commit; acknowledging only after the commit keeps every
+//! acknowledged write durable.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -22,10 +27,28 @@ struct Request {
     reply: oneshot::Sender<Result<Change, LedgerError>>,
 }
 
+/// What the writer thread's queue carries.
+enum Queued {
+    /// A write to commit.
+    Write(Request),
+    /// A write committed on another thread panicked: the writer thread stops too, so that the
+    /// master, which waits for it when it stops, can exit.
+    Stop,
+}
+
 /// A handle to submit writes. Dropping every handle stops the writer once the queue is drained.
 #[derive(Clone)]
 pub struct Writer {
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::Sender<Queued>,
+    core: Arc<Mutex<Core>>,
+}
+
+/// What committing needs, behind the one lock every commit holds.
+struct Core {
+    storage: Arc<dyn Storage>,
+    feed: ChangeFeed,
+    pruner: Pruner,
+    health: watch::Sender<WriterHealth>,
 }
 
 /// Whether writes can be committed, as the writer last found out.
@@ -64,37 +87,91 @@ impl Writer {
     ) {
         let (requests, queue) = mpsc::channel(QUEUE_DEPTH);
         let (health, watched) = watch::channel(WriterHealth::Writing);
+        let core = Arc::new(Mutex::new(Core {
+            storage,
+            feed,
+            pruner: Pruner::new(options.change_retention),
+            health,
+        }));
         let thread = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || {
-                // A panic must not leave a master that looks healthy but never writes: it is
-                // caught here and reported, and the server stops (the queue, dropped by the
-                // unwinding, answers every waiting caller UNAVAILABLE).
-                let run = AssertUnwindSafe(|| run(storage, feed, queue, options, &health));
-                if let Err(panic) = std::panic::catch_unwind(run) {
-                    let reason = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".into());
-                    health.send_replace(WriterHealth::Failed(format!(
-                        "the writer thread panicked: {reason}"
-                    )));
+            .spawn({
+                let core = core.clone();
+                move || {
+                    // A panic must not leave a master that looks healthy but never writes: it
+                    // is caught here and reported, and the server stops (the queue, dropped by
+                    // the unwinding, answers every waiting caller UNAVAILABLE).
+                    let run = AssertUnwindSafe(|| run(&core, queue, options));
+                    if let Err(panic) = std::panic::catch_unwind(run) {
+                        failed(&core, &*panic);
+                    }
                 }
             })
             .expect("spawning the writer thread");
-        (Writer { requests }, thread, watched)
+        (Writer { requests, core }, thread, watched)
     }
 
     /// Commits `op` and returns its change once durable.
     pub async fn submit(&self, op: WriteOp) -> Result<Change, LedgerError> {
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(Request { op, reply })
-            .await
-            .map_err(|_| LedgerError::ShuttingDown)?;
+        let request = Request { op, reply };
+        match self.commit_here(request) {
+            None => {}
+            Some(request) => self
+                .requests
+                .send(Queued::Write(request))
+                .await
+                .map_err(|_| LedgerError::ShuttingDown)?,
+        }
         answer.await.map_err(|_| LedgerError::ShuttingDown)?
     }
+
+    /// Commits `request` on this thread when no other write is committing or waiting, and the
+    /// runtime can move its other tasks elsewhere meanwhile (a multi-threaded one); otherwise
+    /// gives it back, for the writer thread.
+    fn commit_here(&self, request: Request) -> Option<Request> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let multi_threaded = Handle::try_current()
+            .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread);
+        let queue_empty = self.requests.capacity() == self.requests.max_capacity();
+        if !multi_threaded || !queue_empty {
+            return Some(request);
+        }
+        let mut core = match self.core.try_lock() {
+            Ok(core) => core,
+            // A writer thread that panicked left the lock poisoned: its caller saw the failure,
+            // and the server is stopping; the write goes to the queue, which refuses it.
+            Err(_) => return Some(request),
+        };
+        tokio::task::block_in_place(|| {
+            let commit = AssertUnwindSafe(|| core.commit(&mut vec![request]));
+            if let Err(panic) = std::panic::catch_unwind(commit) {
+                // The request, dropped by the unwinding, answers its caller UNAVAILABLE. A full
+                // queue means the writer thread is busy: it stops after its commit, failed.
+                failed_with(&core.health, &*panic);
+                let _ = self.requests.try_send(Queued::Stop);
+            }
+        });
+        None
+    }
+}
+
+/// The writer failed with `panic`: health says so, and the server stops.
+fn failed(core: &Mutex<Core>, panic: &(dyn std::any::Any + Send)) {
+    let core = core.lock().unwrap_or_else(PoisonError::into_inner);
+    failed_with(&core.health, panic);
+}
+
+/// [`failed`], with the core's lock held.
+fn failed_with(health: &watch::Sender<WriterHealth>, panic: &(dyn std::any::Any + Send)) {
+    let reason = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into());
+    health.send_replace(WriterHealth::Failed(format!(
+        "the writer panicked: {reason}"
+    )));
 }
 
 /// Keeps the change log at `--change-retention` changes: a master's writer and a relay's
@@ -137,24 +214,49 @@ impl Pruner {
     }
 }
 
-fn run(
-    storage: Arc<dyn Storage>,
-    feed: ChangeFeed,
-    mut queue: mpsc::Receiver<Request>,
-    options: WriterOptions,
-    health: &watch::Sender<WriterHealth>,
-) {
+/// The writer thread: every write that did not commit itself, in batches of what waits.
+fn run(core: &Mutex<Core>, mut queue: mpsc::Receiver<Queued>, options: WriterOptions) {
     let max_batch = options.max_batch.max(1);
     let mut batch = Vec::with_capacity(max_batch);
-    let mut pruner = Pruner::new(options.change_retention);
-    while let Some(first) = queue.blocking_recv() {
+    let mut stop = false;
+    while let Some(Queued::Write(first)) = queue.blocking_recv() {
         batch.push(first);
         while batch.len() < max_batch {
             match queue.try_recv() {
-                Ok(request) => batch.push(request),
+                Ok(Queued::Write(request)) => batch.push(request),
+                Ok(Queued::Stop) => {
+                    stop = true;
+                    break;
+                }
                 Err(_) => break,
             }
         }
+        let mut core = core.lock().unwrap_or_else(PoisonError::into_inner);
+        core.commit(&mut batch);
+        if stop || core.failed() {
+            break;
+        }
+    }
+    // Dropping the queue answers every write still in it UNAVAILABLE.
+    tracing::debug!("writer stopped");
+}
+
+impl Core {
+    /// Whether a commit panicked: then nothing is committed again.
+    fn failed(&self) -> bool {
+        matches!(*self.health.borrow(), WriterHealth::Failed(_))
+    }
+
+    /// Commits `batch` in one transaction, answers each request and publishes the changes;
+    /// empties the batch.
+    fn commit(&mut self, batch: &mut Vec<Request>) {
+        if self.failed() {
+            // A commit panicked: nothing is committed again by this process, whose state the
+            // panic may have left half-changed. The dropped requests answer UNAVAILABLE.
+            batch.clear();
+            return;
+        }
+        let (storage, feed, health) = (&self.storage, &self.feed, &self.health);
         let ops: Vec<WriteOp> = batch.iter().map(|r| r.op.clone()).collect();
         fail::fail_point!("writer-apply");
         match storage.apply(&ops) {
@@ -171,7 +273,7 @@ fn run(
                 let head = committed.last().map(|change| change.seq);
                 // Publish before answering: by the time a client holds its acknowledgement,
                 // every subscriber of this master can already receive the change.
-                if let Err(e) = feed.publish_committed(&*storage, committed) {
+                if let Err(e) = feed.publish_committed(&**storage, committed) {
                     tracing::warn!(error = %e, "could not publish committed changes; streams will read them from the database");
                 }
                 for (request, result) in batch.drain(..).zip(results) {
@@ -179,7 +281,7 @@ fn run(
                     let _ = request.reply.send(result.map_err(LedgerError::from));
                 }
                 if let Some(head) = head {
-                    pruner.committed(&*storage, head);
+                    self.pruner.committed(&**storage, head);
                 }
             }
             Err(e) => {
@@ -227,5 +329,4 @@ fn run(
             }
         }
     }
-    tracing::debug!("writer stopped");
 }
