@@ -123,21 +123,10 @@ pub(super) fn retire_policy(
     seq: u64,
     pruned_seq: u64,
 ) -> Result<Option<String>, StorageError> {
-    let Some(row) = ledger::table
-        .filter(ledger::policy_id.eq(id))
-        .select((
-            ledger::policy_id,
-            ledger::policy_type,
-            ledger::policy,
-            ledger::seq,
-        ))
-        .first::<PolicyRow>(c)
-        .optional()?
-    else {
+    let Some(policy) = super::read::get(c, id)? else {
         return Ok(None);
     };
     diesel::delete(ledger::table.filter(ledger::policy_id.eq(id))).execute(c)?;
-    let policy = stored_policy(row)?;
     let policy_type = policy.policy_type.clone();
     if policy.seq > pruned_seq {
         let inserted = Change {
