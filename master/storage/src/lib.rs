@@ -312,6 +312,13 @@ pub trait Storage: Send + Sync + 'static {
         self.bounds()
     }
 
+    /// Whether the database is embedded, a file of this machine (SQLite): a commit then waits
+    /// for this machine's disk alone, never for a network that may hang. The writer commits a
+    /// lone write on the caller's thread only then.
+    fn is_embedded(&self) -> bool {
+        false
+    }
+
     /// How many of the pool's connections are in use, and how many it may open; `None` for a
     /// storage without a pool.
     fn pool_usage(&self) -> Option<(u32, u32)> {

@@ -142,6 +142,10 @@ impl Storage for DieselStorage {
         self.usage()
     }
 
+    fn is_embedded(&self) -> bool {
+        matches!(self.url, DatabaseUrl::Sqlite(_))
+    }
+
     fn policy_count(&self) -> Result<u64, StorageError> {
         read::policy_count(&mut *self.conn()?)
     }
