@@ -173,6 +173,12 @@ mod tests {
     }
 
     #[derive(QueryableByName)]
+    struct CompileOption {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        used: i32,
+    }
+
+    #[derive(QueryableByName)]
     struct PageSize {
         #[diesel(sql_type = diesel::sql_types::Integer)]
         page_size: i32,
@@ -208,6 +214,12 @@ mod tests {
                 .get_result::<PageSize>(&mut *c)
                 .unwrap();
             assert_eq!(page.page_size, 1024);
+            // Built with the flags of `.cargo/config.toml` (a build from outside the workspace
+            // would miss them): statements stay prepared.
+            let qpsg = diesel::sql_query("SELECT sqlite_compileoption_used('ENABLE_QPSG') AS used")
+                .get_result::<CompileOption>(&mut *c)
+                .unwrap();
+            assert_eq!(qpsg.used, 1, "SQLite built without SQLITE_ENABLE_QPSG");
             assert_eq!(setting(&mut c, "temp_store"), "2", "2 is MEMORY");
             held.push(c);
         }
