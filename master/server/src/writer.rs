@@ -143,7 +143,8 @@ impl Writer {
     /// it back, for the writer thread.
     ///
     /// The commit blocks this worker (a local commit: a write and a sync of a few KiB, ~0.4 ms
-    /// here). `block_in_place` would move the worker's other tasks to a new thread instead, but
+    /// here; every 40 MiB of WAL, a checkpoint of tens of ms; at worst SQLite's busy timeout,
+    /// when another process holds the file's write lock). `block_in_place` would move the worker's other tasks to a new thread instead, but
     /// that hand-off cost more than it saved (A/B at one client: -10% inserts/s, +40% CPU). The
     /// lock bounds it to one worker at a time; the others go on.
     fn commit_here(&self, request: Request) -> Option<Request> {
