@@ -176,7 +176,9 @@ impl ChangeFeed {
                 continue;
             }
             while change.seq > published.seq + 1 {
-                let missing = storage.changes_after(published.seq, PAGE)?;
+                // Only the changes in between, not a whole page past them.
+                let wanted = (change.seq - published.seq - 1).min(PAGE as u64) as usize;
+                let missing = storage.changes_after(published.seq, wanted)?;
                 if missing.is_empty() {
                     return Err(StorageError::Corrupt(format!(
                         "change {} committed but changes after {} are missing",
@@ -278,6 +280,14 @@ impl ChangeFeed {
     /// The seq of the last published change.
     pub fn head(&self) -> u64 {
         *self.head.borrow()
+    }
+
+    /// The seq of the last change sent to subscribers, read under the lock that publishing
+    /// holds while it sends: a subscriber that joined ([`ChangeFeed::subscribe`]) before reading
+    /// it gets every later change from the feed. ([`ChangeFeed::head`] moves just after the
+    /// send, so it may still show the seq before a change the subscriber missed.)
+    pub fn published_seq(&self) -> u64 {
+        self.lock_published().seq
     }
 
     /// A watch of [`ChangeFeed::head`].

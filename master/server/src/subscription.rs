@@ -136,10 +136,10 @@ pub fn subscribe(
         }
         // A subscriber at the head this master published (a member reconnecting: after a
         // restart, a thousand at once): nothing to replay, so nothing to read. It joined the
-        // feed above, which carries every later change. (The feed's head is published after
-        // the commit, so it is never ahead of the database.)
+        // feed above, which carries every change published after `published_seq`. (Changes are
+        // published after their commit, so that seq is never ahead of the database.)
         let mut last;
-        if after_seq > 0 && after_seq == ctx.feed.head() {
+        if after_seq > 0 && after_seq == ctx.feed.published_seq() {
             last = after_seq;
         } else {
             let mut bounds = match storage_io::run(&ctx.storage, |s| s.bounds()).await {
@@ -307,7 +307,11 @@ pub fn subscribe(
                     let change = announced.change.upgrade();
                     let through = if change.is_some() { announced.seq - 1 } else { announced.seq };
                     while last < through {
-                        let missing = match storage_io::run(&ctx.storage, move |s| s.changes_after(last, PAGE)).await {
+                        // Only what is missing: a subscriber far behind the feed's byte budget
+                        // fills a gap at every announcement, often of one change, and a whole
+                        // page of large policies each time made its backlog crawl.
+                        let wanted = (through - last).min(PAGE as u64) as usize;
+                        let missing = match storage_io::run(&ctx.storage, move |s| s.changes_after(last, wanted)).await {
                             Ok(missing) => missing,
                             Err(e) => {
                                 yield Err(e.into());
