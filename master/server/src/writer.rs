@@ -43,7 +43,7 @@ pub struct Writer {
     core: Arc<Mutex<Core>>,
     /// Whether a lone write may commit on the caller's thread: only where a commit waits for
     /// this machine's disk alone ([`Storage::is_embedded`]), never for a network that may hang.
-    commit_here: bool,
+    lone_writes_inline: bool,
 }
 
 /// What committing needs, behind the one lock every commit holds.
@@ -90,7 +90,7 @@ impl Writer {
     ) {
         let (requests, queue) = mpsc::channel(QUEUE_DEPTH);
         let (health, watched) = watch::channel(WriterHealth::Writing);
-        let commit_here = storage.is_embedded();
+        let lone_writes_inline = storage.is_embedded();
         let core = Arc::new(Mutex::new(Core {
             storage,
             feed,
@@ -116,7 +116,7 @@ impl Writer {
             Writer {
                 requests,
                 core,
-                commit_here,
+                lone_writes_inline,
             },
             thread,
             watched,
@@ -154,7 +154,7 @@ impl Writer {
                 && runtime.metrics().num_workers() >= 2
         });
         let queue_empty = self.requests.capacity() == self.requests.max_capacity();
-        if !self.commit_here || !spare_worker || !queue_empty {
+        if !self.lone_writes_inline || !spare_worker || !queue_empty {
             return Some(request);
         }
         let mut core = match self.core.try_lock() {
