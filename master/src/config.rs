@@ -91,6 +91,18 @@ pub struct Config {
     #[arg(long, env = "LEDGER_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_timeout: Duration,
 
+    /// How long a write transaction (and the health check) may wait for the database before it
+    /// is cut off and answered UNAVAILABLE. Such a write may have been committed: a retry then
+    /// answers ALREADY_EXISTS. PostgreSQL over TCP: a frozen or cut-off server would otherwise
+    /// hold every write for good.
+    #[arg(long, env = "LEDGER_WRITE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
+    /// How long one read statement may wait for the database before it is cut off (a snapshot's
+    /// pages each get this long; waiting for a slow reader does not count).
+    #[arg(long, env = "LEDGER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub read_timeout: Duration,
+
     /// How often the master checks that its database answers; when it does not, the master
     /// reports NOT_SERVING and ends its streams until it answers again.
     #[arg(long, env = "LEDGER_DB_CHECK_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]

@@ -18,7 +18,9 @@ use ledger_server::subscription::SubscriptionContext;
 use ledger_server::upstream::{self, Upstream, UpstreamOptions};
 use ledger_server::writer::{Writer, WriterOptions};
 use ledger_server::{follower, health, metrics};
-use ledger_storage::{DatabaseUrl, DieselStorage, SnapshotPart, Storage, StorageError};
+use ledger_storage::{
+    CallTimeouts, DatabaseUrl, DieselStorage, SnapshotPart, Storage, StorageError, StorageOptions,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
@@ -35,13 +37,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics::install(addr).await?;
     }
     let url = config.database_url.clone();
-    let pool_size = config.db_pool_size;
-    let db_timeout = config.db_timeout;
-    let storage = tokio::task::spawn_blocking(move || {
-        DieselStorage::open_with_timeout(&url, pool_size, db_timeout)
-    })
-    .await?
-    .map_err(|e| format!("cannot open the ledger at {}: {e}", config.database_url))?;
+    let options = StorageOptions {
+        pool_size: config.db_pool_size,
+        connection_wait: config.db_timeout,
+        timeouts: CallTimeouts {
+            write: config.write_timeout,
+            read: config.read_timeout,
+        },
+    };
+    let storage = tokio::task::spawn_blocking(move || DieselStorage::open_with(&url, &options))
+        .await?
+        .map_err(|e| format!("cannot open the ledger at {}: {e}", config.database_url))?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     let (head_seq, policy_count) = counted_head(&*storage)?;
     metrics::head(head_seq);
@@ -58,6 +64,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     feed.set_policy_count(policy_count);
     // A master writes with its writer; a relay's writes go upstream, and its copy is written
     // by its upstream link alone.
+    let mut writes_health = None;
     let (write_path, writer, upstream) = if config.is_relay() {
         let upstream = Upstream::new(UpstreamOptions {
             follow: config.upstream_follow()?,
@@ -90,6 +97,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 change_retention: config.change_retention,
             },
         );
+        writes_health = Some(writer.health());
         (
             WritePath::Local(writer),
             Some((writer_thread, writer_health)),
@@ -145,6 +153,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ledger.storage().clone(),
         ledger.feed().clone(),
         health.clone(),
+        writes_health,
         config.db_check_interval,
         streams_shutdown.clone(),
     ));
@@ -152,6 +161,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let (DatabaseUrl::Postgres(url), false) = (&config.database_url, config.is_relay()) {
         tokio::spawn(follower::follow(
             url.clone(),
+            config
+                .database_url
+                .pg_timeouts()
+                .unwrap_or(ledger_storage::PgTimeouts::DEFAULT),
             ledger.storage().clone(),
             ledger.feed().clone(),
             config.notify_fallback,

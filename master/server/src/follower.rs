@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_postgres::AsyncMessage;
 use tokio_postgres::config::SslMode as PgSslMode;
@@ -30,7 +30,7 @@ use tonic_health::server::HealthReporter;
 use crate::feed::ChangeFeed;
 use crate::{metrics, storage_io};
 use connect::{ListenError, ListenTarget, Listening};
-use ledger_storage::{NOTIFY_CHANNEL, Storage};
+use ledger_storage::{NOTIFY_CHANNEL, PgTimeouts, Storage};
 
 /// The health service name that says whether the master listens for the other masters'
 /// commits: `NOT_SERVING` while they arrive only by the fallback read.
@@ -53,15 +53,20 @@ const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts to reconnect the listening connection.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
-/// How long the listening connection may take to answer a check before it is taken for dead: a
-/// connection whose peer vanished without a reset would otherwise look alive for hours.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the listening connection is checked (an empty query): a server that froze keeps
+/// its TCP peer alive, and a notification that never comes looks like no commit at all.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long the listening connection may take to answer a check before it is taken for dead and
+/// opened anew (on the URL's next host that takes writes, after a failover).
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Publishes the changes other masters commit, until `shutdown` is cancelled. `url` is the
 /// PostgreSQL URL of the shared database; `fallback` is how often the database is read anyway,
 /// listening or not.
 pub async fn follow(
     url: String,
+    timeouts: PgTimeouts,
     storage: Arc<dyn Storage>,
     feed: ChangeFeed,
     fallback: Duration,
@@ -74,6 +79,8 @@ pub async fn follow(
     report_listening(&health, false).await;
     let listener = tokio::spawn(listen(
         url,
+        timeouts,
+        feed.watch_database(),
         health,
         wake.clone(),
         notified_head.clone(),
@@ -106,15 +113,21 @@ pub async fn follow(
 /// Keeps a connection `LISTEN`ing to [`NOTIFY_CHANNEL`] until `shutdown` is cancelled: records
 /// the highest notified head in `notified_head` and wakes `wake` up; reconnects with a backoff.
 /// Says in the log when it starts or stops listening, once each time, and in the metrics.
+///
+/// The connection is also opened anew whenever the database watch saw the database go and come
+/// back (`database`): after a failover, the server that answers now is another one.
+#[allow(clippy::too_many_arguments)]
 async fn listen(
     url: String,
+    timeouts: PgTimeouts,
+    mut database: watch::Receiver<bool>,
     health: HealthReporter,
     wake: Arc<Notify>,
     notified_head: Arc<AtomicU64>,
     fallback: Duration,
     shutdown: CancellationToken,
 ) {
-    let target = match ListenTarget::parse(&url) {
+    let target = match ListenTarget::parse(&url, timeouts) {
         Ok(target) => target,
         Err(e) => {
             metrics::follower_listen_failed();
@@ -177,9 +190,11 @@ async fn listen(
         // Commits made while not listening are read now.
         notified_head.store(u64::MAX, Ordering::Relaxed);
         wake.notify_one();
-        let mut checks = tokio::time::interval(fallback.max(Duration::from_secs(1)));
+        let mut checks = tokio::time::interval(HEARTBEAT_INTERVAL);
         checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         checks.reset();
+        // Whether the database watch found the database down since this connection opened.
+        let mut went_down = !*database.borrow_and_update();
         let reason = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -193,10 +208,24 @@ async fn listen(
                     Err(e) => e.to_string(),
                 },
                 _ = checks.tick() => {
-                    match tokio::time::timeout(CHECK_TIMEOUT, client.simple_query("")).await {
+                    match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.simple_query("")).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => break connect::describe_postgres_error(&e),
-                        Err(_) => break format!("no answer to a check within {CHECK_TIMEOUT:?}"),
+                        Err(_) => break format!("no answer to a check within {HEARTBEAT_TIMEOUT:?}"),
+                    }
+                }
+                changed = database.changed() => {
+                    if changed.is_err() {
+                        // The feed is gone: the master is stopping.
+                        driver.abort();
+                        report_listening(&health, false).await;
+                        return;
+                    }
+                    let up = *database.borrow_and_update();
+                    if !up {
+                        went_down = true;
+                    } else if went_down {
+                        break "the database went and came back (a failover, perhaps): listening anew on the server that answers now".to_string();
                     }
                 }
             }

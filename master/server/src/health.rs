@@ -13,7 +13,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::feed::ChangeFeed;
 use crate::service::LedgerGrpc;
-use crate::writer::WriterHealth;
+use crate::writer::{WriterHealth, WritesHealth};
 use crate::{follower, metrics, storage_io};
 use ledger_storage::Storage;
 
@@ -23,7 +23,8 @@ use ledger_storage::Storage;
 pub const UPSTREAM_SERVICE: &str = "ledger.v1.LedgerService/upstream";
 
 /// The health service name that says whether writes commit: `NOT_SERVING` while the database's
-/// disk is full (reads and streams go on, so the ledger's own service stays `SERVING`).
+/// disk is full or the database is out of reach for writes (reads and streams may go on, so the
+/// ledger's own service may stay `SERVING`).
 pub const WRITES_SERVICE: &str = "ledger.v1.LedgerService/writes";
 
 /// Checks the database every `interval` until `shutdown` is cancelled, and reports each change
@@ -36,6 +37,7 @@ pub async fn watch_database(
     storage: Arc<dyn Storage>,
     feed: ChangeFeed,
     health: HealthReporter,
+    writes: Option<WritesHealth>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -70,6 +72,10 @@ pub async fn watch_database(
             Err(_) => Some(format!("no answer within {interval:?}")),
         };
         let up = error.is_none();
+        if let (true, Some(writes)) = (up, &writes) {
+            // The check ran on a server that takes writes (`Storage::check`).
+            writes.database_answers();
+        }
         if shutdown.is_cancelled() || up == feed.database_up() {
             continue;
         }
@@ -110,6 +116,13 @@ pub async fn watch_writer(
                 metrics::writes_state(1.0);
                 health
                     .set_service_status(WRITES_SERVICE, ServingStatus::Serving)
+                    .await;
+            }
+            WriterHealth::Unavailable(reason) => {
+                tracing::error!(%reason, "writes cannot commit: the database is out of reach; they are answered UNAVAILABLE until it answers again");
+                metrics::writes_state(0.0);
+                health
+                    .set_service_status(WRITES_SERVICE, ServingStatus::NotServing)
                     .await;
             }
             WriterHealth::DiskFull(reason) => {

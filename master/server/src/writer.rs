@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::LedgerError;
 use crate::feed::ChangeFeed;
-use ledger_storage::{Change, Storage, WriteOp};
+use ledger_storage::{Change, Storage, StorageError, WriteOp};
 
 /// How many waiting requests the writer queues before callers wait for room.
 const QUEUE_DEPTH: usize = 8192;
@@ -44,6 +44,7 @@ pub struct Writer {
     /// Whether a lone write may commit on the caller's thread: only where a commit waits for
     /// this machine's disk alone ([`Storage::is_embedded`]), never for a network that may hang.
     lone_writes_inline: bool,
+    health: WritesHealth,
 }
 
 /// What committing needs, behind the one lock every commit holds.
@@ -51,7 +52,30 @@ struct Core {
     storage: Arc<dyn Storage>,
     feed: ChangeFeed,
     pruner: Pruner,
-    health: watch::Sender<WriterHealth>,
+    health: Arc<watch::Sender<WriterHealth>>,
+    /// The ids of the last batch cut off with its connection, which may have committed: looked
+    /// up before anything else commits ([`Core::reconcile`]).
+    unknown: Vec<String>,
+}
+
+/// The writer's health as the database watch sees it: when the database answers again on a
+/// server that takes writes, writes that failed as unavailable are expected to commit again.
+#[derive(Clone)]
+pub struct WritesHealth(Arc<watch::Sender<WriterHealth>>);
+
+impl WritesHealth {
+    /// The database answered a check on a server that takes writes: a writer unavailable
+    /// because of the database is `Writing` again (the next commit tells for sure).
+    pub fn database_answers(&self) {
+        self.0.send_if_modified(|h| {
+            let back = matches!(h, WriterHealth::Unavailable(_));
+            if back {
+                tracing::info!("the database answers again on a server that takes writes: writes are accepted again");
+                *h = WriterHealth::Writing;
+            }
+            back
+        });
+    }
 }
 
 /// Whether writes can be committed, as the writer last found out.
@@ -62,6 +86,10 @@ pub enum WriterHealth {
     /// The last transaction failed because the database's disk is full; the next one may
     /// succeed once space is freed.
     DiskFull(String),
+    /// The last transaction failed because the database is out of reach (or gave no answer
+    /// within `--write-timeout`); writes commit again once it answers: the next commit, or the
+    /// database watch's next check on a server that takes writes ([`WritesHealth`]).
+    Unavailable(String),
     /// The writer thread failed and stopped: no write will be committed again by this process.
     Failed(String),
 }
@@ -90,12 +118,14 @@ impl Writer {
     ) {
         let (requests, queue) = mpsc::channel(QUEUE_DEPTH);
         let (health, watched) = watch::channel(WriterHealth::Writing);
+        let health = Arc::new(health);
         let lone_writes_inline = storage.is_embedded();
         let core = Arc::new(Mutex::new(Core {
             storage,
             feed,
             pruner: Pruner::new(options.change_retention),
-            health,
+            health: health.clone(),
+            unknown: Vec::new(),
         }));
         let thread = std::thread::Builder::new()
             .name("ledger-writer".into())
@@ -117,10 +147,16 @@ impl Writer {
                 requests,
                 core,
                 lone_writes_inline,
+                health: WritesHealth(health),
             },
             thread,
             watched,
         )
+    }
+
+    /// The writer's health, for the database watch.
+    pub fn health(&self) -> WritesHealth {
+        self.health.clone()
     }
 
     /// Commits `op` and returns its change once durable.
@@ -259,7 +295,42 @@ fn run(core: &Mutex<Core>, mut queue: mpsc::Receiver<Queued>, options: WriterOpt
     tracing::debug!("writer stopped");
 }
 
+/// The id an insert or a delete is about.
+fn op_id(op: &WriteOp) -> &str {
+    match op {
+        WriteOp::Insert(policy) => &policy.id,
+        WriteOp::Delete { id } => id,
+    }
+}
+
 impl Core {
+    /// After a batch cut off with its connection (it may have committed, in part or whole, as
+    /// the database alone knows), before anything else commits: publishes whatever committed
+    /// since the last published change, so streams get the cut-off batch's changes in their
+    /// order, and says in the log which of its writes had committed. A retried insert of one
+    /// that had committed then answers ALREADY_EXISTS: acknowledged once, never twice, never
+    /// lost. Until this succeeds, nothing new commits (the batch fails unavailable).
+    fn reconcile(&mut self) -> Result<(), StorageError> {
+        if self.unknown.is_empty() {
+            return Ok(());
+        }
+        let head = self.feed.catch_up(&*self.storage)?;
+        let mut committed = 0usize;
+        for id in &self.unknown {
+            if self.storage.get(id)?.is_some() {
+                committed += 1;
+            }
+        }
+        tracing::info!(
+            writes = self.unknown.len(),
+            stored = committed,
+            head,
+            "reconciled the writes cut off with their connection: their ids are looked up and what committed is published; a retry of a stored insert answers ALREADY_EXISTS"
+        );
+        self.unknown.clear();
+        Ok(())
+    }
+
     /// Whether a commit panicked: then nothing is committed again.
     fn failed(&self) -> bool {
         matches!(*self.health.borrow(), WriterHealth::Failed(_))
@@ -274,10 +345,11 @@ impl Core {
             batch.clear();
             return;
         }
-        let (storage, feed, health) = (&self.storage, &self.feed, &self.health);
         let ops: Vec<WriteOp> = batch.iter().map(|r| r.op.clone()).collect();
         fail::fail_point!("writer-apply");
-        match storage.apply(&ops) {
+        let applied = self.reconcile().and_then(|()| self.storage.apply(&ops));
+        let (storage, feed, health) = (&self.storage, &self.feed, &*self.health);
+        match applied {
             Ok(results) => {
                 health.send_if_modified(|h| {
                     let changed = *h != WriterHealth::Writing;
@@ -303,7 +375,7 @@ impl Core {
                 }
             }
             Err(e) => {
-                use ledger_storage::{Failure, StorageError};
+                use ledger_storage::Failure;
                 let disk_full = e.is_disk_full();
                 let unknown = e.outcome_unknown();
                 if unknown {
@@ -328,6 +400,15 @@ impl Core {
                 };
                 if disk_full {
                     health.send_replace(WriterHealth::DiskFull(message.clone()));
+                } else if matches!(e.failure(), Failure::Unavailable | Failure::OutcomeUnknown) {
+                    health.send_if_modified(|h| {
+                        let first = !matches!(h, WriterHealth::Unavailable(_));
+                        *h = WriterHealth::Unavailable(message.clone());
+                        first
+                    });
+                }
+                if unknown && self.unknown.is_empty() {
+                    self.unknown = ops.iter().map(|op| op_id(op).to_string()).collect();
                 }
                 for request in batch.drain(..) {
                     // Each caller gets the failure's own kind (its reason on the wire).

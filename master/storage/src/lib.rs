@@ -7,7 +7,10 @@
 mod diesel_store;
 mod schema;
 
-pub use diesel_store::{DatabaseUrl, DieselStorage, NOTIFY_CHANNEL, redact_secrets};
+pub use diesel_store::{
+    CallTimeouts, DatabaseUrl, DieselStorage, NOTIFY_CHANNEL, PgTimeouts, StorageOptions,
+    redact_secrets,
+};
 
 /// A stored policy as the ledger serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]

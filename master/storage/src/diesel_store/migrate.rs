@@ -16,8 +16,9 @@ const MIGRATION_LOCK_KEY: i64 = 0x4c45_4447_4552; // "LEDGER"
 impl DieselStorage {
     /// Applies the pending migrations, logging each one applied.
     pub(super) fn migrate(&self) -> Result<(), StorageError> {
-        let mut conn = self.conn()?;
-        let applied: Vec<String> = match &mut *conn {
+        // Without a deadline: a migration may rewrite a large table.
+        let mut link = self.conn()?;
+        let applied: Vec<String> = match link.conn() {
             AnyConnection::Sqlite(c) => c
                 .run_pending_migrations(SQLITE_MIGRATIONS)
                 .map_err(|e| StorageError::Migration(e.to_string()))?

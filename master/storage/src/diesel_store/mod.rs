@@ -12,7 +12,6 @@
 //! for each call.
 
 use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
@@ -23,6 +22,7 @@ use crate::{
     Bounds, Change, Rejection, SnapshotPart, Storage, StorageError, StoredPolicy, WriteOp,
 };
 
+mod deadline;
 mod migrate;
 mod plans;
 mod pool;
@@ -32,9 +32,10 @@ mod rows;
 mod url;
 mod write;
 
-pub use url::{DatabaseUrl, redact_secrets};
+pub use url::{DatabaseUrl, PgTimeouts, redact_secrets};
 pub use write::NOTIFY_CHANNEL;
 
+use deadline::{Epoch, Link};
 use pool::{Manager, WriteConnection};
 
 /// A connection to either backend; queries written once run on both.
@@ -54,26 +55,63 @@ pub struct DieselStorage {
     writes: Mutex<Option<WriteConnection>>,
     /// Kept for [`Storage::check`], outside the pool: the health check must not wait behind
     /// calls that hold every pooled connection.
-    health: Mutex<Option<AnyConnection>>,
-    /// Set when a check failed: the database may have ended every connection since the last
-    /// write, so the connection kept for writes is checked before it is trusted again.
-    writes_suspect: AtomicBool,
+    health: Mutex<Option<Link>>,
+    /// The generation of the connections: a call cut off at its deadline, or a failed check,
+    /// makes every connection opened before it stale.
+    epoch: Epoch,
+    timeouts: CallTimeouts,
+}
+
+/// How long a call waits for the database before it is cut off (PostgreSQL over TCP; see
+/// `deadline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallTimeouts {
+    /// A write transaction, the health check, and the liveness check of a connection taken
+    /// from the pool. A write cut off may have been committed: it fails as
+    /// [`StorageError::OutcomeUnknown`].
+    pub write: Duration,
+    /// Each read statement (a snapshot's pages each get it; the wait for its reader does not
+    /// count).
+    pub read: Duration,
+}
+
+impl Default for CallTimeouts {
+    fn default() -> Self {
+        CallTimeouts {
+            write: Duration::from_secs(5),
+            read: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How [`DieselStorage::open_with`] opens the storage.
+#[derive(Debug, Clone, Copy)]
+pub struct StorageOptions {
+    /// The most connections for reads; writes and the health check keep one each.
+    pub pool_size: u32,
+    /// How long a call waits for a free connection before it fails as unavailable.
+    pub connection_wait: Duration,
+    /// How long calls wait for the database.
+    pub timeouts: CallTimeouts,
 }
 
 impl DieselStorage {
     /// Connects to `url`, applies the pending migrations and keeps a pool of up to `pool_size`
-    /// connections for reads, plus the one writes keep; a call waits up to 10 s for a connection.
+    /// connections for reads, plus the one writes keep; a call waits up to 10 s for a connection,
+    /// and calls have the default deadlines.
     pub fn open(url: &DatabaseUrl, pool_size: u32) -> Result<Self, StorageError> {
-        Self::open_with_timeout(url, pool_size, Duration::from_secs(10))
+        Self::open_with(
+            url,
+            &StorageOptions {
+                pool_size,
+                connection_wait: Duration::from_secs(10),
+                timeouts: CallTimeouts::default(),
+            },
+        )
     }
 
-    /// [`DieselStorage::open`], with calls waiting up to `timeout` for a connection before they
-    /// fail as unavailable.
-    pub fn open_with_timeout(
-        url: &DatabaseUrl,
-        pool_size: u32,
-        timeout: Duration,
-    ) -> Result<Self, StorageError> {
+    /// [`DieselStorage::open`] with every option given.
+    pub fn open_with(url: &DatabaseUrl, options: &StorageOptions) -> Result<Self, StorageError> {
         if let DatabaseUrl::Sqlite(path) = url {
             let mut conn = url
                 .connect()
@@ -86,13 +124,21 @@ impl DieselStorage {
                 url::SQLITE_NEW_PAGE_SIZE
             ))?;
         }
-        let pool = pool::build(url, pool_size, timeout)?;
+        let epoch = Epoch::default();
+        let pool = pool::build(
+            url,
+            &epoch,
+            options.pool_size,
+            options.connection_wait,
+            options.timeouts.write,
+        )?;
         let storage = DieselStorage {
             pool,
             url: url.clone(),
             writes: Mutex::new(None),
             health: Mutex::new(None),
-            writes_suspect: AtomicBool::new(false),
+            epoch,
+            timeouts: options.timeouts,
         };
         storage.migrate()?;
         // The health check's connection is opened now, with the pool's: a database that takes
@@ -114,7 +160,7 @@ impl Storage for DieselStorage {
     }
 
     fn get(&self, id: &str) -> Result<Option<StoredPolicy>, StorageError> {
-        read::get(&mut *self.conn()?, id)
+        self.read(|c| read::get(c, id))
     }
 
     fn list(
@@ -123,15 +169,15 @@ impl Storage for DieselStorage {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<StoredPolicy>, StorageError> {
-        read::list(&mut *self.conn()?, policy_type, after_seq, limit)
+        self.read(|c| read::list(c, policy_type, after_seq, limit))
     }
 
     fn changes_after(&self, after_seq: u64, limit: usize) -> Result<Vec<Change>, StorageError> {
-        read::changes_after(&mut *self.conn()?, after_seq, limit)
+        self.read(|c| read::changes_after(c, after_seq, limit))
     }
 
     fn bounds(&self) -> Result<Bounds, StorageError> {
-        rows::read_bounds(&mut *self.conn()?)
+        self.read(rows::read_bounds)
     }
 
     fn check(&self) -> Result<Bounds, StorageError> {
@@ -147,7 +193,7 @@ impl Storage for DieselStorage {
     }
 
     fn policy_count(&self) -> Result<u64, StorageError> {
-        read::policy_count(&mut *self.conn()?)
+        self.read(read::policy_count)
     }
 
     fn snapshot(
@@ -155,18 +201,28 @@ impl Storage for DieselStorage {
         page_size: usize,
         sink: &mut dyn FnMut(SnapshotPart) -> bool,
     ) -> Result<(), StorageError> {
-        read::snapshot(&mut *self.conn()?, page_size, sink)
+        self.conn()?
+            .call_pausing(self.timeouts.read, StorageError::Unavailable, |c, armed| {
+                read::snapshot(c, page_size, &mut |part| armed.paused(|| sink(part)))
+            })
     }
 
     fn replicate(&self, changes: &[Change]) -> Result<(), StorageError> {
-        replicate::replicate(&mut *self.conn()?, changes)
+        self.conn()?
+            .call(self.timeouts.write, StorageError::OutcomeUnknown, |c| {
+                replicate::replicate(c, changes)
+            })
     }
 
     fn replace(&self, seq: u64, policies: &[StoredPolicy]) -> Result<(), StorageError> {
-        replicate::replace(&mut *self.conn()?, seq, policies)
+        // Without a deadline: a whole ledger may take longer than any statement should.
+        replicate::replace(self.conn()?.conn(), seq, policies)
     }
 
     fn prune_changes(&self, through_seq: u64) -> Result<(), StorageError> {
-        replicate::prune_changes(&mut *self.conn()?, through_seq)
+        self.conn()?
+            .call(self.timeouts.read, StorageError::Unavailable, |c| {
+                replicate::prune_changes(c, through_seq)
+            })
     }
 }

@@ -37,14 +37,14 @@ impl DieselStorage {
         // first and a pool connection second.
         let (mut generic, mut custom) = {
             let mut read = self.conn()?;
-            let AnyConnection::Postgres(pg) = &mut *read else {
+            let AnyConnection::Postgres(pg) = read.conn() else {
                 return Ok(None);
             };
             counts(pg)?
         };
         let mut kept = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(WriteConnection { conn, .. }) = kept.as_mut()
-            && let AnyConnection::Postgres(pg) = &mut **conn
+        if let Some(WriteConnection { link, .. }) = kept.as_mut()
+            && let AnyConnection::Postgres(pg) = link.conn()
         {
             let (g, c) = counts(pg)?;
             generic += g;

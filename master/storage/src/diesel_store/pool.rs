@@ -1,37 +1,97 @@
 //! The connections: an r2d2 pool for reads, the pool connection that writes keep between calls
 //! (one writer thread makes every write), and a connection outside the pool for the health
-//! check, so that a pool whose connections are all taken is busy, not down.
+//! check, so that a pool whose connections are all taken is busy, not down. Every call runs
+//! within a deadline (see `deadline`): `--write-timeout` for writes and the health check,
+//! `--read-timeout` for each read statement.
 
 use std::sync::PoisonError;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
 use diesel::r2d2::{ManageConnection, Pool, PooledConnection};
 
+use super::deadline::{Epoch, Link, Socket};
 use super::rows::read_bounds;
 use super::{AnyConnection, DatabaseUrl, DieselStorage};
 use crate::{Bounds, StorageError};
 
 /// Opens connections for the r2d2 pool by the parsed URL: diesel's own manager would try every
 /// backend in turn, and SQLite accepts any string as a file name.
-pub(super) struct Manager(DatabaseUrl);
+pub(super) struct Manager {
+    url: DatabaseUrl,
+    epoch: Epoch,
+    /// The deadline of the liveness check a connection passes when taken from the pool.
+    check_within: Duration,
+}
 
 impl ManageConnection for Manager {
-    type Connection = AnyConnection;
+    type Connection = Link;
     type Error = diesel::r2d2::Error;
 
-    fn connect(&self) -> Result<AnyConnection, Self::Error> {
-        self.0.connect()
+    fn connect(&self) -> Result<Link, Self::Error> {
+        open_link(&self.url, &self.epoch)
     }
 
-    fn is_valid(&self, conn: &mut AnyConnection) -> Result<(), Self::Error> {
-        check_alive(conn).map_err(diesel::r2d2::Error::QueryError)
+    fn is_valid(&self, link: &mut Link) -> Result<(), Self::Error> {
+        if link.is_stale() {
+            return Err(diesel::r2d2::Error::QueryError(
+                diesel::result::Error::BrokenTransactionManager,
+            ));
+        }
+        link.call(self.check_within, StorageError::Unavailable, |c| {
+            check_alive(c).map_err(StorageError::from)
+        })
+        .map_err(|e| match e {
+            StorageError::Query(e) => diesel::r2d2::Error::QueryError(e),
+            other => diesel::r2d2::Error::ConnectionError(diesel::ConnectionError::BadConnection(
+                other.to_string(),
+            )),
+        })
     }
 
-    fn has_broken(&self, conn: &mut AnyConnection) -> bool {
-        diesel::r2d2::R2D2Connection::is_broken(conn)
+    fn has_broken(&self, link: &mut Link) -> bool {
+        link.is_stale() || diesel::r2d2::R2D2Connection::is_broken(link.conn())
     }
+}
+
+/// Opens a connection to `url` in `epoch`; on PostgreSQL over TCP, with its socket, so that its
+/// calls can be cut off at their deadlines.
+fn open_link(url: &DatabaseUrl, epoch: &Epoch) -> Result<Link, diesel::r2d2::Error> {
+    let mut conn = url.connect()?;
+    let socket = match &mut conn {
+        AnyConnection::Postgres(pg) => {
+            #[derive(QueryableByName)]
+            struct Ports {
+                #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
+                local: Option<i32>,
+                #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
+                remote: Option<i32>,
+            }
+            // As the server sees the connection; both NULL over a Unix socket.
+            let ports = diesel::sql_query(
+                "SELECT inet_client_port() AS local, inet_server_port() AS remote",
+            )
+            .get_result::<Ports>(pg)
+            .map_err(diesel::r2d2::Error::QueryError)?;
+            match (ports.local, ports.remote) {
+                (Some(local), Some(remote)) => {
+                    let socket = Socket::find(local as u16, remote as u16);
+                    if socket.is_none() {
+                        tracing::warn!(
+                            local,
+                            remote,
+                            "cannot find this PostgreSQL connection's socket: its calls run without a deadline"
+                        );
+                    }
+                    socket
+                }
+                _ => None,
+            }
+        }
+        AnyConnection::Sqlite(_) => None,
+    };
+    Ok(Link::new(conn, socket, epoch))
 }
 
 /// diesel cannot tell a connection whose socket died until a query fails on it: ask.
@@ -41,7 +101,7 @@ fn check_alive(conn: &mut AnyConnection) -> Result<(), diesel::result::Error> {
 
 /// The pool's connection that writes keep between calls, and when it last served one.
 pub(super) struct WriteConnection {
-    pub(super) conn: PooledConnection<Manager>,
+    pub(super) link: PooledConnection<Manager>,
     used: Instant,
 }
 
@@ -52,11 +112,14 @@ pub(super) struct WriteConnection {
 const WRITE_CONNECTION_TRUSTED_FOR: Duration = Duration::from_millis(500);
 
 /// The pool for `url`: up to `pool_size` connections for reads plus the one writes keep; a call
-/// waits up to `timeout` for one.
+/// waits up to `timeout` for one. A connection taken from the pool is checked within
+/// `check_within`.
 pub(super) fn build(
     url: &DatabaseUrl,
+    epoch: &Epoch,
     pool_size: u32,
     timeout: Duration,
+    check_within: Duration,
 ) -> Result<Pool<Manager>, StorageError> {
     Pool::builder()
         // One more than asked: writes keep theirs, and a slow snapshot holding a read
@@ -64,36 +127,58 @@ pub(super) fn build(
         .max_size(pool_size.max(2) + 1)
         .min_idle(Some(1))
         .connection_timeout(timeout)
-        .build(Manager(url.clone()))
+        .build(Manager {
+            url: url.clone(),
+            epoch: epoch.clone(),
+            check_within,
+        })
         .map_err(|e| StorageError::Unavailable(format!("{url}: {e}")))
 }
 
 impl DieselStorage {
-    /// Runs `write` on the connection kept for writes: reused while it keeps succeeding,
-    /// given back to the pool after an error (the pool checks it before anyone reuses it).
+    /// Runs `write` on the connection kept for writes, within the write deadline: reused while
+    /// it keeps succeeding, given back to the pool after an error (the pool checks it before
+    /// anyone reuses it). A write cut off at its deadline may have been committed: it fails as
+    /// [`StorageError::OutcomeUnknown`].
     pub(super) fn with_write_connection<T>(
         &self,
         write: impl FnOnce(&mut AnyConnection) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
         let mut kept = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
-        let suspect = self.writes_suspect.swap(false, Ordering::Relaxed);
         let reusable = kept.take().and_then(|mut w| {
-            let trusted = !suspect && w.used.elapsed() < WRITE_CONNECTION_TRUSTED_FOR;
-            let alive = trusted || check_alive(&mut w.conn).is_ok();
-            alive.then_some(w.conn)
+            if w.link.is_stale() {
+                return None;
+            }
+            let trusted = w.used.elapsed() < WRITE_CONNECTION_TRUSTED_FOR;
+            let alive = trusted
+                || w.link
+                    .call(self.timeouts.write, StorageError::Unavailable, |c| {
+                        check_alive(c).map_err(StorageError::from)
+                    })
+                    .is_ok();
+            alive.then_some(w.link)
         });
-        let mut conn = match reusable {
-            Some(conn) => conn,
+        let mut link = match reusable {
+            Some(link) => link,
             None => self.conn()?,
         };
-        let result = write(&mut conn);
+        let result = link.call(self.timeouts.write, StorageError::OutcomeUnknown, write);
         if result.is_ok() {
             *kept = Some(WriteConnection {
-                conn,
+                link,
                 used: Instant::now(),
             });
         }
         result
+    }
+
+    /// Runs `read` on a connection of the pool, within the read deadline.
+    pub(super) fn read<T>(
+        &self,
+        read: impl FnOnce(&mut AnyConnection) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        self.conn()?
+            .call(self.timeouts.read, StorageError::Unavailable, read)
     }
 
     /// A connection of the pool; when none is free for the whole wait, busy (every one in
@@ -114,8 +199,10 @@ impl DieselStorage {
         })
     }
 
-    /// [`Storage::check`](crate::Storage::check): [`Storage::bounds`](crate::Storage::bounds) on the connection kept for the health check,
-    /// outside the pool. A failed check makes the write connection suspect.
+    /// [`Storage::check`](crate::Storage::check): [`Storage::bounds`](crate::Storage::bounds)
+    /// on the connection kept for the health check, outside the pool, within the write
+    /// deadline; on PostgreSQL, also whether the server takes writes (a standby does not). A
+    /// failed check makes every connection opened before it stale.
     pub(super) fn check_health(&self) -> Result<Bounds, StorageError> {
         // A check still waiting for the database (the watch gave up on it) holds the lock: the
         // database has not answered it, so it does not answer this one either.
@@ -123,20 +210,23 @@ impl DieselStorage {
             StorageError::Unavailable(format!("{}: the previous check has not answered", self.url))
         })?;
         let checked = match kept.take() {
-            Some(conn) => Ok(conn),
-            None => self
-                .url
-                .connect()
+            Some(link) if !link.is_stale() => Ok(link),
+            _ => open_link(&self.url, &self.epoch)
                 .map_err(|e| StorageError::Unavailable(format!("{}: {e}", self.url))),
         }
-        .and_then(|mut conn| {
+        .and_then(|mut link| {
             // A connection that failed is dropped: the next check opens a new one.
-            let bounds = read_bounds(&mut conn)?;
-            *kept = Some(conn);
+            let bounds = link.call(self.timeouts.write, StorageError::Unavailable, |c| {
+                refuse_standby(c)?;
+                read_bounds(c)
+            })?;
+            *kept = Some(link);
             Ok(bounds)
         });
         if checked.is_err() {
-            self.writes_suspect.store(true, Ordering::Relaxed);
+            // The database may have ended every connection, or moved (a failover): none opened
+            // before is trusted again without a new one succeeding first.
+            self.epoch.invalidate();
         }
         checked
     }
@@ -149,6 +239,28 @@ impl DieselStorage {
             self.pool.max_size(),
         ))
     }
+}
+
+/// Fails unless the server takes writes: a PostgreSQL standby (in recovery) answers reads, but
+/// no write commits there. (A URL with `target_session_attrs=read-write` never connects to one;
+/// a server demoted under a connection would be one.)
+fn refuse_standby(c: &mut AnyConnection) -> Result<(), StorageError> {
+    let AnyConnection::Postgres(pg) = c else {
+        return Ok(());
+    };
+    #[derive(QueryableByName)]
+    struct Recovery {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        standby: bool,
+    }
+    let recovery =
+        diesel::sql_query("SELECT pg_is_in_recovery() AS standby").get_result::<Recovery>(pg)?;
+    if recovery.standby {
+        return Err(StorageError::Unavailable(
+            "the database server is a standby in recovery: it takes no writes".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -201,27 +313,28 @@ mod tests {
         let storage = DieselStorage::open(&url, 3).unwrap();
         let mut held = Vec::new();
         for _ in 0..3 {
-            let mut c = storage.conn().unwrap();
-            assert_eq!(setting(&mut c, "journal_mode"), "wal");
-            assert_eq!(setting(&mut c, "synchronous"), "2", "2 is FULL");
+            let mut link = storage.conn().unwrap();
+            let c = link.conn();
+            assert_eq!(setting(c, "journal_mode"), "wal");
+            assert_eq!(setting(c, "synchronous"), "2", "2 is FULL");
             // Not a table-valued pragma: it has a side effect when given a value.
             let checkpoint = diesel::sql_query("PRAGMA wal_autocheckpoint")
-                .get_result::<Checkpoint>(&mut *c)
+                .get_result::<Checkpoint>(c)
                 .unwrap();
             // A new ledger has pages of 1 KiB: 40 MiB of them.
             assert_eq!(checkpoint.wal_autocheckpoint, 40_960);
             let page = diesel::sql_query("PRAGMA page_size")
-                .get_result::<PageSize>(&mut *c)
+                .get_result::<PageSize>(c)
                 .unwrap();
             assert_eq!(page.page_size, 1024);
             // Built with the flags of `.cargo/config.toml` (a build from outside the workspace
             // would miss them): statements stay prepared.
             let qpsg = diesel::sql_query("SELECT sqlite_compileoption_used('ENABLE_QPSG') AS used")
-                .get_result::<CompileOption>(&mut *c)
+                .get_result::<CompileOption>(c)
                 .unwrap();
             assert_eq!(qpsg.used, 1, "SQLite built without SQLITE_ENABLE_QPSG");
-            assert_eq!(setting(&mut c, "temp_store"), "2", "2 is MEMORY");
-            held.push(c);
+            assert_eq!(setting(c, "temp_store"), "2", "2 is MEMORY");
+            held.push(link);
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -35,6 +36,111 @@ pub(super) const SQLITE_WAL_CHECKPOINT_BYTES: i64 = 40 << 20;
 /// (issue 16). A policy row (~0.5 KiB) still fits a page. An existing file keeps its page size.
 pub(super) const SQLITE_NEW_PAGE_SIZE: u32 = 1024;
 
+/// The connect, keepalive and TCP timeouts of every PostgreSQL connection a master opens (pool,
+/// writes, health check, LISTEN), in libpq's names and units. The master sets each one the URL
+/// does not: with libpq's own defaults, a connection attempt to a host that accepts TCP but never
+/// answers (a frozen server) waits for ever instead of moving on to the URL's next host, and a
+/// connection whose peer vanished is noticed only after ~15 minutes of retransmissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgTimeouts {
+    /// `connect_timeout`, in seconds (libpq takes less than 2 as 2): the longest one host may
+    /// take to accept a connection and finish its start-up before the next host is tried.
+    pub connect: Duration,
+    /// `keepalives`: 1 (on) or 0.
+    pub keepalives: bool,
+    /// `keepalives_idle`, in seconds: idle time before the first TCP keepalive probe.
+    pub keepalives_idle: Duration,
+    /// `keepalives_interval`, in seconds: between unanswered probes.
+    pub keepalives_interval: Duration,
+    /// `keepalives_count`: unanswered probes before the connection is taken for dead.
+    pub keepalives_count: u32,
+    /// `tcp_user_timeout`, in milliseconds: how long sent data may stay unacknowledged before
+    /// the connection is taken for dead.
+    pub tcp_user_timeout: Duration,
+}
+
+impl PgTimeouts {
+    /// What the master sets where the URL says nothing: a host that does not answer is given up
+    /// after 3 s, an idle connection to a vanished peer after 5 + 3 × 2 = 11 s, a busy one after
+    /// 10 s of unacknowledged data. (A frozen server's kernel still acknowledges: calls have
+    /// their own deadlines, `--write-timeout` and `--read-timeout`.)
+    pub const DEFAULT: PgTimeouts = PgTimeouts {
+        connect: Duration::from_secs(3),
+        keepalives: true,
+        keepalives_idle: Duration::from_secs(5),
+        keepalives_interval: Duration::from_secs(2),
+        keepalives_count: 3,
+        tcp_user_timeout: Duration::from_secs(10),
+    };
+
+    /// libpq's names of the settings, the ones a URL may give.
+    pub const PARAMETERS: [&'static str; 6] = [
+        "connect_timeout",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+    ];
+
+    /// The settings of `url`'s query, in libpq's units, and the defaults for the others.
+    fn of(url: &str) -> Result<PgTimeouts, String> {
+        let mut timeouts = PgTimeouts::DEFAULT;
+        for (name, value) in query_parameters(url) {
+            let number = || {
+                value.parse::<u64>().map_err(|_| {
+                    format!(
+                        "the database URL's {name}={value:?} is not a whole number (libpq's units: connect_timeout, keepalives_idle and keepalives_interval in seconds, tcp_user_timeout in milliseconds)"
+                    )
+                })
+            };
+            match name {
+                "connect_timeout" => timeouts.connect = Duration::from_secs(number()?.max(2)),
+                "keepalives" => timeouts.keepalives = number()? != 0,
+                "keepalives_idle" => timeouts.keepalives_idle = Duration::from_secs(number()?),
+                "keepalives_interval" => {
+                    timeouts.keepalives_interval = Duration::from_secs(number()?)
+                }
+                "keepalives_count" => {
+                    timeouts.keepalives_count = u32::try_from(number()?)
+                        .map_err(|_| format!("the database URL's {name} is too large"))?
+                }
+                "tcp_user_timeout" => timeouts.tcp_user_timeout = Duration::from_millis(number()?),
+                _ => {}
+            }
+        }
+        Ok(timeouts)
+    }
+
+    /// The settings as libpq URL parameters: `connect_timeout=3&keepalives=1&...`.
+    fn as_parameters(&self) -> [(&'static str, String); 6] {
+        [
+            ("connect_timeout", self.connect.as_secs().to_string()),
+            ("keepalives", u8::from(self.keepalives).to_string()),
+            (
+                "keepalives_idle",
+                self.keepalives_idle.as_secs().to_string(),
+            ),
+            (
+                "keepalives_interval",
+                self.keepalives_interval.as_secs().to_string(),
+            ),
+            ("keepalives_count", self.keepalives_count.to_string()),
+            (
+                "tcp_user_timeout",
+                self.tcp_user_timeout.as_millis().to_string(),
+            ),
+        ]
+    }
+}
+
+/// The `NAME=VALUE` pairs of a URL's query (before any `#`), in order; values as written.
+fn query_parameters(url: &str) -> impl Iterator<Item = (&str, &str)> {
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    let query = query.split_once('#').map_or(query, |(query, _)| query);
+    query.split('&').filter_map(|pair| pair.split_once('='))
+}
+
 /// Where the ledger lives, parsed from `--database-url`.
 #[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
@@ -58,6 +164,7 @@ impl std::str::FromStr for DatabaseUrl {
             }
             Ok(DatabaseUrl::Sqlite(PathBuf::from(path)))
         } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            PgTimeouts::of(s)?;
             Ok(DatabaseUrl::Postgres(s.to_string()))
         } else {
             Err(format!(
@@ -172,6 +279,38 @@ impl fmt::Debug for DatabaseUrl {
 }
 
 impl DatabaseUrl {
+    /// PostgreSQL: the connection timeouts of the URL, and the master's defaults for the rest.
+    pub fn pg_timeouts(&self) -> Option<PgTimeouts> {
+        match self {
+            DatabaseUrl::Sqlite(_) => None,
+            // Checked when the URL was parsed.
+            DatabaseUrl::Postgres(url) => Some(PgTimeouts::of(url).unwrap_or(PgTimeouts::DEFAULT)),
+        }
+    }
+
+    /// The URL libpq connects with: the given one, and the master's timeouts it does not set.
+    fn libpq_url(url: &str) -> String {
+        let given: Vec<&str> = query_parameters(url).map(|(name, _)| name).collect();
+        let timeouts = PgTimeouts::of(url).unwrap_or(PgTimeouts::DEFAULT);
+        let (base, fragment) = url
+            .split_once('#')
+            .map_or((url, None), |(b, f)| (b, Some(f)));
+        let mut full = base.to_string();
+        for (name, value) in timeouts.as_parameters() {
+            if !given.contains(&name) {
+                full.push(if full.contains('?') { '&' } else { '?' });
+                full.push_str(name);
+                full.push('=');
+                full.push_str(&value);
+            }
+        }
+        if let Some(fragment) = fragment {
+            full.push('#');
+            full.push_str(fragment);
+        }
+        full
+    }
+
     /// Opens a connection, set up for the ledger: SQLite's pragmas, PostgreSQL's custom plans.
     pub(super) fn connect(&self) -> Result<AnyConnection, diesel::r2d2::Error> {
         use diesel::r2d2::Error;
@@ -197,7 +336,8 @@ impl DatabaseUrl {
                 Ok(AnyConnection::Sqlite(conn))
             }
             DatabaseUrl::Postgres(url) => {
-                let mut conn = PgConnection::establish(url).map_err(Error::ConnectionError)?;
+                let mut conn = PgConnection::establish(&Self::libpq_url(url))
+                    .map_err(Error::ConnectionError)?;
                 // diesel keeps its statements prepared. PostgreSQL would soon switch them to one
                 // generic plan, made while the ledger was small: a sequential scan that then
                 // stays cached as the table grows (the id lookup cost 1.5 ms at 24,000 rows).
@@ -212,6 +352,52 @@ impl DatabaseUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// libpq gets the master's timeouts for what the URL does not set, in libpq's units; the
+    /// URL's own values win, and one libpq would refuse is refused at parse time.
+    #[test]
+    fn timeouts_are_set_unless_the_url_sets_them() {
+        let url = "postgres://u@h1:5432,h2:5433/db?target_session_attrs=read-write";
+        assert_eq!(
+            DatabaseUrl::libpq_url(url),
+            format!(
+                "{url}&connect_timeout=3&keepalives=1&keepalives_idle=5&keepalives_interval=2&keepalives_count=3&tcp_user_timeout=10000"
+            )
+        );
+        let parsed: DatabaseUrl = url.parse().unwrap();
+        assert_eq!(parsed.pg_timeouts(), Some(PgTimeouts::DEFAULT));
+
+        let own = "postgres://u@h/db?connect_timeout=7&tcp_user_timeout=2500&keepalives=0#f";
+        assert_eq!(
+            DatabaseUrl::libpq_url(own),
+            "postgres://u@h/db?connect_timeout=7&tcp_user_timeout=2500&keepalives=0&keepalives_idle=5&keepalives_interval=2&keepalives_count=3#f"
+        );
+        let parsed: DatabaseUrl = own.parse().unwrap();
+        let timeouts = parsed.pg_timeouts().unwrap();
+        assert_eq!(timeouts.connect, Duration::from_secs(7));
+        assert_eq!(timeouts.tcp_user_timeout, Duration::from_millis(2500));
+        assert!(!timeouts.keepalives);
+        assert_eq!(timeouts.keepalives_count, 3);
+
+        assert_eq!(
+            DatabaseUrl::libpq_url("postgres://u@h/db"),
+            "postgres://u@h/db?connect_timeout=3&keepalives=1&keepalives_idle=5&keepalives_interval=2&keepalives_count=3&tcp_user_timeout=10000"
+        );
+        let refused = "postgres://u@h/db?connect_timeout=2s"
+            .parse::<DatabaseUrl>()
+            .unwrap_err();
+        assert!(
+            refused.contains("connect_timeout") && refused.contains("seconds"),
+            "{refused}"
+        );
+        assert_eq!(
+            "sqlite://x.db"
+                .parse::<DatabaseUrl>()
+                .unwrap()
+                .pg_timeouts(),
+            None
+        );
+    }
 
     #[test]
     fn secrets_never_show() {

@@ -18,11 +18,21 @@
 //! | `verify-full` | TLS | as `verify-ca`, and the certificate names the host |
 //!
 //! Unix-domain sockets are always plaintext, as libpq ignores `sslmode` there.
+//!
+//! The connection's timeouts are set here too, from [`PgTimeouts`] (the URL's values in
+//! libpq's units, or the master's defaults), never from the URL as tokio-postgres reads it: it
+//! reads `tcp_user_timeout` in seconds where libpq reads milliseconds, and refuses libpq's
+//! `keepalives_count`. Its `connect_timeout` covers only the TCP connect, so each host's whole
+//! attempt (start-up and authentication included) is bounded here: a frozen server accepts TCP
+//! connections and never answers.
 
 mod tls;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use ledger_storage::PgTimeouts;
 
 use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode as PgSslMode};
 use tokio_postgres::tls::MakeTlsConnect;
@@ -65,6 +75,9 @@ pub enum ListenError {
     /// The server refused, or could not be reached.
     #[error("{}", describe_postgres_error(.0))]
     Connect(tokio_postgres::Error),
+    /// The host did not finish the connection's start-up in time.
+    #[error("no answer within {0:?} (connect_timeout)")]
+    TimedOut(Duration),
     /// Every attempt failed: each host with each mode tried, and why.
     #[error("{}", describe(.0))]
     Failed(Vec<(String, ListenError)>),
@@ -153,6 +166,8 @@ pub struct ListenTarget {
     /// Everything but TLS, parsed by tokio-postgres.
     base: Config,
     tls: TlsSettings,
+    /// The longest one host's attempt may take.
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for ListenTarget {
@@ -187,13 +202,15 @@ pub struct Listening {
 impl ListenTarget {
     /// Reads `url` (a `postgres://` or `postgresql://` URL) as libpq would, with the process's
     /// `PGSSL*` environment variables and home directory for what the URL does not say.
-    pub fn parse(url: &str) -> Result<ListenTarget, ListenError> {
-        Self::parse_with(url, |name| std::env::var(name).ok(), home_dir())
+    /// `timeouts` are the connection's (the URL's timeout parameters are not read here).
+    pub fn parse(url: &str, timeouts: PgTimeouts) -> Result<ListenTarget, ListenError> {
+        Self::parse_with(url, timeouts, |name| std::env::var(name).ok(), home_dir())
     }
 
     /// [`ListenTarget::parse`] with the environment and the home directory given.
     fn parse_with(
         url: &str,
+        timeouts: PgTimeouts,
         env: impl Fn(&str) -> Option<String>,
         home: Option<PathBuf>,
     ) -> Result<ListenTarget, ListenError> {
@@ -207,6 +224,10 @@ impl ListenTarget {
                 continue;
             };
             let key_decoded = percent_decode(key)?;
+            if PgTimeouts::PARAMETERS.contains(&key_decoded.as_str()) {
+                // In `timeouts`, in libpq's units.
+                continue;
+            }
             match TLS_PARAMETERS.iter().find(|(name, _)| *name == key_decoded) {
                 Some((name, _)) => {
                     given.retain(|(n, _)| n != name);
@@ -244,8 +265,18 @@ impl ListenTarget {
                 .unwrap_or_else(|| LISTEN_APPLICATION_NAME.to_string());
             base.application_name(name);
         }
+        base.connect_timeout(timeouts.connect)
+            .keepalives(timeouts.keepalives)
+            .keepalives_idle(timeouts.keepalives_idle)
+            .keepalives_interval(timeouts.keepalives_interval)
+            .keepalives_retries(timeouts.keepalives_count)
+            .tcp_user_timeout(timeouts.tcp_user_timeout);
         let tls = TlsSettings::read(&setting, home.as_deref())?;
-        let target = ListenTarget { base, tls };
+        let target = ListenTarget {
+            base,
+            tls,
+            connect_timeout: timeouts.connect,
+        };
         target.hosts()?;
         Ok(target)
     }
@@ -363,15 +394,17 @@ impl ListenTarget {
                         }
                     }
                 };
-                match self.config_for(&host, mode).connect(connector).await {
-                    Ok((client, connection)) => {
+                let config = self.config_for(&host, mode);
+                match tokio::time::timeout(self.connect_timeout, config.connect(connector)).await {
+                    Ok(Ok((client, connection))) => {
                         return Ok(Listening {
                             client,
                             connection,
                             attempt: mode,
                         });
                     }
-                    Err(e) => failures.push((label, ListenError::Connect(e))),
+                    Ok(Err(e)) => failures.push((label, ListenError::Connect(e))),
+                    Err(_) => failures.push((label, ListenError::TimedOut(self.connect_timeout))),
                 }
             }
         }
@@ -477,6 +510,7 @@ mod tests {
             .collect();
         ListenTarget::parse_with(
             url,
+            PgTimeouts::DEFAULT,
             move |name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
             Some(PathBuf::from("/home/ledger")),
         )
@@ -581,6 +615,39 @@ mod tests {
         let mut whole = target.base.clone();
         whole.ssl_mode(PgSslMode::Require);
         assert_eq!(format!("{one:?}"), format!("{whole:?}"));
+    }
+
+    /// The URL's timeouts reach the listening connection in libpq's units, and tokio-postgres
+    /// never reads them itself (it would take `tcp_user_timeout=2500` for 2,500 seconds and
+    /// refuse `keepalives_count`).
+    #[test]
+    fn timeouts_are_libpq_s_and_set_in_code() {
+        let url = "postgres://u@a:5433,b:5434/db?target_session_attrs=read-write\
+                   &tcp_user_timeout=2500&keepalives_count=4&connect_timeout=6";
+        let database: ledger_storage::DatabaseUrl = url.parse().unwrap();
+        let timeouts = database.pg_timeouts().unwrap();
+        let target = ListenTarget::parse_with(url, timeouts, |_| None, None).unwrap();
+        assert_eq!(target.connect_timeout, Duration::from_secs(6));
+        let one = target.config_for(&target.hosts().unwrap()[1], PgSslMode::Disable);
+        assert_eq!(
+            one.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(2500))
+        );
+        assert_eq!(one.get_keepalives_retries(), Some(4));
+        assert_eq!(one.get_connect_timeout(), Some(&Duration::from_secs(6)));
+        assert!(one.get_keepalives());
+        // Nothing said: the master's defaults.
+        let plain =
+            ListenTarget::parse_with("postgres://u@a/db", PgTimeouts::DEFAULT, |_| None, None)
+                .unwrap();
+        assert_eq!(
+            plain.base.get_tcp_user_timeout(),
+            Some(&PgTimeouts::DEFAULT.tcp_user_timeout)
+        );
+        assert_eq!(
+            plain.base.get_keepalives_idle(),
+            PgTimeouts::DEFAULT.keepalives_idle
+        );
     }
 
     #[test]

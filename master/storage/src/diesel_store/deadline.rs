@@ -1,0 +1,374 @@
+//! Deadlines on calls into PostgreSQL ([`Link::call`]).
+//!
+//! libpq waits for an answer for ever: it has no client-side timeout. A server that is frozen (a
+//! hung host, SIGSTOP) keeps its TCP peer alive, as its kernel still acknowledges, so neither
+//! keepalives nor `tcp_user_timeout` end the wait (issue 18: a writer thread in `poll` for good,
+//! health `SERVING`, no write answered). A watchdog thread shuts the call's socket down at its
+//! deadline: libpq then fails the call as a lost connection, the connection is dropped, and every
+//! connection opened before it is taken for stale ([`Epoch`]), since they went to the same server.
+//!
+//! The socket is found once, when the connection is made ([`Socket::find`]): diesel does not
+//! give libpq's handle out. SQLite connections, and PostgreSQL ones over a Unix socket, have none:
+//! their calls run without a deadline.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::AnyConnection;
+use crate::StorageError;
+
+/// The TCP socket of a PostgreSQL connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Socket(RawFd);
+
+impl Socket {
+    /// The one socket of this process connected from local port `local` to remote port
+    /// `remote` (as the server sees the connection: `inet_client_port()`,
+    /// `inet_server_port()`); `None` when none or several match. Two open TCP sockets never
+    /// share both ports and both addresses, and the connection asking holds its own open.
+    pub(super) fn find(local: u16, remote: u16) -> Option<Socket> {
+        let mut found = None;
+        for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<RawFd>().ok())
+            else {
+                continue;
+            };
+            let is_socket = std::fs::read_link(entry.path())
+                .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+            if is_socket
+                && port_of(fd, Side::Local) == Some(local)
+                && port_of(fd, Side::Remote) == Some(remote)
+            {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(Socket(fd));
+            }
+        }
+        found
+    }
+}
+
+/// Which end of a socket.
+enum Side {
+    Local,
+    Remote,
+}
+
+/// The TCP port of one end of socket `fd` (IPv4 or IPv6), if it is one.
+fn port_of(fd: RawFd, side: Side) -> Option<u16> {
+    // SAFETY: getsockname/getpeername write at most `len` bytes into a zeroed sockaddr_storage,
+    // which is large enough for every address family; an fd closed meanwhile only fails (EBADF).
+    let storage = unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let address = (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
+        let done = match side {
+            Side::Local => libc::getsockname(fd, address, &mut len),
+            Side::Remote => libc::getpeername(fd, address, &mut len),
+        };
+        if done != 0 {
+            return None;
+        }
+        storage
+    };
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let v4 = unsafe {
+                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            Some(u16::from_be(v4.sin_port))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let v6 = unsafe {
+                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            Some(u16::from_be(v6.sin6_port))
+        }
+        _ => None,
+    }
+}
+
+/// The generation of a storage's connections: a call cut off by its deadline (or a failed
+/// health check) starts a new one, and connections of an older one are not used again.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Epoch(Arc<AtomicU64>);
+
+impl Epoch {
+    fn now(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Connections opened until now are stale: the server they went to did not answer.
+    pub(super) fn invalidate(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection of the ledger's storage, with what its calls' deadlines need.
+pub(super) struct Link {
+    conn: AnyConnection,
+    socket: Option<Socket>,
+    /// The epoch it was opened in.
+    opened: u64,
+    epoch: Epoch,
+    /// A call on it was cut off: its socket is shut down.
+    cut: bool,
+}
+
+impl Link {
+    /// `conn`, opened now in `epoch`, with its socket if it has one.
+    pub(super) fn new(conn: AnyConnection, socket: Option<Socket>, epoch: &Epoch) -> Link {
+        Link {
+            conn,
+            socket,
+            opened: epoch.now(),
+            epoch: epoch.clone(),
+            cut: false,
+        }
+    }
+
+    /// Whether it must not be used again: a call on it was cut off, or it was opened before
+    /// another one was (in an older epoch).
+    pub(super) fn is_stale(&self) -> bool {
+        self.cut || self.opened < self.epoch.now()
+    }
+
+    /// Runs `call` on the connection; if the database has not answered within `within`, the
+    /// socket is shut down, `call` fails, and the error is `cut_off(the reason)`. Without a
+    /// socket, `call` runs without a deadline.
+    pub(super) fn call<T>(
+        &mut self,
+        within: Duration,
+        cut_off: impl FnOnce(String) -> StorageError,
+        call: impl FnOnce(&mut AnyConnection) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        self.call_pausing(within, cut_off, |conn, _| call(conn))
+    }
+
+    /// [`Link::call`], for a call that waits for something else than the database between its
+    /// statements (a snapshot handing pages to a slow reader): it runs that wait in
+    /// [`Armed::paused`], and each statement gets `within`.
+    pub(super) fn call_pausing<T>(
+        &mut self,
+        within: Duration,
+        cut_off: impl FnOnce(String) -> StorageError,
+        call: impl FnOnce(&mut AnyConnection, &mut Armed) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let mut armed = Armed::arm(self.socket, within);
+        let result = call(&mut self.conn, &mut armed);
+        let tripped = armed.disarm();
+        if !tripped {
+            return result;
+        }
+        self.cut = true;
+        self.epoch.invalidate();
+        let reason = format!(
+            "the database gave no answer within {within:?}: the connection was cut off and every connection opened before it is replaced"
+        );
+        tracing::warn!(%reason, "a database call was cut off at its deadline");
+        Err(cut_off(reason))
+    }
+
+    /// The connection, for what runs without a deadline (set-up, migrations).
+    pub(super) fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.conn
+    }
+}
+
+/// A deadline armed on a socket: the watchdog shuts the socket down when it passes, unless
+/// disarmed first.
+pub(super) struct Armed {
+    /// The entry in the watchdog's table while armed.
+    id: Option<u64>,
+    socket: Option<Socket>,
+    within: Duration,
+    tripped: Arc<AtomicBool>,
+}
+
+impl Armed {
+    fn arm(socket: Option<Socket>, within: Duration) -> Armed {
+        let mut armed = Armed {
+            id: None,
+            socket,
+            within,
+            tripped: Arc::new(AtomicBool::new(false)),
+        };
+        armed.rearm();
+        armed
+    }
+
+    fn rearm(&mut self) {
+        if let Some(socket) = self.socket
+            && !self.tripped.load(Ordering::Relaxed)
+        {
+            self.id = Some(watchdog().watch(socket, Instant::now() + self.within, &self.tripped));
+        }
+    }
+
+    /// Disarms; whether the deadline had passed (and the socket was shut down).
+    fn disarm(&mut self) -> bool {
+        if let Some(id) = self.id.take() {
+            watchdog().forget(id);
+        }
+        self.tripped.load(Ordering::Relaxed)
+    }
+
+    /// Runs `wait` (not a call into the database) without the deadline, which starts again
+    /// after it.
+    pub(super) fn paused<T>(&mut self, wait: impl FnOnce() -> T) -> T {
+        self.disarm();
+        let result = wait();
+        self.rearm();
+        result
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        self.disarm();
+    }
+}
+
+/// One armed deadline.
+struct Watch {
+    socket: Socket,
+    deadline: Instant,
+    tripped: Arc<AtomicBool>,
+}
+
+/// The deadlines armed, and the thread that enforces them.
+struct Watchdog {
+    armed: Mutex<(u64, HashMap<u64, Watch>)>,
+    changed: Condvar,
+}
+
+/// The process's one watchdog, its thread started at the first use.
+fn watchdog() -> &'static Watchdog {
+    static WATCHDOG: OnceLock<&'static Watchdog> = OnceLock::new();
+    WATCHDOG.get_or_init(|| {
+        let dog: &'static Watchdog = Box::leak(Box::new(Watchdog {
+            armed: Mutex::new((0, HashMap::new())),
+            changed: Condvar::new(),
+        }));
+        std::thread::Builder::new()
+            .name("ledger-db-deadlines".into())
+            .spawn(move || dog.run())
+            .expect("spawning the database deadline thread");
+        dog
+    })
+}
+
+impl Watchdog {
+    fn watch(&self, socket: Socket, deadline: Instant, tripped: &Arc<AtomicBool>) -> u64 {
+        let mut armed = self.armed.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = armed.0;
+        armed.0 += 1;
+        armed.1.insert(
+            id,
+            Watch {
+                socket,
+                deadline,
+                tripped: tripped.clone(),
+            },
+        );
+        self.changed.notify_one();
+        id
+    }
+
+    fn forget(&self, id: u64) {
+        let mut armed = self.armed.lock().unwrap_or_else(PoisonError::into_inner);
+        armed.1.remove(&id);
+    }
+
+    fn run(&self) {
+        let mut armed = self.armed.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            armed.1.retain(|_, watch| {
+                if watch.deadline > now {
+                    return true;
+                }
+                watch.tripped.store(true, Ordering::Relaxed);
+                // SAFETY: shutdown(2) of a socket still open: its call is still armed (disarming
+                // takes this lock, and comes before the connection can be closed). A shut-down
+                // socket ends the call's wait with an end of file, which libpq reports.
+                unsafe { libc::shutdown(watch.socket.0, libc::SHUT_RDWR) };
+                false
+            });
+            let next = armed.1.values().map(|watch| watch.deadline).min();
+            armed = match next {
+                None => self
+                    .changed
+                    .wait(armed)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    self.changed
+                        .wait_timeout(armed, deadline.saturating_duration_since(now))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    /// A socket is found by its ports, and a call past its deadline ends when the watchdog shuts
+    /// the socket down, as a peer that never answers cannot end it.
+    #[test]
+    fn a_call_past_its_deadline_is_cut_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        // Accepted, and never answered: a frozen server.
+        let (_server, _) = listener.accept().unwrap();
+        let local = client.local_addr().unwrap().port();
+        let remote = listener.local_addr().unwrap().port();
+        let socket = Socket::find(local, remote).expect("the client's socket");
+        assert_eq!(socket, Socket(client.as_raw_fd()));
+        assert_eq!(Socket::find(local, remote.wrapping_add(1)), None);
+
+        let started = Instant::now();
+        let mut armed = Armed::arm(Some(socket), Duration::from_millis(200));
+        client.write_all(b"a query").unwrap();
+        let mut answer = [0u8; 16];
+        // Blocks until the watchdog shuts the socket down: then an end of file.
+        let read = client.read(&mut answer).unwrap();
+        assert_eq!(read, 0);
+        assert!(armed.disarm(), "the deadline tripped");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+
+        // A call that answers in time is not cut off.
+        let mut other = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let socket = Socket::find(
+            other.local_addr().unwrap().port(),
+            listener.local_addr().unwrap().port(),
+        )
+        .unwrap();
+        let mut armed = Armed::arm(Some(socket), Duration::from_secs(5));
+        peer.write_all(b"x").unwrap();
+        assert_eq!(other.read(&mut answer).unwrap(), 1);
+        assert!(!armed.disarm());
+        // Disarmed: nothing shuts it down later.
+        std::thread::sleep(Duration::from_millis(50));
+        peer.write_all(b"y").unwrap();
+        assert_eq!(other.read(&mut answer).unwrap(), 1);
+    }
+}
