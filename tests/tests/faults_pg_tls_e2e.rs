@@ -46,7 +46,11 @@ async fn libpq(url: &str) -> Result<bool, String> {
 
 /// The same for the master's listening connection.
 async fn listener(url: &str) -> Result<bool, String> {
-    let target = ListenTarget::parse(url).map_err(|e| e.to_string())?;
+    let timeouts = url
+        .parse::<ledger_storage::DatabaseUrl>()?
+        .pg_timeouts()
+        .ok_or("not a PostgreSQL URL")?;
+    let target = ListenTarget::parse(url, timeouts).map_err(|e| e.to_string())?;
     let listening = within(30, "the listening connection", target.connect())
         .await
         .map_err(|e| e.to_string())?;

@@ -124,8 +124,8 @@ pub fn digest_full_read() {
     counter!("ledger_digest_full_reads_total").increment(1);
 }
 
-/// Whether writes commit (1), fail for a full disk (0) or stopped for good (-1): see
-/// [`crate::writer::WriterHealth`].
+/// Whether writes commit (1), fail for a full disk or an unreachable database (0) or stopped for
+/// good (-1): see [`crate::writer::WriterHealth`].
 pub fn writes_state(state: f64) {
     gauge!("ledger_writes_state").set(state);
 }
