@@ -91,8 +91,8 @@ pub struct Config {
     #[arg(long, env = "LEDGER_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_timeout: Duration,
 
-    /// How long a write transaction (and the health check) may wait for the database before it
-    /// is cut off and answered UNAVAILABLE. Such a write may have been committed: a retry then
+    /// How long a write transaction may wait for the database before it is cut off and answered
+    /// UNAVAILABLE. Such a write may have been committed: a retry then
     /// answers ALREADY_EXISTS. PostgreSQL over TCP: a frozen or cut-off server would otherwise
     /// hold every write for good.
     #[arg(long, env = "LEDGER_WRITE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -100,7 +100,7 @@ pub struct Config {
 
     /// How long one read statement may wait for the database before it is cut off (a snapshot's
     /// pages each get this long; waiting for a slow reader does not count).
-    #[arg(long, env = "LEDGER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEDGER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub read_timeout: Duration,
 
     /// How often the master checks that its database answers; when it does not, the master

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ledger_server::anylog::{self, AnyLogEdge, AnyLogOptions};
 use ledger_server::feed::ChangeFeed;
@@ -43,6 +44,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         timeouts: CallTimeouts {
             write: config.write_timeout,
             read: config.read_timeout,
+            // The watch takes the database for gone after `interval.max(1 s)`: its check is cut
+            // off soon after, and the calls waiting with it.
+            check: (config.db_check_interval.max(Duration::from_secs(1)) * 2)
+                .min(config.write_timeout),
         },
     };
     let storage = tokio::task::spawn_blocking(move || DieselStorage::open_with(&url, &options))

@@ -111,6 +111,14 @@ impl Epoch {
     pub(super) fn invalidate(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// [`Epoch::invalidate`], and the calls still waiting on connections opened until now are
+    /// cut off at once rather than at their own deadlines: the health check found that the
+    /// database does not answer (or takes no writes), so they would wait for nothing.
+    pub(super) fn cut_off(&self) {
+        let before = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        watchdog().cut(self, before);
+    }
 }
 
 /// A connection of the ledger's storage, with what its calls' deadlines need.
@@ -163,7 +171,12 @@ impl Link {
         cut_off: impl FnOnce(String) -> StorageError,
         call: impl FnOnce(&mut AnyConnection, &mut Armed) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
-        let mut armed = Armed::arm(self.socket, within);
+        let socket = self.socket.map(|socket| Watched {
+            socket,
+            epoch: self.epoch.clone(),
+            opened: self.opened,
+        });
+        let mut armed = Armed::arm(socket, within);
         let result = call(&mut self.conn, &mut armed);
         let tripped = armed.disarm();
         if !tripped {
@@ -172,7 +185,7 @@ impl Link {
         self.cut = true;
         self.epoch.invalidate();
         let reason = format!(
-            "the database gave no answer within {within:?}: the connection was cut off and every connection opened before it is replaced"
+            "the database gave no answer within {within:?} (or the health check found it gone): the connection was cut off and every connection opened before it is replaced"
         );
         tracing::warn!(%reason, "a database call was cut off at its deadline");
         Err(cut_off(reason))
@@ -189,13 +202,21 @@ impl Link {
 pub(super) struct Armed {
     /// The entry in the watchdog's table while armed.
     id: Option<u64>,
-    socket: Option<Socket>,
+    socket: Option<Watched>,
     within: Duration,
     tripped: Arc<AtomicBool>,
 }
 
+/// A socket to watch, and the epoch of its connection.
+#[derive(Clone)]
+struct Watched {
+    socket: Socket,
+    epoch: Epoch,
+    opened: u64,
+}
+
 impl Armed {
-    fn arm(socket: Option<Socket>, within: Duration) -> Armed {
+    fn arm(socket: Option<Watched>, within: Duration) -> Armed {
         let mut armed = Armed {
             id: None,
             socket,
@@ -207,10 +228,11 @@ impl Armed {
     }
 
     fn rearm(&mut self) {
-        if let Some(socket) = self.socket
+        if let Some(socket) = &self.socket
             && !self.tripped.load(Ordering::Relaxed)
         {
-            self.id = Some(watchdog().watch(socket, Instant::now() + self.within, &self.tripped));
+            self.id =
+                Some(watchdog().watch(socket.clone(), Instant::now() + self.within, &self.tripped));
         }
     }
 
@@ -240,9 +262,20 @@ impl Drop for Armed {
 
 /// One armed deadline.
 struct Watch {
-    socket: Socket,
+    socket: Watched,
     deadline: Instant,
     tripped: Arc<AtomicBool>,
+}
+
+impl Watch {
+    /// Shuts the socket down: the call fails.
+    fn trip(&self) {
+        self.tripped.store(true, Ordering::Relaxed);
+        // SAFETY: shutdown(2) of a socket still open: its call is still armed (disarming takes
+        // the watchdog's lock, held here, and comes before the connection can be closed). A
+        // shut-down socket ends the call's wait with an end of file, which libpq reports.
+        unsafe { libc::shutdown(self.socket.socket.0, libc::SHUT_RDWR) };
+    }
 }
 
 /// The deadlines armed, and the thread that enforces them.
@@ -268,7 +301,7 @@ fn watchdog() -> &'static Watchdog {
 }
 
 impl Watchdog {
-    fn watch(&self, socket: Socket, deadline: Instant, tripped: &Arc<AtomicBool>) -> u64 {
+    fn watch(&self, socket: Watched, deadline: Instant, tripped: &Arc<AtomicBool>) -> u64 {
         let mut armed = self.armed.lock().unwrap_or_else(PoisonError::into_inner);
         let id = armed.0;
         armed.0 += 1;
@@ -289,6 +322,19 @@ impl Watchdog {
         armed.1.remove(&id);
     }
 
+    /// Cuts off every call armed on a connection of `epoch` opened before `before`.
+    fn cut(&self, epoch: &Epoch, before: u64) {
+        let mut armed = self.armed.lock().unwrap_or_else(PoisonError::into_inner);
+        armed.1.retain(|_, watch| {
+            let older =
+                Arc::ptr_eq(&watch.socket.epoch.0, &epoch.0) && watch.socket.opened < before;
+            if older {
+                watch.trip();
+            }
+            !older
+        });
+    }
+
     fn run(&self) {
         let mut armed = self.armed.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
@@ -297,11 +343,7 @@ impl Watchdog {
                 if watch.deadline > now {
                     return true;
                 }
-                watch.tripped.store(true, Ordering::Relaxed);
-                // SAFETY: shutdown(2) of a socket still open: its call is still armed (disarming
-                // takes this lock, and comes before the connection can be closed). A shut-down
-                // socket ends the call's wait with an end of file, which libpq reports.
-                unsafe { libc::shutdown(watch.socket.0, libc::SHUT_RDWR) };
+                watch.trip();
                 false
             });
             let next = armed.1.values().map(|watch| watch.deadline).min();
@@ -344,7 +386,15 @@ mod tests {
         assert_eq!(Socket::find(local, remote.wrapping_add(1)), None);
 
         let started = Instant::now();
-        let mut armed = Armed::arm(Some(socket), Duration::from_millis(200));
+        let epoch = Epoch::default();
+        let watched = |socket| {
+            Some(Watched {
+                socket,
+                epoch: epoch.clone(),
+                opened: 0,
+            })
+        };
+        let mut armed = Armed::arm(watched(socket), Duration::from_millis(200));
         client.write_all(b"a query").unwrap();
         let mut answer = [0u8; 16];
         // Blocks until the watchdog shuts the socket down: then an end of file.
@@ -362,7 +412,7 @@ mod tests {
             listener.local_addr().unwrap().port(),
         )
         .unwrap();
-        let mut armed = Armed::arm(Some(socket), Duration::from_secs(5));
+        let mut armed = Armed::arm(watched(socket), Duration::from_secs(5));
         peer.write_all(b"x").unwrap();
         assert_eq!(other.read(&mut answer).unwrap(), 1);
         assert!(!armed.disarm());
@@ -370,5 +420,20 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         peer.write_all(b"y").unwrap();
         assert_eq!(other.read(&mut answer).unwrap(), 1);
+
+        // Armed for long, and cut off at once when the epoch it was opened in is.
+        let mut armed = Armed::arm(watched(socket), Duration::from_secs(60));
+        let started = Instant::now();
+        let cutter = {
+            let epoch = epoch.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                epoch.cut_off();
+            })
+        };
+        assert_eq!(other.read(&mut answer).unwrap(), 0, "cut off: end of file");
+        cutter.join().unwrap();
+        assert!(armed.disarm());
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 }

@@ -66,20 +66,23 @@ pub struct DieselStorage {
 /// `deadline`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallTimeouts {
-    /// A write transaction, the health check, and the liveness check of a connection taken
-    /// from the pool. A write cut off may have been committed: it fails as
-    /// [`StorageError::OutcomeUnknown`].
+    /// A write transaction, and the liveness check of a connection taken from the pool. A
+    /// write cut off may have been committed: it fails as [`StorageError::OutcomeUnknown`].
     pub write: Duration,
     /// Each read statement (a snapshot's pages each get it; the wait for its reader does not
     /// count).
     pub read: Duration,
+    /// The health check ([`Storage::check`]). When it fails, every call still waiting on a
+    /// connection opened before it is cut off at once.
+    pub check: Duration,
 }
 
 impl Default for CallTimeouts {
     fn default() -> Self {
         CallTimeouts {
             write: Duration::from_secs(5),
-            read: Duration::from_secs(30),
+            read: Duration::from_secs(10),
+            check: Duration::from_secs(2),
         }
     }
 }

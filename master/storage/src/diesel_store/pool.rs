@@ -200,8 +200,8 @@ impl DieselStorage {
     }
 
     /// [`Storage::check`](crate::Storage::check): [`Storage::bounds`](crate::Storage::bounds)
-    /// on the connection kept for the health check, outside the pool, within the write
-    /// deadline; on PostgreSQL, also whether the server takes writes (a standby does not). A
+    /// on the connection kept for the health check, outside the pool, within its own deadline;
+    /// on PostgreSQL, also whether the server takes writes (a standby does not). A
     /// failed check makes every connection opened before it stale.
     pub(super) fn check_health(&self) -> Result<Bounds, StorageError> {
         // A check still waiting for the database (the watch gave up on it) holds the lock: the
@@ -216,7 +216,7 @@ impl DieselStorage {
         }
         .and_then(|mut link| {
             // A connection that failed is dropped: the next check opens a new one.
-            let bounds = link.call(self.timeouts.write, StorageError::Unavailable, |c| {
+            let bounds = link.call(self.timeouts.check, StorageError::Unavailable, |c| {
                 refuse_standby(c)?;
                 read_bounds(c)
             })?;
@@ -225,8 +225,8 @@ impl DieselStorage {
         });
         if checked.is_err() {
             // The database may have ended every connection, or moved (a failover): none opened
-            // before is trusted again without a new one succeeding first.
-            self.epoch.invalidate();
+            // before is trusted again, and calls still waiting on them are cut off now.
+            self.epoch.cut_off();
         }
         checked
     }
