@@ -13,7 +13,7 @@ use diesel::r2d2::{ManageConnection, Pool, PooledConnection};
 
 use super::deadline::{Epoch, Link, Socket};
 use super::rows::read_bounds;
-use super::{AnyConnection, DatabaseUrl, DieselStorage};
+use super::{AnyConnection, DatabaseUrl, DieselStorage, redact_secrets};
 use crate::{Bounds, StorageError};
 
 /// Opens connections for the r2d2 pool by the parsed URL: diesel's own manager would try every
@@ -35,8 +35,8 @@ impl ManageConnection for Manager {
 
     fn is_valid(&self, link: &mut Link) -> Result<(), Self::Error> {
         if link.is_stale() {
-            return Err(diesel::r2d2::Error::QueryError(
-                diesel::result::Error::BrokenTransactionManager,
+            return Err(diesel::r2d2::Error::ConnectionError(
+                diesel::ConnectionError::BadConnection(STALE.into()),
             ));
         }
         link.call(self.check_within, StorageError::Unavailable, |c| {
@@ -52,6 +52,26 @@ impl ManageConnection for Manager {
 
     fn has_broken(&self, link: &mut Link) -> bool {
         link.is_stale() || diesel::r2d2::R2D2Connection::is_broken(link.conn())
+    }
+}
+
+/// Why a connection is not used again: see [`Link::is_stale`].
+const STALE: &str = "opened before the database last failed to answer: replaced by a new one";
+
+/// Logs what the pool's connections fail with (r2d2's own handler logs every failure as an
+/// error, a replaced stale connection too): a connection that cannot be made or fails its check
+/// at checkout is a warning, one replaced as stale a debug line.
+#[derive(Debug)]
+struct LogPoolErrors;
+
+impl diesel::r2d2::HandleError<diesel::r2d2::Error> for LogPoolErrors {
+    fn handle_error(&self, error: diesel::r2d2::Error) {
+        let text = error.to_string();
+        if text.contains(STALE) {
+            tracing::debug!(error = %text, "database connection replaced");
+        } else {
+            tracing::warn!(error = %redact_secrets(&text), "database connection failed");
+        }
     }
 }
 
@@ -127,6 +147,7 @@ pub(super) fn build(
         .max_size(pool_size.max(2) + 1)
         .min_idle(Some(1))
         .connection_timeout(timeout)
+        .error_handler(Box::new(LogPoolErrors))
         .build(Manager {
             url: url.clone(),
             epoch: epoch.clone(),

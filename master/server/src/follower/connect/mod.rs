@@ -404,7 +404,12 @@ impl ListenTarget {
                         });
                     }
                     Ok(Err(e)) => failures.push((label, ListenError::Connect(e))),
-                    Err(_) => failures.push((label, ListenError::TimedOut(self.connect_timeout))),
+                    Err(_) => {
+                        // As libpq: a host that does not answer is not tried again in another
+                        // mode; the next host is.
+                        failures.push((label, ListenError::TimedOut(self.connect_timeout)));
+                        break;
+                    }
                 }
             }
         }
