@@ -8,6 +8,7 @@ pub mod auth;
 pub mod client;
 pub mod member;
 pub mod metrics;
+pub mod netns;
 pub mod postgres;
 pub mod process;
 pub mod sql;

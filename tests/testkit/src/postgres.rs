@@ -7,6 +7,11 @@
 //!
 //! [`PostgresServer::tls_only`] is another private cluster, for the tests of TLS to the database:
 //! it takes TLS connections only, with a certificate signed by a test CA.
+//!
+//! For failover tests, [`Cluster::start_primary`] (or [`Cluster::start_primary_in`], in a network
+//! namespace of its own) and [`Cluster::start_standby_of`] make a primary and a synchronous
+//! standby; [`Cluster::freeze`], [`Cluster::kill9`] and [`crate::netns::PeerHost::cut_off`] take
+//! the primary away, [`Cluster::promote`] promotes the standby.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 
+use crate::netns::PeerHost;
 use crate::tls::{CertFiles, TestPki};
 
 /// A PostgreSQL server the tests may create databases on.
@@ -164,13 +170,22 @@ fn run(bin: &Path, args: &[&str]) {
 
 /// [`run`], returning what the binary printed when it fails.
 fn try_run(bin: &Path, args: &[&str]) -> Result<(), String> {
-    let mut command = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin);
-        c
-    } else {
-        Command::new(bin)
-    };
+    try_run_in(None, bin, args)
+}
+
+/// [`try_run`] in the network namespace of the process `netns` (`nsenter -t PID -n`) when it is
+/// given: a postmaster started so listens and connects there.
+fn try_run_in(netns: Option<i32>, bin: &Path, args: &[&str]) -> Result<(), String> {
+    let mut line: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(pid) = netns {
+        line.extend(["nsenter", "-t", &pid.to_string(), "-n", "--"].map(Into::into));
+    }
+    if is_root() {
+        line.extend(["runuser", "-u", "postgres", "--"].map(Into::into));
+    }
+    line.push(bin.into());
+    let mut command = Command::new(&line[0]);
+    command.args(&line[1..]);
     let output = command
         .args(args)
         .output()
@@ -256,14 +271,58 @@ fn give_to_postgres(path: &Path) {
 pub struct Cluster {
     bin: PathBuf,
     dir: PathBuf,
-    /// `postgres://ledger@127.0.0.1:PORT` (`postgres://ledger:PASSWORD@...` with TLS), without
-    /// a database.
+    /// `postgres://ledger@HOST:PORT` (`postgres://ledger:PASSWORD@...` with TLS), without a
+    /// database.
     pub base_url: String,
-    /// The port it listens on (127.0.0.1).
+    /// The port it listens on (on [`Cluster::host`]).
     pub port: u16,
+    /// The address it listens on: 127.0.0.1, or the address of its network namespace.
+    host: String,
+    /// The pid of a process in whose network namespace the postmaster runs (started with
+    /// `nsenter`), if not the test's.
+    netns: Option<i32>,
     /// The server options it was started with (port included), for [`Cluster::restart`].
     options: String,
+    /// The processes [`Cluster::freeze`] stopped, killed rather than asked to stop at the end.
+    frozen: std::sync::Mutex<Vec<i32>>,
 }
+
+/// What [`Cluster::make`] makes.
+struct Setup<'a> {
+    durable: bool,
+    tls: Option<&'a TestPki>,
+    /// The address to listen on.
+    host: String,
+    /// Start the postmaster in the network namespace of this process.
+    netns: Option<i32>,
+    /// More server options (`-c name=value ...`, quoted for `sh`: pg_ctl runs them through it).
+    extra_options: String,
+    /// Lines added to `pg_hba.conf`.
+    hba: String,
+    /// A standby of this cluster (its data a `pg_basebackup -R`) rather than a new cluster.
+    standby_of: Option<&'a Cluster>,
+}
+
+impl Setup<'_> {
+    fn plain(durable: bool) -> Setup<'static> {
+        Setup {
+            durable,
+            tls: None,
+            host: "127.0.0.1".into(),
+            netns: None,
+            extra_options: String::new(),
+            hba: String::new(),
+            standby_of: None,
+        }
+    }
+}
+
+/// The server options of a primary whose commits wait for a synchronous standby: any standby
+/// that connects is one (the first to connect is the synchronous one). Given on the command
+/// line, not in its files, so a standby made from its data does not inherit them: once promoted,
+/// a standby commits on its own.
+const SYNC_PRIMARY_OPTIONS: &str = " -c synchronous_standby_names='*' -c wal_level=replica \
+                                    -c max_wal_senders=10";
 
 impl Cluster {
     /// Starts a cluster with the server binaries installed on the machine. `durable` keeps
@@ -275,6 +334,51 @@ impl Cluster {
     /// [`Cluster::start`]; with `tls`, the cluster takes only TLS connections over TCP, with a
     /// server certificate from `tls` and SCRAM passwords (see [`TlsPostgres`]).
     pub fn start_with(durable: bool, tls: Option<&TestPki>) -> Cluster {
+        Self::make(Setup {
+            tls,
+            ..Setup::plain(durable)
+        })
+    }
+
+    /// A primary on 127.0.0.1 for a synchronous standby ([`Cluster::start_standby_of`]):
+    /// `synchronous_standby_names = '*'` (a commit waits until the standby has flushed it),
+    /// replication connections allowed from loopback.
+    pub fn start_primary(durable: bool) -> Cluster {
+        Self::make(Setup {
+            extra_options: SYNC_PRIMARY_OPTIONS.into(),
+            ..Setup::plain(durable)
+        })
+    }
+
+    /// [`Cluster::start_primary`] in the network namespace of `peer`, listening on its address
+    /// ([`PeerHost::peer_ip`]) only: reached from the test's namespace over the veth pair, and
+    /// cut off from it by [`PeerHost::cut_off`]. Connections (replication too) are allowed from
+    /// the test's side of the pair.
+    pub fn start_primary_in(peer: &PeerHost, durable: bool) -> Cluster {
+        let local = peer.local_ip();
+        Self::make(Setup {
+            host: peer.peer_ip().to_string(),
+            netns: Some(peer.pid()),
+            extra_options: SYNC_PRIMARY_OPTIONS.into(),
+            hba: format!("host all all {local}/32 trust\nhost replication all {local}/32 trust\n"),
+            ..Setup::plain(durable)
+        })
+    }
+
+    /// A standby of `primary` on 127.0.0.1 (in the test's network namespace), on a port of its
+    /// own: its data is a `pg_basebackup -R -X stream` of the primary over TCP (from the
+    /// primary's [`Cluster::host`]), so it streams the primary's WAL over TCP as a replica on
+    /// another machine would, and serves read-only queries (hot standby) until
+    /// [`Cluster::promote`]. Returns once it accepts connections; [`Cluster::wait_sync_standby`]
+    /// on the primary waits until its commits wait for this standby.
+    pub fn start_standby_of(primary: &Cluster) -> Cluster {
+        Self::make(Setup {
+            standby_of: Some(primary),
+            ..Setup::plain(false)
+        })
+    }
+
+    fn make(setup: Setup<'_>) -> Cluster {
         let bin = server_bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("ledger-pg-")
@@ -287,21 +391,52 @@ impl Cluster {
         give_to_postgres(&dir);
         let data = dir.join("data");
         let data_str = data.to_str().unwrap();
-        let mut initdb = vec![
-            "-D",
-            data_str,
-            "-U",
-            "ledger",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ];
-        let pwfile_arg = format!("--pwfile={}", pwfile.display());
-        if tls.is_some() {
-            initdb.push(&pwfile_arg);
+        let tls = setup.tls;
+        if let Some(primary) = setup.standby_of {
+            // The replication connection's parameters go into the standby's
+            // `primary_conninfo` (-R), so it connects to the primary as this backup did.
+            let conninfo = format!(
+                "host={} port={} user=ledger application_name=standby",
+                primary.host, primary.port
+            );
+            run(
+                &bin.join("pg_basebackup"),
+                &[
+                    "-D",
+                    data_str,
+                    "-d",
+                    &conninfo,
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                ],
+            );
+        } else {
+            let mut initdb = vec![
+                "-D",
+                data_str,
+                "-U",
+                "ledger",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ];
+            let pwfile_arg = format!("--pwfile={}", pwfile.display());
+            if tls.is_some() {
+                initdb.push(&pwfile_arg);
+            }
+            run(&bin.join("initdb"), &initdb);
         }
-        run(&bin.join("initdb"), &initdb);
+        if !setup.hba.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let mut text = std::fs::read_to_string(&hba).unwrap();
+            text.push_str(&setup.hba);
+            std::fs::write(&hba, text).unwrap();
+        }
         // TLS: the server's certificate and key in its data directory (the key readable by the
         // server alone, or it refuses to start), the CA for client certificates, and
         // authentication rules that accept TCP connections only over TLS.
@@ -329,14 +464,17 @@ impl Cluster {
                 .into();
         }
         let _ = std::fs::remove_file(&pwfile);
-        let fsync = if durable { "on" } else { "off" };
+        let fsync = if setup.durable { "on" } else { "off" };
         let log = dir.join("postgres.log");
         let mut cluster = Cluster {
             bin,
             dir,
             base_url: String::new(),
             port: 0,
+            host: setup.host,
+            netns: setup.netns,
             options: String::new(),
+            frozen: Default::default(),
         };
         // PostgreSQL needs its port up front: one that was free a moment ago may be taken
         // before the server binds it, so a start that fails on the bind tries another port.
@@ -344,17 +482,21 @@ impl Cluster {
         for attempt in 1..=ATTEMPTS {
             let port = free_port();
             let options = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync={fsync} -c max_connections=300{tls_options}",
-                cluster.dir.display()
+                "-p {port} -k {} -c listen_addresses={} -c fsync={fsync} -c max_connections=300{tls_options}{}",
+                cluster.dir.display(),
+                cluster.host,
+                setup.extra_options,
             );
             let logged_before = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
             cluster.port = port;
+            let host = &cluster.host;
             cluster.base_url = if tls.is_some() {
-                format!("postgres://ledger:{password}@127.0.0.1:{port}")
+                format!("postgres://ledger:{password}@{host}:{port}")
             } else {
-                format!("postgres://ledger@127.0.0.1:{port}")
+                format!("postgres://ledger@{host}:{port}")
             };
-            let started = try_run(
+            let started = try_run_in(
+                cluster.netns,
                 &cluster.bin.join("pg_ctl"),
                 &[
                     "-D",
@@ -382,23 +524,161 @@ impl Cluster {
         unreachable!("the last attempt returns or panics")
     }
 
-    /// Stops the server and removes its directory.
+    /// Stops the server and removes its directory. A server frozen by [`Cluster::freeze`] (or
+    /// whose postmaster is stopped otherwise) is killed instead, with SIGKILL: `pg_ctl stop`
+    /// would wait for a postmaster that cannot answer.
     pub fn stop(&self) {
         let data = self.dir.join("data");
-        let _ = std::panic::catch_unwind(|| {
-            run(
+        let frozen = std::mem::take(&mut *self.frozen.lock().unwrap_or_else(|e| e.into_inner()));
+        let postmaster = self.try_postmaster_pid();
+        let stopped = postmaster.is_some_and(|pid| proc_stat(pid).is_some_and(|(s, _)| s == 'T'));
+        if !frozen.is_empty() || stopped {
+            // The postmaster first, then its children, listed while it is stopped (it forks
+            // nothing); those freeze stopped too, should one have left it.
+            let mut victims: Vec<i32> = postmaster.into_iter().collect();
+            victims.extend(postmaster.map(children_of).unwrap_or_default());
+            victims.extend(frozen);
+            for &pid in &victims {
+                // SAFETY: kill(2) on the server's processes, listed while they were stopped.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while victims.iter().any(|&pid| is_alive(pid)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        } else if postmaster.is_some_and(is_alive) {
+            // Not after a kill: pg_ctl would only say that nothing runs.
+            if let Err(e) = try_run(
                 &self.bin.join("pg_ctl"),
                 &[
                     "-D",
                     data.to_str().unwrap(),
                     "-m",
                     "immediate",
+                    "-t",
+                    "30",
                     "-w",
                     "stop",
                 ],
-            )
-        });
+            ) {
+                eprintln!(
+                    "stopping the PostgreSQL cluster in {}: {e}",
+                    self.dir.display()
+                );
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// The address it listens on: 127.0.0.1, or [`PeerHost::peer_ip`] for a cluster of
+    /// [`Cluster::start_primary_in`].
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// `HOST:PORT`, as a libpq multi-host URL lists it.
+    pub fn host_port(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// Waits (up to `timeout`) until this primary's `pg_stat_replication` shows a standby
+    /// streaming with `sync_state = 'sync'`: from then on each commit waits for it. Blocking
+    /// (from async code: `tokio::task::spawn_blocking`). Returns the standby's
+    /// `application_name`.
+    pub fn wait_sync_standby(&self, timeout: std::time::Duration) -> String {
+        #[derive(diesel::QueryableByName, Debug)]
+        struct Replica {
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+            application_name: Option<String>,
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+            state: Option<String>,
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+            sync_state: Option<String>,
+        }
+        let url = self.server().admin_url();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let seen: Result<Vec<Replica>, String> = PgConnection::establish(&url)
+                .map_err(|e| e.to_string())
+                .and_then(|mut connection| {
+                    diesel::RunQueryDsl::load(
+                        diesel::sql_query(
+                            "SELECT application_name, state, sync_state FROM pg_stat_replication",
+                        ),
+                        &mut connection,
+                    )
+                    .map_err(|e| e.to_string())
+                });
+            if let Some(standby) = seen.iter().flatten().find(|r| {
+                r.state.as_deref() == Some("streaming") && r.sync_state.as_deref() == Some("sync")
+            }) {
+                return standby.application_name.clone().unwrap_or_default();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no synchronous standby streaming from {} within {timeout:?}: \
+                 pg_stat_replication: {seen:?}",
+                self.base_url
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Freezes the server as a hung host would be: SIGSTOP to the postmaster (first, so it
+    /// starts no process while its children are listed, as [`Cluster::kill9`] does) and to
+    /// every process it started. Its sockets stay open: the kernel still completes TCP
+    /// handshakes into its listen backlog and takes the bytes clients send, but nothing answers.
+    /// Returns once every one of them is stopped; the number frozen. [`Cluster::thaw`] lets them
+    /// go on; dropped frozen, they are killed.
+    pub fn freeze(&self) -> usize {
+        let postmaster = self.postmaster_pid() as i32;
+        // SAFETY: kill(2) on the pid its lock file names, which is alive (it answers queries).
+        let stopped = unsafe { libc::kill(postmaster, libc::SIGSTOP) };
+        assert_eq!(stopped, 0, "SIGSTOP of the postmaster {postmaster}");
+        let mut frozen = vec![postmaster];
+        frozen.extend(children_of(postmaster));
+        for &pid in &frozen[1..] {
+            // SAFETY: kill(2) on the postmaster's children, listed while it is stopped.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        *self.frozen.lock().unwrap() = frozen.clone();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Some(&running) = frozen.iter().find(|&&pid| {
+            proc_stat(pid).is_some_and(|(state, _)| !matches!(state, 'T' | 'Z' | 'X'))
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PostgreSQL process {running} not stopped 10s after SIGSTOP"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        frozen.len()
+    }
+
+    /// Lets a server frozen by [`Cluster::freeze`] go on (SIGCONT to each of its processes).
+    pub fn thaw(&self) {
+        let frozen = std::mem::take(&mut *self.frozen.lock().unwrap());
+        for &pid in frozen.iter().rev() {
+            // SAFETY: kill(2) on the processes freeze stopped (their parent was stopped too, so
+            // none was reaped and its pid reused meanwhile).
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+
+    /// Promotes a standby (`pg_ctl promote -w`): returns once it has left recovery and takes
+    /// writes.
+    pub fn promote(&self) {
+        let data = self.dir.join("data");
+        run(
+            &self.bin.join("pg_ctl"),
+            &["-D", data.to_str().unwrap(), "-w", "-t", "60", "promote"],
+        );
+    }
+
+    /// The server's log so far (`postgres.log` in its directory), for a test that fails.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.dir.join("postgres.log")).unwrap_or_default())
+            .into_owned()
     }
 }
 
@@ -408,6 +688,12 @@ impl Cluster {
         PostgresServer {
             base_url: self.base_url.clone(),
         }
+    }
+
+    /// The pid in `postmaster.pid`, if there is one.
+    fn try_postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
     }
 
     /// The pid of the running postmaster (the first line of its `postmaster.pid`).
@@ -451,6 +737,8 @@ impl Cluster {
             // SAFETY: kill(2) on the postmaster and its children, listed while it is stopped.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        // Frozen or not before, they are gone now.
+        self.frozen.lock().unwrap().clear();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while victims.iter().any(|&pid| is_alive(pid)) {
             assert!(
@@ -478,7 +766,8 @@ impl Cluster {
         {
             let _ = std::fs::remove_file(&pid_file);
         }
-        run(
+        let started = try_run_in(
+            self.netns,
             &self.bin.join("pg_ctl"),
             &[
                 "-D",
@@ -491,6 +780,9 @@ impl Cluster {
                 "start",
             ],
         );
+        if let Err(e) = started {
+            panic!("{e}");
+        }
     }
 }
 
