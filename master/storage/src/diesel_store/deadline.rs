@@ -12,6 +12,7 @@
 //! their calls run without a deadline.
 
 use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
@@ -41,10 +42,8 @@ impl Socket {
             };
             let is_socket = std::fs::read_link(entry.path())
                 .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
-            if is_socket
-                && port_of(fd, Side::Local) == Some(local)
-                && port_of(fd, Side::Remote) == Some(remote)
-            {
+            let port = |side| address_of(fd, side).map(|a| a.port());
+            if is_socket && port(Side::Local) == Some(local) && port(Side::Remote) == Some(remote) {
                 if found.is_some() {
                     return None;
                 }
@@ -52,6 +51,11 @@ impl Socket {
             }
         }
         found
+    }
+
+    /// The address it is connected to.
+    pub(super) fn peer(self) -> Option<SocketAddr> {
+        address_of(self.0, Side::Remote)
     }
 }
 
@@ -61,8 +65,8 @@ enum Side {
     Remote,
 }
 
-/// The TCP port of one end of socket `fd` (IPv4 or IPv6), if it is one.
-fn port_of(fd: RawFd, side: Side) -> Option<u16> {
+/// The address of one end of socket `fd` (IPv4 or IPv6), if it is one.
+fn address_of(fd: RawFd, side: Side) -> Option<SocketAddr> {
     // SAFETY: getsockname/getpeername write at most `len` bytes into a zeroed sockaddr_storage,
     // which is large enough for every address family; an fd closed meanwhile only fails (EBADF).
     let storage = unsafe {
@@ -84,40 +88,51 @@ fn port_of(fd: RawFd, side: Side) -> Option<u16> {
             let v4 = unsafe {
                 &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
             };
-            Some(u16::from_be(v4.sin_port))
+            let ip = Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(v4.sin_port))))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
             let v6 = unsafe {
                 &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
             };
-            Some(u16::from_be(v6.sin6_port))
+            let ip = Ipv6Addr::from(v6.sin6_addr.s6_addr);
+            Some(SocketAddr::from((ip, u16::from_be(v6.sin6_port))))
         }
         _ => None,
     }
 }
 
-/// The generation of a storage's connections: a call cut off by its deadline (or a failed
-/// health check) starts a new one, and connections of an older one are not used again.
+/// When a storage's connections stop being trusted: a connection whose opening began before it
+/// is stale. A call cut off at its deadline, or a failed health check, moves it to the moment that
+/// call or check began: connections opened since (after a failover, to the new primary) stay.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Epoch(Arc<AtomicU64>);
 
+/// Now, as the nanoseconds since the first call (an [`Epoch`]'s unit).
+pub(super) fn moment() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    // Never 0: 0 is "nothing is stale".
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
 impl Epoch {
-    fn now(&self) -> u64 {
+    fn stale_before(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 
-    /// Connections opened until now are stale: the server they went to did not answer.
-    pub(super) fn invalidate(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+    /// Connections whose opening began before `since` (a [`moment`]) are stale: the server
+    /// they went to did not answer a call or check made since.
+    pub(super) fn invalidate(&self, since: u64) {
+        self.0.fetch_max(since, Ordering::Relaxed);
     }
 
-    /// [`Epoch::invalidate`], and the calls still waiting on connections opened until now are
-    /// cut off at once rather than at their own deadlines: the health check found that the
-    /// database does not answer (or takes no writes), so they would wait for nothing.
-    pub(super) fn cut_off(&self) {
-        let before = self.0.fetch_add(1, Ordering::Relaxed) + 1;
-        watchdog().cut(self, before);
+    /// [`Epoch::invalidate`], and the calls still waiting on those connections are cut off at
+    /// once rather than at their own deadlines: the health check found that the database does
+    /// not answer (or takes no writes), so they would wait for nothing.
+    pub(super) fn cut_off(&self, since: u64) {
+        self.invalidate(since);
+        watchdog().cut(self, since);
     }
 }
 
@@ -125,7 +140,7 @@ impl Epoch {
 pub(super) struct Link {
     conn: AnyConnection,
     socket: Option<Socket>,
-    /// The epoch it was opened in.
+    /// The [`moment`] its opening began.
     opened: u64,
     epoch: Epoch,
     /// A call on it was cut off: its socket is shut down.
@@ -133,21 +148,26 @@ pub(super) struct Link {
 }
 
 impl Link {
-    /// `conn`, opened now in `epoch`, with its socket if it has one.
-    pub(super) fn new(conn: AnyConnection, socket: Option<Socket>, epoch: &Epoch) -> Link {
+    /// `conn`, whose opening began at `opened` (a [`moment`]), with its socket if it has one.
+    pub(super) fn new(
+        conn: AnyConnection,
+        socket: Option<Socket>,
+        opened: u64,
+        epoch: &Epoch,
+    ) -> Link {
         Link {
             conn,
             socket,
-            opened: epoch.now(),
+            opened,
             epoch: epoch.clone(),
             cut: false,
         }
     }
 
-    /// Whether it must not be used again: a call on it was cut off, or it was opened before
-    /// another one was (in an older epoch).
+    /// Whether it must not be used again: a call on it was cut off, or it was opened before a
+    /// call or check that the database did not answer.
     pub(super) fn is_stale(&self) -> bool {
-        self.cut || self.opened < self.epoch.now()
+        self.cut || self.opened < self.epoch.stale_before()
     }
 
     /// Runs `call` on the connection; if the database has not answered within `within`, the
@@ -176,6 +196,7 @@ impl Link {
             epoch: self.epoch.clone(),
             opened: self.opened,
         });
+        let began = moment();
         let mut armed = Armed::arm(socket, within);
         let result = call(&mut self.conn, &mut armed);
         let tripped = armed.disarm();
@@ -183,12 +204,17 @@ impl Link {
             return result;
         }
         self.cut = true;
-        self.epoch.invalidate();
+        self.epoch.invalidate(began);
         let reason = format!(
             "the database gave no answer within {within:?} (or the health check found it gone): the connection was cut off and every connection opened before it is replaced"
         );
         tracing::warn!(%reason, "a database call was cut off at its deadline");
         Err(cut_off(reason))
+    }
+
+    /// Its socket, if its calls have deadlines.
+    pub(super) fn socket(&self) -> Option<Socket> {
+        self.socket
     }
 
     /// The connection, for what runs without a deadline (set-up, migrations).
@@ -322,7 +348,7 @@ impl Watchdog {
         armed.1.remove(&id);
     }
 
-    /// Cuts off every call armed on a connection of `epoch` opened before `before`.
+    /// Cuts off every call armed on a connection of `epoch` whose opening began before `before`.
     fn cut(&self, epoch: &Epoch, before: u64) {
         let mut armed = self.armed.lock().unwrap_or_else(PoisonError::into_inner);
         armed.1.retain(|_, watch| {
@@ -383,15 +409,17 @@ mod tests {
         let remote = listener.local_addr().unwrap().port();
         let socket = Socket::find(local, remote).expect("the client's socket");
         assert_eq!(socket, Socket(client.as_raw_fd()));
+        assert_eq!(socket.peer(), Some(listener.local_addr().unwrap()));
         assert_eq!(Socket::find(local, remote.wrapping_add(1)), None);
 
         let started = Instant::now();
         let epoch = Epoch::default();
+        let opened = moment();
         let watched = |socket| {
             Some(Watched {
                 socket,
                 epoch: epoch.clone(),
-                opened: 0,
+                opened,
             })
         };
         let mut armed = Armed::arm(watched(socket), Duration::from_millis(200));
@@ -428,7 +456,7 @@ mod tests {
             let epoch = epoch.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(100));
-                epoch.cut_off();
+                epoch.cut_off(moment());
             })
         };
         assert_eq!(other.read(&mut answer).unwrap(), 0, "cut off: end of file");

@@ -35,8 +35,8 @@ mod write;
 pub use url::{DatabaseUrl, PgTimeouts, redact_secrets};
 pub use write::NOTIFY_CHANNEL;
 
-use deadline::{Epoch, Link};
-use pool::{Manager, WriteConnection};
+use deadline::Link;
+use pool::{Connector, Manager, WriteConnection};
 
 /// A connection to either backend; queries written once run on both.
 #[derive(diesel::MultiConnection)]
@@ -56,9 +56,8 @@ pub struct DieselStorage {
     /// Kept for [`Storage::check`], outside the pool: the health check must not wait behind
     /// calls that hold every pooled connection.
     health: Mutex<Option<Link>>,
-    /// The generation of the connections: a call cut off at its deadline, or a failed check,
-    /// makes every connection opened before it stale.
-    epoch: Epoch,
+    /// Opens every connection: the pool's, the health check's.
+    connector: Connector,
     timeouts: CallTimeouts,
 }
 
@@ -117,7 +116,7 @@ impl DieselStorage {
     pub fn open_with(url: &DatabaseUrl, options: &StorageOptions) -> Result<Self, StorageError> {
         if let DatabaseUrl::Sqlite(path) = url {
             let mut conn = url
-                .connect()
+                .connect(None)
                 .map_err(|e| StorageError::Unavailable(format!("{}: {e}", path.display())))?;
             // WAL lets readers (streams, queries) run beside the writer; it is a property of
             // the file, so setting it once is enough. The page size takes effect only in a new
@@ -127,10 +126,9 @@ impl DieselStorage {
                 url::SQLITE_NEW_PAGE_SIZE
             ))?;
         }
-        let epoch = Epoch::default();
+        let connector = Connector::new(url);
         let pool = pool::build(
-            url,
-            &epoch,
+            &connector,
             options.pool_size,
             options.connection_wait,
             options.timeouts.write,
@@ -140,7 +138,7 @@ impl DieselStorage {
             url: url.clone(),
             writes: Mutex::new(None),
             health: Mutex::new(None),
-            epoch,
+            connector,
             timeouts: options.timeouts,
         };
         storage.migrate()?;

@@ -4,14 +4,15 @@
 //! within a deadline (see `deadline`): `--write-timeout` for writes and the health check,
 //! `--read-timeout` for each read statement.
 
-use std::sync::PoisonError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ManageConnection, Pool, PooledConnection};
 
-use super::deadline::{Epoch, Link, Socket};
+use super::deadline::{Epoch, Link, Socket, moment};
 use super::rows::read_bounds;
 use super::{AnyConnection, DatabaseUrl, DieselStorage, redact_secrets};
 use crate::{Bounds, StorageError};
@@ -19,8 +20,7 @@ use crate::{Bounds, StorageError};
 /// Opens connections for the r2d2 pool by the parsed URL: diesel's own manager would try every
 /// backend in turn, and SQLite accepts any string as a file name.
 pub(super) struct Manager {
-    url: DatabaseUrl,
-    epoch: Epoch,
+    connector: Connector,
     /// The deadline of the liveness check a connection passes when taken from the pool.
     check_within: Duration,
 }
@@ -30,7 +30,7 @@ impl ManageConnection for Manager {
     type Error = diesel::r2d2::Error;
 
     fn connect(&self) -> Result<Link, Self::Error> {
-        open_link(&self.url, &self.epoch)
+        self.connector.open()
     }
 
     fn is_valid(&self, link: &mut Link) -> Result<(), Self::Error> {
@@ -75,10 +75,51 @@ impl diesel::r2d2::HandleError<diesel::r2d2::Error> for LogPoolErrors {
     }
 }
 
-/// Opens a connection to `url` in `epoch`; on PostgreSQL over TCP, with its socket, so that its
-/// calls can be cut off at their deadlines.
-fn open_link(url: &DatabaseUrl, epoch: &Epoch) -> Result<Link, diesel::r2d2::Error> {
-    let mut conn = url.connect()?;
+/// Opens the storage's connections: the URL, the [`Epoch`] they are trusted in, and, with
+/// several PostgreSQL hosts, the one that took the last connection, tried first by the next:
+/// after a failover, libpq would otherwise try the old primary first every time, and a frozen
+/// one costs every new connection its whole `connect_timeout`.
+#[derive(Clone)]
+pub(super) struct Connector {
+    pub(super) url: DatabaseUrl,
+    pub(super) epoch: Epoch,
+    /// The URL's host (from 1) that took the last connection; 0 for none known.
+    last_host: Arc<AtomicUsize>,
+}
+
+impl Connector {
+    pub(super) fn new(url: &DatabaseUrl) -> Connector {
+        Connector {
+            url: url.clone(),
+            epoch: Epoch::default(),
+            last_host: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Opens a connection; on PostgreSQL over TCP, with its socket, so that its calls can be cut
+    /// off at their deadlines.
+    pub(super) fn open(&self) -> Result<Link, diesel::r2d2::Error> {
+        let first = self.last_host.load(Ordering::Relaxed).checked_sub(1);
+        let link = open_link(&self.url, &self.epoch, first)?;
+        if let Some(host) = link
+            .socket()
+            .and_then(|s| s.peer())
+            .and_then(|peer| self.url.host_at(peer))
+        {
+            self.last_host.store(host + 1, Ordering::Relaxed);
+        }
+        Ok(link)
+    }
+}
+
+/// Opens a connection to `url` in `epoch`, trying host number `first` first.
+fn open_link(
+    url: &DatabaseUrl,
+    epoch: &Epoch,
+    first: Option<usize>,
+) -> Result<Link, diesel::r2d2::Error> {
+    let opened = moment();
+    let mut conn = url.connect(first)?;
     let socket = match &mut conn {
         AnyConnection::Postgres(pg) => {
             #[derive(QueryableByName)]
@@ -111,7 +152,7 @@ fn open_link(url: &DatabaseUrl, epoch: &Epoch) -> Result<Link, diesel::r2d2::Err
         }
         AnyConnection::Sqlite(_) => None,
     };
-    Ok(Link::new(conn, socket, epoch))
+    Ok(Link::new(conn, socket, opened, epoch))
 }
 
 /// diesel cannot tell a connection whose socket died until a query fails on it: ask.
@@ -135,8 +176,7 @@ const WRITE_CONNECTION_TRUSTED_FOR: Duration = Duration::from_millis(500);
 /// waits up to `timeout` for one. A connection taken from the pool is checked within
 /// `check_within`.
 pub(super) fn build(
-    url: &DatabaseUrl,
-    epoch: &Epoch,
+    connector: &Connector,
     pool_size: u32,
     timeout: Duration,
     check_within: Duration,
@@ -149,11 +189,10 @@ pub(super) fn build(
         .connection_timeout(timeout)
         .error_handler(Box::new(LogPoolErrors))
         .build(Manager {
-            url: url.clone(),
-            epoch: epoch.clone(),
+            connector: connector.clone(),
             check_within,
         })
-        .map_err(|e| StorageError::Unavailable(format!("{url}: {e}")))
+        .map_err(|e| StorageError::Unavailable(format!("{}: {e}", connector.url)))
 }
 
 impl DieselStorage {
@@ -230,9 +269,12 @@ impl DieselStorage {
         let mut kept = self.health.try_lock().map_err(|_| {
             StorageError::Unavailable(format!("{}: the previous check has not answered", self.url))
         })?;
+        let began = moment();
         let checked = match kept.take() {
             Some(link) if !link.is_stale() => Ok(link),
-            _ => open_link(&self.url, &self.epoch)
+            _ => self
+                .connector
+                .open()
                 .map_err(|e| StorageError::Unavailable(format!("{}: {e}", self.url))),
         }
         .and_then(|mut link| {
@@ -246,8 +288,9 @@ impl DieselStorage {
         });
         if checked.is_err() {
             // The database may have ended every connection, or moved (a failover): none opened
-            // before is trusted again, and calls still waiting on them are cut off now.
-            self.epoch.cut_off();
+            // before this check began is trusted again, and calls still waiting on them are cut
+            // off now. (One opened since, perhaps to the new primary, stays.)
+            self.connector.epoch.cut_off(began);
         }
         checked
     }

@@ -3,6 +3,7 @@
 //! show one, and opening one connection to it, set up as every connection of the ledger must be.
 
 use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -132,6 +133,28 @@ impl PgTimeouts {
             ),
         ]
     }
+}
+
+/// A PostgreSQL URL cut around its hosts: what comes before them, each `HOST[:PORT]` of the
+/// authority (`postgres://user@h1:5432,h2:5433/db`), and what comes after them; `None` when the
+/// URL names its hosts otherwise (`?host=`).
+fn split_hosts(url: &str) -> Option<(&str, Vec<&str>, &str)> {
+    let start = url.find("://")? + 3;
+    let authority_end = url[start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |end| start + end);
+    let hosts_start = url[start..authority_end]
+        .rfind('@')
+        .map_or(start, |at| start + at + 1);
+    let hosts = &url[hosts_start..authority_end];
+    if hosts.is_empty() {
+        return None;
+    }
+    Some((
+        &url[..hosts_start],
+        hosts.split(',').collect(),
+        &url[authority_end..],
+    ))
 }
 
 /// The `NAME=VALUE` pairs of a URL's query (before any `#`), in order; values as written.
@@ -288,14 +311,28 @@ impl DatabaseUrl {
         }
     }
 
-    /// The URL libpq connects with: the given one, and the master's timeouts it does not set.
-    fn libpq_url(url: &str) -> String {
+    /// The URL libpq connects with: the given one, and the master's timeouts it does not set;
+    /// with several hosts, host number `first` (from 0, in the URL's order) tried first.
+    fn libpq_url(url: &str, first: Option<usize>) -> String {
         let given: Vec<&str> = query_parameters(url).map(|(name, _)| name).collect();
         let timeouts = PgTimeouts::of(url).unwrap_or(PgTimeouts::DEFAULT);
         let (base, fragment) = url
             .split_once('#')
             .map_or((url, None), |(b, f)| (b, Some(f)));
-        let mut full = base.to_string();
+        let mut full = match (first, split_hosts(base)) {
+            (Some(first), Some((before, hosts, after))) if first < hosts.len() => {
+                let mut ordered = vec![hosts[first]];
+                ordered.extend(
+                    hosts
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != first)
+                        .map(|(_, h)| *h),
+                );
+                format!("{before}{}{after}", ordered.join(","))
+            }
+            _ => base.to_string(),
+        };
         for (name, value) in timeouts.as_parameters() {
             if !given.contains(&name) {
                 full.push(if full.contains('?') { '&' } else { '?' });
@@ -311,8 +348,39 @@ impl DatabaseUrl {
         full
     }
 
+    /// PostgreSQL with several hosts: which of the URL's hosts (from 0, in its order) is at
+    /// `peer`, the address a connection went to. Names are resolved.
+    pub(super) fn host_at(&self, peer: SocketAddr) -> Option<usize> {
+        let DatabaseUrl::Postgres(url) = self else {
+            return None;
+        };
+        let base = url.split_once('#').map_or(url.as_str(), |(b, _)| b);
+        let (_, hosts, _) = split_hosts(base)?;
+        if hosts.len() < 2 {
+            return None;
+        }
+        hosts.iter().position(|host| {
+            let (name, port) = match host.rsplit_once(':') {
+                // `[::1]:5432`, `h:5432`; a bare IPv6 address has no brackets and no port.
+                Some((name, port)) if !name.is_empty() && !port.contains(']') => {
+                    (name, port.parse().unwrap_or(5432))
+                }
+                _ => (*host, 5432),
+            };
+            let name = name.trim_start_matches('[').trim_end_matches(']');
+            (name, port)
+                .to_socket_addrs()
+                .is_ok_and(|mut addrs| addrs.any(|a| a == peer))
+        })
+    }
+
     /// Opens a connection, set up for the ledger: SQLite's pragmas, PostgreSQL's custom plans.
-    pub(super) fn connect(&self) -> Result<AnyConnection, diesel::r2d2::Error> {
+    /// With several PostgreSQL hosts, host number `first` is tried first (see
+    /// [`DatabaseUrl::host_at`]).
+    pub(super) fn connect(
+        &self,
+        first: Option<usize>,
+    ) -> Result<AnyConnection, diesel::r2d2::Error> {
         use diesel::r2d2::Error;
         match self {
             DatabaseUrl::Sqlite(path) => {
@@ -336,7 +404,7 @@ impl DatabaseUrl {
                 Ok(AnyConnection::Sqlite(conn))
             }
             DatabaseUrl::Postgres(url) => {
-                let mut conn = PgConnection::establish(&Self::libpq_url(url))
+                let mut conn = PgConnection::establish(&Self::libpq_url(url, first))
                     .map_err(Error::ConnectionError)?;
                 // diesel keeps its statements prepared. PostgreSQL would soon switch them to one
                 // generic plan, made while the ledger was small: a sequential scan that then
@@ -359,7 +427,7 @@ mod tests {
     fn timeouts_are_set_unless_the_url_sets_them() {
         let url = "postgres://u@h1:5432,h2:5433/db?target_session_attrs=read-write";
         assert_eq!(
-            DatabaseUrl::libpq_url(url),
+            DatabaseUrl::libpq_url(url, None),
             format!(
                 "{url}&connect_timeout=3&keepalives=1&keepalives_idle=5&keepalives_interval=2&keepalives_count=3&tcp_user_timeout=10000"
             )
@@ -369,7 +437,7 @@ mod tests {
 
         let own = "postgres://u@h/db?connect_timeout=7&tcp_user_timeout=2500&keepalives=0#f";
         assert_eq!(
-            DatabaseUrl::libpq_url(own),
+            DatabaseUrl::libpq_url(own, None),
             "postgres://u@h/db?connect_timeout=7&tcp_user_timeout=2500&keepalives=0&keepalives_idle=5&keepalives_interval=2&keepalives_count=3#f"
         );
         let parsed: DatabaseUrl = own.parse().unwrap();
@@ -380,9 +448,22 @@ mod tests {
         assert_eq!(timeouts.keepalives_count, 3);
 
         assert_eq!(
-            DatabaseUrl::libpq_url("postgres://u@h/db"),
+            DatabaseUrl::libpq_url("postgres://u@h/db", None),
             "postgres://u@h/db?connect_timeout=3&keepalives=1&keepalives_idle=5&keepalives_interval=2&keepalives_count=3&tcp_user_timeout=10000"
         );
+        // The host that took the last connection is tried first; the others keep their order.
+        let three = "postgres://u:p@a:1,127.0.0.1:2,[::1]:3/db?x=1";
+        assert!(
+            DatabaseUrl::libpq_url(three, Some(2))
+                .starts_with("postgres://u:p@[::1]:3,a:1,127.0.0.1:2/db?x=1&connect_timeout=3")
+        );
+        assert!(DatabaseUrl::libpq_url(three, Some(7)).starts_with(three));
+        let parsed: DatabaseUrl = three.parse().unwrap();
+        assert_eq!(parsed.host_at("127.0.0.1:2".parse().unwrap()), Some(1));
+        assert_eq!(parsed.host_at("[::1]:3".parse().unwrap()), Some(2));
+        assert_eq!(parsed.host_at("127.0.0.1:9".parse().unwrap()), None);
+        let one: DatabaseUrl = "postgres://u@127.0.0.1:2/db".parse().unwrap();
+        assert_eq!(one.host_at("127.0.0.1:2".parse().unwrap()), None);
         let refused = "postgres://u@h/db?connect_timeout=2s"
             .parse::<DatabaseUrl>()
             .unwrap_err();

@@ -30,6 +30,8 @@ mod tls;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ledger_storage::PgTimeouts;
@@ -168,6 +170,10 @@ pub struct ListenTarget {
     tls: TlsSettings,
     /// The longest one host's attempt may take.
     connect_timeout: Duration,
+    /// The host (from 1, in the URL's order) that took the last connection, tried first by the
+    /// next: after a failover the old primary would otherwise cost every reconnect its
+    /// `connect_timeout`. 0 when none is known.
+    last_host: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for ListenTarget {
@@ -276,6 +282,7 @@ impl ListenTarget {
             base,
             tls,
             connect_timeout: timeouts.connect,
+            last_host: Arc::new(AtomicUsize::new(0)),
         };
         target.hosts()?;
         Ok(target)
@@ -369,7 +376,17 @@ impl ListenTarget {
         // then tries plaintext, as libpq does).
         let mut tls: Option<Result<MakeRustlsConnect, String>> = None;
         let mut failures = Vec::new();
-        for host in self.hosts()? {
+        let mut hosts: Vec<(usize, HostTarget)> = self.hosts()?.into_iter().enumerate().collect();
+        // With `load_balance_hosts=random` the order is new at every attempt, as libpq's.
+        let ordered = self.base.get_load_balance_hosts() != LoadBalanceHosts::Random;
+        if ordered
+            && let Some(last) = self.last_host.load(Ordering::Relaxed).checked_sub(1)
+            && let Some(at) = hosts.iter().position(|(i, _)| *i == last)
+        {
+            let preferred = hosts.remove(at);
+            hosts.insert(0, preferred);
+        }
+        for (index, host) in hosts {
             for &mode in self.attempts(&host) {
                 let label = host.label(mode);
                 let connector = if mode == PgSslMode::Disable {
@@ -397,6 +414,9 @@ impl ListenTarget {
                 let config = self.config_for(&host, mode);
                 match tokio::time::timeout(self.connect_timeout, config.connect(connector)).await {
                     Ok(Ok((client, connection))) => {
+                        if ordered {
+                            self.last_host.store(index + 1, Ordering::Relaxed);
+                        }
                         return Ok(Listening {
                             client,
                             connection,
