@@ -351,9 +351,13 @@ async fn masters_recover_when_their_database_connections_drop_under_load() {
 }
 
 async fn health_of(channel: &Channel) -> Option<i32> {
+    health_of_service(channel, "ledger.v1.LedgerService").await
+}
+
+async fn health_of_service(channel: &Channel, service: &str) -> Option<i32> {
     let mut health = HealthClient::new(channel.clone());
     let request = HealthCheckRequest {
-        service: "ledger.v1.LedgerService".into(),
+        service: service.into(),
     };
     health
         .check(request)
@@ -391,6 +395,11 @@ async fn a_master_without_its_database_is_not_serving_and_recovers_by_itself() {
         async move { health_of(&channel).await == Some(ServingStatus::NotServing as i32) }
     })
     .await;
+    // The server as a whole (a probe naming no service) says the same.
+    assert_eq!(
+        health_of_service(&channel, "").await,
+        Some(ServingStatus::NotServing as i32)
+    );
     // Open streams end, so their subscribers can move to a master that can serve them.
     let ended = loop {
         match within(30, "the stream to end", events.message()).await {
@@ -409,6 +418,10 @@ async fn a_master_without_its_database_is_not_serving_and_recovers_by_itself() {
         async move { health_of(&channel).await == Some(ServingStatus::Serving as i32) }
     })
     .await;
+    assert_eq!(
+        health_of_service(&channel, "").await,
+        Some(ServingStatus::Serving as i32)
+    );
     insert(&mut client, &config(1, 2)).await.unwrap();
     let mut resumed = stream(&mut client, 1).await;
     let event = next_change(&mut resumed).await;

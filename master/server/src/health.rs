@@ -27,6 +27,19 @@ pub const UPSTREAM_SERVICE: &str = "ledger.v1.LedgerService/upstream";
 /// ledger's own service may stay `SERVING`).
 pub const WRITES_SERVICE: &str = "ledger.v1.LedgerService/writes";
 
+/// Sets the ledger's status: `ledger.v1.LedgerService` and the server as a whole (`""`, what a
+/// probe that names no service asks), which follow each other.
+pub async fn set_ledger_status(health: &HealthReporter, status: ServingStatus) {
+    // `""` first: whoever saw the named service change finds `""` changed too.
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <LedgerServiceServer<LedgerGrpc> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
 /// Checks the database every `interval` until `shutdown` is cancelled, and reports each change
 /// of state once: in the log, on `health`, and on the feed (which ends the streams).
 ///
@@ -83,16 +96,12 @@ pub async fn watch_database(
         match error {
             Some(error) => {
                 tracing::error!(%error, "the database does not answer: NOT_SERVING, streams ended, writes UNAVAILABLE");
-                health
-                    .set_not_serving::<LedgerServiceServer<LedgerGrpc>>()
-                    .await;
+                set_ledger_status(&health, ServingStatus::NotServing).await;
             }
             None => {
                 tracing::info!("the database answers again: SERVING");
                 follower::catch_up(&storage, &feed).await;
-                health
-                    .set_serving::<LedgerServiceServer<LedgerGrpc>>()
-                    .await;
+                set_ledger_status(&health, ServingStatus::Serving).await;
             }
         }
     }
@@ -138,9 +147,7 @@ pub async fn watch_writer(
                 health
                     .set_service_status(WRITES_SERVICE, ServingStatus::NotServing)
                     .await;
-                health
-                    .set_not_serving::<LedgerServiceServer<LedgerGrpc>>()
-                    .await;
+                set_ledger_status(&health, ServingStatus::NotServing).await;
                 return reason;
             }
         }

@@ -251,9 +251,7 @@ pub async fn serve_with(
         tonic_health::server::HealthService::from_health_reporter(health.clone()),
         options.access.streams.clone(),
     ));
-    health
-        .set_serving::<LedgerServiceServer<LedgerGrpc>>()
-        .await;
+    health::set_ledger_status(&health, tonic_health::ServingStatus::Serving).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ledger_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -298,9 +296,7 @@ pub async fn serve_with(
             .serve_with_incoming_shutdown(incoming, async {
                 shutdown.await;
                 tracing::info!("shutting down: no new connections; ending streams");
-                health
-                    .set_not_serving::<LedgerServiceServer<LedgerGrpc>>()
-                    .await;
+                health::set_ledger_status(&health, tonic_health::ServingStatus::NotServing).await;
                 streams_shutdown.cancel();
             }),
     );
