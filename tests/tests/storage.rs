@@ -109,6 +109,7 @@ on_both_backends!(
     anylog_columns_hold_the_policy_date_status_and_host,
     a_copy_keeps_the_upstreams_seqs_and_a_snapshot_replaces_it,
     a_ledger_of_the_first_schema_is_migrated_in_place,
+    the_followed_block_survives_reopening,
 );
 
 fn inserts_take_consecutive_seqs(backend: &str) {
@@ -733,4 +734,28 @@ fn a_ledger_of_the_first_schema_is_migrated_in_place(backend: &str) {
     let next = storage.apply(&[insert(5)]).unwrap();
     assert_eq!(next[0].as_ref().unwrap().seq, 5);
     assert_eq!(storage.get("id-5").unwrap().unwrap().seq, 5);
+}
+
+/// A master that follows a blockchain keeps the block its ledger holds: none at first, the last
+/// one set afterwards, across a reopening.
+fn the_followed_block_survives_reopening(backend: &str) {
+    let fresh = fresh(backend);
+    let storage = open(&fresh.url);
+    assert_eq!(storage.chain_position().unwrap(), None);
+    let first = ledger_storage::ChainPosition {
+        block_number: 7,
+        block_hash: format!("0x{}", "ab".repeat(32)),
+        transaction_count: 3,
+    };
+    storage.set_chain_position(&first).unwrap();
+    assert_eq!(storage.chain_position().unwrap(), Some(first));
+    let later = ledger_storage::ChainPosition {
+        block_number: 12,
+        block_hash: format!("0x{}", "cd".repeat(32)),
+        transaction_count: 5,
+    };
+    storage.set_chain_position(&later).unwrap();
+    drop(storage);
+    let reopened = open(&fresh.url);
+    assert_eq!(reopened.chain_position().unwrap(), Some(later));
 }

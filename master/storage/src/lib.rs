@@ -113,6 +113,17 @@ pub struct Bounds {
     pub pruned_seq: u64,
 }
 
+/// The block of a followed blockchain whose contract state the ledger holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainPosition {
+    /// The block's number.
+    pub block_number: u64,
+    /// The block's hash, `0x`-prefixed hex.
+    pub block_hash: String,
+    /// The contract's `transaction_count()` at that block.
+    pub transaction_count: u64,
+}
+
 /// What [`Storage::snapshot`] hands its sink.
 #[derive(Debug)]
 pub enum SnapshotPart {
@@ -350,6 +361,14 @@ pub trait Storage: Send + Sync + 'static {
     /// Drops the change-log entries up to `through_seq` (never beyond the head); subscribers
     /// behind it get a snapshot instead of a replay.
     fn prune_changes(&self, through_seq: u64) -> Result<(), StorageError>;
+
+    /// The followed blockchain's block the ledger holds, if the master follows one and applied
+    /// a poll.
+    fn chain_position(&self) -> Result<Option<ChainPosition>, StorageError>;
+
+    /// Records the block the ledger now holds (after its changes were committed: a crash in
+    /// between makes the next poll diff again, which finds nothing left to apply).
+    fn set_chain_position(&self, position: &ChainPosition) -> Result<(), StorageError>;
 }
 
 #[cfg(test)]

@@ -34,3 +34,13 @@ diesel::table! {
         pruned_seq -> BigInt,
     }
 }
+
+diesel::table! {
+    /// The block whose contract state the ledger holds, on a master that follows a blockchain.
+    ledger_chain (id) {
+        id -> Integer,
+        block_number -> BigInt,
+        block_hash -> Text,
+        transaction_count -> BigInt,
+    }
+}

@@ -19,7 +19,8 @@ use diesel::prelude::*;
 use diesel::r2d2::Pool;
 
 use crate::{
-    Bounds, Change, Rejection, SnapshotPart, Storage, StorageError, StoredPolicy, WriteOp,
+    Bounds, ChainPosition, Change, Rejection, SnapshotPart, Storage, StorageError, StoredPolicy,
+    WriteOp,
 };
 
 mod deadline;
@@ -218,6 +219,17 @@ impl Storage for DieselStorage {
     fn replace(&self, seq: u64, policies: &[StoredPolicy]) -> Result<(), StorageError> {
         // Without a deadline: a whole ledger may take longer than any statement should.
         replicate::replace(self.conn()?.conn(), seq, policies)
+    }
+
+    fn chain_position(&self) -> Result<Option<ChainPosition>, StorageError> {
+        self.read(replicate::chain_position)
+    }
+
+    fn set_chain_position(&self, position: &ChainPosition) -> Result<(), StorageError> {
+        self.conn()?
+            .call(self.timeouts.write, StorageError::OutcomeUnknown, |c| {
+                replicate::set_chain_position(c, position)
+            })
     }
 
     fn prune_changes(&self, through_seq: u64) -> Result<(), StorageError> {

@@ -1,13 +1,13 @@
 //! Changes committed elsewhere, stored with their own seqs (a copy of another ledger): a run of
-//! changes ([`replicate`]), a whole ledger at a seq ([`replace`]); and the change log's pruned
-//! prefix ([`prune_changes`]).
+//! changes ([`replicate`]), a whole ledger at a seq ([`replace`]); the change log's pruned
+//! prefix ([`prune_changes`]); and the block of a followed blockchain ([`chain_position`]).
 
 use diesel::prelude::*;
 
 use super::AnyConnection;
 use super::rows::{lock_head, retire_policy, set_head};
-use crate::schema::{ledger, ledger_changes, ledger_head};
-use crate::{Change, ChangeKind, StorageError, StoredPolicy};
+use crate::schema::{ledger, ledger_chain, ledger_changes, ledger_head};
+use crate::{ChainPosition, Change, ChangeKind, StorageError, StoredPolicy};
 
 /// Inserts the `ledger` row of a policy copied from upstream, its columns read from its line.
 fn insert_copied_row(
@@ -134,6 +134,47 @@ pub(super) fn prune_changes(
                 ledger_head::pruned_seq.eq(through as i64),
             ))
             .execute(c)?;
+        Ok(())
+    })
+}
+
+/// [`Storage::chain_position`](crate::Storage::chain_position).
+pub(super) fn chain_position(c: &mut AnyConnection) -> Result<Option<ChainPosition>, StorageError> {
+    let row: Option<(i64, String, i64)> = ledger_chain::table
+        .find(1)
+        .select((
+            ledger_chain::block_number,
+            ledger_chain::block_hash,
+            ledger_chain::transaction_count,
+        ))
+        .first(c)
+        .optional()?;
+    Ok(row.map(|(number, hash, count)| ChainPosition {
+        block_number: number as u64,
+        block_hash: hash,
+        transaction_count: count as u64,
+    }))
+}
+
+/// [`Storage::set_chain_position`](crate::Storage::set_chain_position).
+pub(super) fn set_chain_position(
+    c: &mut AnyConnection,
+    position: &ChainPosition,
+) -> Result<(), StorageError> {
+    c.transaction(|c| {
+        let values = (
+            ledger_chain::block_number.eq(position.block_number as i64),
+            ledger_chain::block_hash.eq(&position.block_hash),
+            ledger_chain::transaction_count.eq(position.transaction_count as i64),
+        );
+        let updated = diesel::update(ledger_chain::table.find(1))
+            .set(values.clone())
+            .execute(c)?;
+        if updated == 0 {
+            diesel::insert_into(ledger_chain::table)
+                .values((ledger_chain::id.eq(1), values.0, values.1, values.2))
+                .execute(c)?;
+        }
         Ok(())
     })
 }
