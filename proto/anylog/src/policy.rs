@@ -82,6 +82,14 @@ pub enum PolicyError {
     /// The body has an `id` that is not a non-empty string.
     #[error("the policy id must be a non-empty string")]
     InvalidId,
+    /// A policy stored under a key (a contract's policy id) whose body says another id, or none.
+    #[error("the policy is stored under id {} but its body's id is {}", quote(.key), .id.as_deref().map_or_else(|| "missing".to_owned(), quote))]
+    IdMismatch {
+        /// The id it is stored under.
+        key: String,
+        /// The body's `id`, if it has a string one.
+        id: Option<String>,
+    },
 }
 
 impl PolicyError {
@@ -97,6 +105,7 @@ impl PolicyError {
             PolicyError::EmptyType => "EMPTY_TYPE",
             PolicyError::BodyNotObject { .. } => "BODY_NOT_OBJECT",
             PolicyError::InvalidId => "INVALID_ID",
+            PolicyError::IdMismatch { .. } => "ID_MISMATCH",
         }
     }
 }
@@ -139,6 +148,30 @@ pub fn complete(text: &str, now: DateTime<Utc>) -> Result<CompletedPolicy, Polic
     body.insert("date".to_owned(), date);
     body.insert("ledger".to_owned(), Value::String(LEDGER_GLOBAL.to_owned()));
     Ok(completed(id, policy_type, body))
+}
+
+/// Reads a policy a node completed and stored elsewhere under `key` (a contract's policy id,
+/// written as `json.dumps(policy)`): validated as [`complete`] validates, completed by nobody,
+/// and refused unless its body's `id` is `key`. Its line is `json.dumps` of what was read, as a
+/// node syncing from the same contract writes it.
+pub fn completed_elsewhere(key: &str, text: &str) -> Result<CompletedPolicy, PolicyError> {
+    let (policy_type, body) = parse_policy(text)?;
+    match body.get("id") {
+        Some(Value::String(id)) if id == key => {}
+        Some(Value::String(id)) => {
+            return Err(PolicyError::IdMismatch {
+                key: key.to_owned(),
+                id: Some(id.clone()),
+            });
+        }
+        _ => {
+            return Err(PolicyError::IdMismatch {
+                key: key.to_owned(),
+                id: None,
+            });
+        }
+    }
+    Ok(completed(key.to_owned(), policy_type, body))
 }
 
 /// The policy `{policy_type: body}`, complete, with the `ledger` table's columns read from it.
@@ -698,6 +731,40 @@ mod tests {
         for text in ok {
             complete(&text, now()).unwrap_or_else(|e| panic!("{e}: {text}"));
         }
+    }
+
+    #[test]
+    fn a_policy_completed_elsewhere_keeps_its_text_and_needs_its_id() {
+        let text = r#"{"operator": {"name": "op1", "company": "Acme", "id": "abc", "date": "2026-12-01T10:00:00.000000Z", "ledger": "global"}}"#;
+        let policy = completed_elsewhere("abc", text).unwrap();
+        assert_eq!(policy.id, "abc");
+        assert_eq!(policy.policy_type, "operator");
+        assert_eq!(policy.company.as_deref(), Some("Acme"));
+        assert!(policy.date.is_some());
+        assert_eq!(
+            policy.json, text,
+            "json.dumps of json.loads of a json.dumps text is itself"
+        );
+        // Other spacing is written back as json.dumps writes it.
+        let compact = r#"{"operator":{"name":"op1","id":"abc"}}"#;
+        assert_eq!(
+            completed_elsewhere("abc", compact).unwrap().json,
+            r#"{"operator": {"name": "op1", "id": "abc"}}"#
+        );
+        assert_eq!(
+            completed_elsewhere("xyz", text),
+            Err(PolicyError::IdMismatch {
+                key: "xyz".into(),
+                id: Some("abc".into())
+            })
+        );
+        let no_id = completed_elsewhere("abc", r#"{"operator": {"name": "op1"}}"#).unwrap_err();
+        assert_eq!(no_id.problem(), "ID_MISMATCH");
+        assert!(no_id.to_string().contains("missing"), "{no_id}");
+        assert!(matches!(
+            completed_elsewhere("abc", "[1]"),
+            Err(PolicyError::WrongStructure { .. })
+        ));
     }
 
     #[test]
