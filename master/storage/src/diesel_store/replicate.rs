@@ -168,7 +168,7 @@ pub(super) fn set_chain_position(
             ledger_chain::transaction_count.eq(position.transaction_count as i64),
         );
         let updated = diesel::update(ledger_chain::table.find(1))
-            .set(values.clone())
+            .set(values)
             .execute(c)?;
         if updated == 0 {
             diesel::insert_into(ledger_chain::table)
