@@ -50,6 +50,10 @@ pub mod key {
     pub const STALL_TIMEOUT_MS: &str = "stall_timeout_ms";
     /// The client's deadline, in milliseconds.
     pub const TIMEOUT_MS: &str = "timeout_ms";
+    /// The hash of a write's transaction on the followed chain, `0x`-prefixed hex.
+    pub const TX_HASH: &str = "tx_hash";
+    /// The number of the block a write's transaction is in.
+    pub const BLOCK: &str = "block";
 }
 
 impl Reason {
@@ -81,8 +85,11 @@ impl Reason {
             | Reason::DatabaseUnavailable
             | Reason::DatabaseBusy
             | Reason::WriteOutcomeUnknown
-            | Reason::LedgerNotReady => Code::Unavailable,
-            Reason::LedgerReplaced => Code::Aborted,
+            | Reason::LedgerNotReady
+            | Reason::ChainUnavailable
+            | Reason::ChainPending => Code::Unavailable,
+            Reason::ChainKeyMissing => Code::FailedPrecondition,
+            Reason::LedgerReplaced | Reason::ChainReverted => Code::Aborted,
             Reason::DeadlineExceeded => Code::DeadlineExceeded,
             Reason::DatabaseError | Reason::LedgerCorrupt => Code::Internal,
         }

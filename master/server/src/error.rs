@@ -106,6 +106,20 @@ pub enum LedgerError {
     /// The storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A write to the followed chain's contract failed or is still pending.
+    #[error(transparent)]
+    Chain(#[from] crate::chain::ContractError),
+    /// A write's transaction is mined, in `block`, and the master has not followed the chain
+    /// that far yet (it follows the head minus `confirmations`).
+    #[error(
+        "the transaction is in block {block}, which this master has not applied yet (it follows the chain's head minus {confirmations} confirmations): the write takes effect when it does"
+    )]
+    ChainBehind {
+        /// The block the transaction is in.
+        block: u64,
+        /// How many blocks the master stays behind the head.
+        confirmations: u64,
+    },
 }
 
 /// Why a server's TLS files or auth file could not be used: it does not start.

@@ -66,6 +66,9 @@ pub struct LedgerInfo {
     pub digest: String,
     /// The lowest `after_seq` a stream can replay from.
     pub oldest_replayable_seq: u64,
+    /// On a master that follows a chain: the block its copy holds, and how far the chain's
+    /// head was ahead of it at the last poll.
+    pub chain: Option<(ledger_storage::ChainPosition, u64)>,
 }
 
 /// The ledger at one seq as the lines of a member's `blockchain.json`.
@@ -100,6 +103,7 @@ impl DigestState {
             policy_count: self.policy_count,
             digest: self.digest.hex(),
             oldest_replayable_seq,
+            chain: None,
         }
     }
 
@@ -183,6 +187,9 @@ pub enum WritePath {
     /// A relay's upstream (a master or another relay): writes are forwarded with the caller's
     /// credentials and the upstream's answer, success or status, is returned as it is.
     Upstream(Forwarder),
+    /// A contract on a chain that the master follows: writes are its transactions, answered
+    /// once the master's copy holds them.
+    Chain(crate::chain::ChainWrites),
 }
 
 /// Who asks for a write: where from (the `host` column, the logs), and with which credentials,
@@ -308,6 +315,13 @@ impl Ledger {
                 tracing::debug!(id = %policy.id, seq = policy.seq, %host, "forwarded an insert upstream");
                 return Ok(policy);
             }
+            WritePath::Chain(chain) => {
+                // Completed here, as a node completes a policy before it writes it on chain.
+                let completed = policy::complete(policy_json, chrono::Utc::now())?;
+                let policy = chain.insert(completed).await?;
+                tracing::info!(id = %policy.id, seq = policy.seq, %host, "inserted policy through the chain");
+                return Ok(policy);
+            }
         };
         let now = chrono::Utc::now();
         let completed = policy::complete(policy_json, now)?;
@@ -353,6 +367,7 @@ impl Ledger {
                     .seq
             }
             WritePath::Upstream(upstream) => upstream.delete(id, caller).await?,
+            WritePath::Chain(chain) => chain.delete(id).await?,
         };
         tracing::info!(%id, seq, host = %caller.host, "deleted policy");
         Ok(seq)
@@ -445,6 +460,17 @@ impl Ledger {
     /// kept up to date by the inserts that follow without reading the ledger again; a delete
     /// (or a change no longer replayable) takes one full read.
     pub async fn info(&self) -> Result<LedgerInfo, LedgerError> {
+        let mut info = self.ledger_info().await?;
+        if let WritePath::Chain(chain) = &self.writes
+            && let (Some(position), lag) = chain.state().position()
+        {
+            info.chain = Some((position, lag));
+        }
+        Ok(info)
+    }
+
+    /// [`Ledger::info`] but the chain's position.
+    async fn ledger_info(&self) -> Result<LedgerInfo, LedgerError> {
         self.require_ready()?;
         // Read before the storage: a copy replaced after this is read whole again next time.
         let epoch = self.feed().epoch();

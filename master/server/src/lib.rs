@@ -13,6 +13,7 @@
 
 pub mod anylog;
 pub mod auth;
+pub mod chain;
 pub mod chain_plan;
 pub mod error;
 pub mod feed;

@@ -166,3 +166,24 @@ pub fn upstream_reset() {
 pub fn snapshot_stalled() {
     counter!("ledger_snapshots_stalled_total").increment(1);
 }
+
+/// Whether the followed chain's node answers (1) or not (0).
+pub fn chain_up(up: bool) {
+    gauge!("ledger_chain_up").set(if up { 1.0 } else { 0.0 });
+}
+
+/// The followed block's number (the chain's head minus the confirmations).
+pub fn chain_block(number: u64) {
+    gauge!("ledger_chain_block").set(number as f64);
+}
+
+/// How far the followed block is behind the chain's head, in blocks and in seconds.
+pub fn chain_lag(blocks: u64, seconds: u64) {
+    gauge!("ledger_chain_lag_blocks").set(blocks as f64);
+    gauge!("ledger_chain_lag_seconds").set(seconds as f64);
+}
+
+/// A policy on the contract was skipped: not a valid policy, or its body's id is not its key.
+pub fn chain_skipped() {
+    counter!("ledger_chain_skipped_total").increment(1);
+}

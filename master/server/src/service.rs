@@ -189,6 +189,28 @@ impl From<LedgerError> for Status {
             ),
             // A relay passes its upstream's answer on unchanged, reason and all.
             LedgerError::Upstream(status) => return status,
+            LedgerError::Chain(e) => {
+                use crate::chain::ContractError;
+                match e {
+                    ContractError::AlreadyExists(id) => {
+                        (Reason::PolicyExists, vec![(key::POLICY_ID, id)])
+                    }
+                    ContractError::NotFound(id) => {
+                        (Reason::PolicyNotFound, vec![(key::POLICY_ID, id)])
+                    }
+                    ContractError::Unreachable(_) => (Reason::ChainUnavailable, vec![]),
+                    ContractError::Timeout { tx, .. } => {
+                        (Reason::ChainPending, vec![(key::TX_HASH, tx)])
+                    }
+                    ContractError::NoKey => (Reason::ChainKeyMissing, vec![]),
+                    ContractError::Reverted { tx, .. } => {
+                        (Reason::ChainReverted, vec![(key::TX_HASH, tx)])
+                    }
+                }
+            }
+            LedgerError::ChainBehind { block, .. } => {
+                (Reason::ChainPending, vec![(key::BLOCK, block.to_string())])
+            }
             LedgerError::Storage(e) => match e.failure() {
                 Failure::DiskFull => (Reason::DiskFull, vec![]),
                 Failure::OutcomeUnknown => (Reason::WriteOutcomeUnknown, vec![]),
@@ -374,6 +396,12 @@ impl LedgerService for LedgerGrpc {
             policy_count: info.policy_count,
             digest: info.digest,
             oldest_replayable_seq: info.oldest_replayable_seq,
+            chain: info.chain.map(|(position, lag_blocks)| pb::ChainPosition {
+                block_number: position.block_number,
+                block_hash: position.block_hash,
+                transaction_count: position.transaction_count,
+                lag_blocks,
+            }),
         }))
     }
 
