@@ -312,6 +312,56 @@ pub struct Config {
     /// refused (PERMISSION_DENIED) when the relay has credentials of its own upstream.
     #[arg(long, env = "LEDGER_UPSTREAM_WRITE_AS_SELF", requires = "upstreams")]
     pub upstream_write_as_self: bool,
+
+    /// An Ethereum node's JSON-RPC URL (http://HOST:PORT). Its presence makes a contract on that
+    /// chain (--ethereum-contract) the ledger's source of truth: the master follows it into its
+    /// database, its local copy, which members stream from; writes become transactions.
+    #[arg(
+        long,
+        env = "LEDGER_ETHEREUM_RPC",
+        requires = "ethereum_contract",
+        conflicts_with = "upstreams"
+    )]
+    pub ethereum_rpc: Option<String>,
+
+    /// The address of the ledger's contract (0x and 40 hex digits), EdgeLake's ABI.
+    #[arg(long, env = "LEDGER_ETHEREUM_CONTRACT", requires = "ethereum_rpc")]
+    pub ethereum_contract: Option<String>,
+
+    /// A file holding the hex private key that signs the master's writes (with or without 0x;
+    /// surrounding whitespace ignored). Without it, writes are refused (FAILED_PRECONDITION).
+    #[arg(long, env = "LEDGER_ETHEREUM_KEY_FILE", requires = "ethereum_rpc")]
+    pub ethereum_key_file: Option<PathBuf>,
+
+    /// The chain's id, for signing; by default asked from the node.
+    #[arg(long, env = "LEDGER_ETHEREUM_CHAIN_ID", requires = "ethereum_rpc")]
+    pub ethereum_chain_id: Option<u64>,
+
+    /// Follow the block this many below the node's head. 0 follows the head as the node reports
+    /// it (on Optimism, the unsafe head): the fastest, and a reorg is only the next poll's diff
+    /// (what vanished is deleted). A K > 0 keeps reorgs shorter than K blocks away from the
+    /// members, and a write is answered K blocks later.
+    #[arg(
+        long,
+        env = "LEDGER_ETHEREUM_CONFIRMATIONS",
+        default_value_t = 0,
+        requires = "ethereum_rpc"
+    )]
+    pub ethereum_confirmations: u64,
+
+    /// How often the contract's state is read.
+    #[arg(long, env = "LEDGER_ETHEREUM_POLL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub ethereum_poll: Duration,
+
+    /// The longest completed policy written to the contract, in bytes. Its gas grows ~1,400 per
+    /// byte (the text is stored twice): 16 KiB needs ~23 M gas, within a 30 M gas block.
+    #[arg(long, env = "LEDGER_ETHEREUM_MAX_POLICY_BYTES", default_value_t = 16 * 1024)]
+    pub ethereum_max_policy_bytes: usize,
+
+    /// How long a write waits for its transaction's receipt and for the master to apply it;
+    /// past it, UNAVAILABLE (CHAIN_PENDING) with the transaction's hash: it may still take effect.
+    #[arg(long, env = "LEDGER_ETHEREUM_WRITE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ethereum_write_timeout: Duration,
 }
 
 /// Where the AnyLog protocol is served (`--anylog-listen`).
