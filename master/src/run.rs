@@ -33,6 +33,9 @@ use crate::registration;
 /// Runs the master described by `config` until `shutdown` completes, then stops accepting,
 /// ends the streams, finishes the in-flight calls and commits the queued writes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    if config.ethereum_rpc.is_some() {
+        return Err("--ethereum-rpc: this build of the master cannot follow a chain yet".into());
+    }
     if let Some(addr) = config.metrics_addr {
         // It logs the address bound, the one to scrape when ADDR asks for port 0.
         metrics::install(addr).await?;
