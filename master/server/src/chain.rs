@@ -76,11 +76,19 @@ pub enum ContractError {
     /// The transaction failed for another reason.
     #[error("transaction {tx} failed: {reason}")]
     Reverted {
-        /// The transaction's hash.
+        /// The transaction's hash (empty when it failed before it was sent).
         tx: String,
         /// Why, as the chain says.
         reason: String,
     },
+    /// The block a read was pinned to is no longer on the chain (a reorg): the next poll reads
+    /// at the new head.
+    #[error("the block read is no longer on the chain: {0}")]
+    Reorged(String),
+    /// The node answers, but not as the master needs: another chain than the key's, no contract
+    /// at the address, an answer that does not decode.
+    #[error("{0}")]
+    Misconfigured(String),
 }
 
 /// What a call to the chain returns.
@@ -94,15 +102,16 @@ pub trait FollowedContract: Send + Sync + 'static {
     /// Block `number`.
     fn block(&self, number: u64) -> ContractCall<'_, BlockRef>;
     /// The contract's `transaction_count()` at block `at`.
-    fn transaction_count(&self, at: u64) -> ContractCall<'_, u64>;
+    fn transaction_count<'a>(&'a self, at: &'a BlockRef) -> ContractCall<'a, u64>;
     /// Every policy id the contract holds at block `at`, in its array order.
-    fn policy_ids(&self, at: u64) -> ContractCall<'_, Vec<String>>;
-    /// The text of each of `ids` at block `at`, as `(id, text)`; an id not stored is left out.
+    fn policy_ids<'a>(&'a self, at: &'a BlockRef) -> ContractCall<'a, Vec<String>>;
+    /// The texts of the policies at `indexes` of the contract's array (`policies(i)`: EdgeLake's
+    /// contract answers `getPolicy` with an event, not a value) at block `at`.
     fn policies<'a>(
         &'a self,
-        ids: &'a [String],
-        at: u64,
-    ) -> ContractCall<'a, Vec<(String, String)>>;
+        indexes: &'a [u64],
+        at: &'a BlockRef,
+    ) -> ContractCall<'a, Vec<String>>;
     /// Sends `insert(id, json)` and waits up to `within` for its receipt: the block it is in.
     fn insert<'a>(&'a self, id: &'a str, json: &'a str, within: Duration) -> ContractCall<'a, u64>;
     /// Sends `deletePolicy(id)` and waits up to `within` for its receipt: the block it is in.
@@ -375,7 +384,7 @@ impl Follower {
         if held.as_ref().is_some_and(|p| p.block_hash == block.hash) {
             return Ok(());
         }
-        let count = self.contract.transaction_count(block.number).await?;
+        let count = self.contract.transaction_count(&block).await?;
         // The block held is still on the chain (no reorg under it) and nothing was written
         // since: only the position moves.
         let unchanged = match &held {
@@ -385,7 +394,7 @@ impl Follower {
             _ => false,
         };
         if !unchanged {
-            self.apply_state(block.number, count, held.as_ref()).await?;
+            self.apply_state(&block, count, held.as_ref()).await?;
         }
         let position = ChainPosition {
             block_number: block.number,
@@ -404,7 +413,7 @@ impl Follower {
     /// Reads the contract's state at block `at` and applies what differs from the local copy.
     async fn apply_state(
         &mut self,
-        at: u64,
+        at: &BlockRef,
         count: u64,
         held: Option<&ChainPosition>,
     ) -> Result<(), PollError> {
@@ -414,15 +423,24 @@ impl Follower {
         // updates (or a reorg), and then every body is compared.
         let written = count.abs_diff(held.map_or(0, |p| p.transaction_count));
         let explained = (diff.added.len() + diff.deleted.len()) as u64;
-        let to_read = if held.is_none() || written > explained {
-            ids
-        } else {
-            diff.added.clone()
-        };
-        let bodies = if to_read.is_empty() {
+        let read_all = held.is_none() || written > explained;
+        let added: std::collections::HashSet<&str> =
+            diff.added.iter().map(String::as_str).collect();
+        let indexes: Vec<u64> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| read_all || added.contains(id.as_str()))
+            .map(|(i, _)| i as u64)
+            .collect();
+        let bodies = if indexes.is_empty() {
             Vec::new()
         } else {
-            self.contract.policies(&to_read, at).await?
+            let texts = self.contract.policies(&indexes, at).await?;
+            indexes
+                .iter()
+                .map(|&i| ids[i as usize].clone())
+                .zip(texts)
+                .collect()
         };
         let plan = chain_plan::plan(diff.deleted, bodies, &self.local);
         self.apply(plan).await

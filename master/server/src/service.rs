@@ -198,7 +198,9 @@ impl From<LedgerError> for Status {
                     ContractError::NotFound(id) => {
                         (Reason::PolicyNotFound, vec![(key::POLICY_ID, id)])
                     }
-                    ContractError::Unreachable(_) => (Reason::ChainUnavailable, vec![]),
+                    ContractError::Unreachable(_)
+                    | ContractError::Reorged(_)
+                    | ContractError::Misconfigured(_) => (Reason::ChainUnavailable, vec![]),
                     ContractError::Timeout { tx, .. } => {
                         (Reason::ChainPending, vec![(key::TX_HASH, tx)])
                     }
