@@ -299,6 +299,9 @@ pub async fn follow(
                     tracing::error!(%reason, "the chain's node does not answer: reads and streams go on from the local copy; writes are refused (UNAVAILABLE) until it answers");
                 }
             }
+            Err(PollError::Chain(ContractError::Reorged(reason))) => {
+                tracing::info!(%reason, "the chain reorganised during a poll; the next one reads the new head");
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "a poll of the contract failed; the next one tries again")
             }
