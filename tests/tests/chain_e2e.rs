@@ -421,6 +421,38 @@ mod chain {
         ));
     }
 
+    /// The text is stored once: an insert costs about 710 gas per byte of JSON (EdgeLake's
+    /// contract, which stores it twice, about 1,400), and a delete moves only the last policy's
+    /// id into the hole, never its text, so deleting a small policy stays cheap when the last
+    /// one is large. The figures a master's policy size cap is set from.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gas_per_byte_and_cheap_deletes() {
+        let ganache = Ganache::start();
+        let client = ganache.deploy(0).await;
+        let text = |size: usize| format!(r#"{{"x": "{}"}}"#, "a".repeat(size - 9));
+        let mut gas = Vec::new();
+        for (id, size) in [("small", 1_024), ("large", 16_384)] {
+            let tx = client.insert(id, &text(size)).await.unwrap();
+            gas.push(mined(&client, tx, id).await.gas_used);
+        }
+        let per_byte = (gas[1] - gas[0]) / (16_384 - 1_024);
+        assert!(
+            (650..=760).contains(&per_byte),
+            "{per_byte} gas per byte ({gas:?})"
+        );
+        assert!(gas[1] < 12_500_000, "a 16 KB insert took {} gas", gas[1]);
+
+        // "small" is first, "large" last: the delete clears the 1 KB text (~180,000 gas) and
+        // moves "large"'s id; moving its 16 KB text would cost over 11 M.
+        let deleted = delete(&client, "small").await;
+        assert!(deleted.gas_used < 300_000, "{} gas", deleted.gas_used);
+        assert_eq!(ids(&client, At::Latest).await, ["large"]);
+        assert_eq!(
+            client.policies(&[0], At::Latest).await.unwrap(),
+            [text(16_384)]
+        );
+    }
+
     /// The sender's next nonce as the node counts it.
     async fn nonce_of(ganache: &Ganache, client: &ChainClient) -> u64 {
         let count = ganache

@@ -401,20 +401,22 @@ impl ChainClient {
 
     /// The node's latest block.
     pub async fn head(&self) -> Result<Block> {
-        self.block_at("latest").await
+        self.block_at(At::Latest).await
     }
 
     /// The block of `number`; [`ChainError::UnknownBlock`] past the head.
     pub async fn block(&self, number: u64) -> Result<Block> {
-        self.block_at(&format!("{number:#x}")).await
+        self.block_at(At::Number(number)).await
     }
 
-    async fn block_at(&self, param: &str) -> Result<Block> {
-        let block: Option<RpcBlock> = self.request("eth_getBlockByNumber", (param, false)).await?;
+    async fn block_at(&self, at: At) -> Result<Block> {
+        let block: Option<RpcBlock> = self
+            .request_at("eth_getBlockByNumber", (at.param(), false), &at)
+            .await?;
         block
             .map(RpcBlock::block)
             .ok_or_else(|| ChainError::UnknownBlock {
-                block: param.to_string(),
+                block: at.describe(),
             })
     }
 
@@ -499,7 +501,9 @@ impl ChainClient {
         let at = self.pin(at.into()).await?;
         let calls = indexes
             .iter()
-            .map(|&i| PolicyLedger::policiesCall(U256::from(i)))
+            .map(|&i| PolicyLedger::policiesCall {
+                index: U256::from(i),
+            })
             .collect();
         self.views(calls, at).await
     }
