@@ -6,6 +6,11 @@
 # (/usr/lib/postgresql/*/bin, or LEDGER_PG_BIN), or use LEDGER_TEST_POSTGRES_URL. On a machine
 # without them this script installs Debian's postgresql package when it can (root with apt-get)
 # and otherwise stops: the PostgreSQL tests never skip.
+#
+# The chain tests run ganache and the contract's compiler (solc-js) from tests/node_modules,
+# which `npm ci` installs from tests/package-lock.json when it is missing or stale
+# (scripts/npm-tools.sh). Without Node.js and npm this script installs Debian's nodejs and npm
+# when it can (root with apt-get) and otherwise stops: the chain tests never skip either.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +31,22 @@ if ! have_postgres; then
         exit 1
     }
 fi
+if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "test.sh: installing Node.js and npm (apt-get install nodejs npm)" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    fi
+fi
+# shellcheck source=scripts/npm-tools.sh
+source scripts/npm-tools.sh
+ledger_npm_tools || {
+    echo "test.sh: the chain tests need ganache and solc from npm (see above)" >&2
+    exit 1
+}
+# The committed contract artifact is what its source compiles to.
+scripts/compile-contract.sh --check
+
 command -v python3 >/dev/null || {
     echo "test.sh: python3 is needed (the member tests read blockchain.json with json.loads)" >&2
     exit 1
@@ -43,4 +64,10 @@ if [ "$pg_passed" -lt 20 ]; then
     echo "test.sh: only $pg_passed PostgreSQL tests passed; expected the whole PostgreSQL suite" >&2
     exit 1
 fi
-echo "test.sh: all tests passed ($pg_passed of them on PostgreSQL)"
+# And the chain half, against ganache.
+chain_passed=$(grep -c -E '^test chain::[a-z_0-9]+ \.\.\. ok$' "$log" || true)
+if [ "$chain_passed" -lt 10 ]; then
+    echo "test.sh: only $chain_passed chain tests passed; expected every test of tests/tests/chain_e2e.rs" >&2
+    exit 1
+fi
+echo "test.sh: all tests passed ($pg_passed of them on PostgreSQL, $chain_passed against ganache)"

@@ -1,11 +1,13 @@
-//! The test harness: starts the real `master` (and `member`) binaries and a throwaway
-//! PostgreSQL server, and gives tests a client for them. Nothing here is a mock.
+//! The test harness: starts the real `master` (and `member`) binaries, a throwaway PostgreSQL
+//! server and a local Ethereum chain (ganache), and gives tests a client for them. Nothing here
+//! is a mock.
 
 #![warn(missing_docs)]
 
 pub mod anylog;
 pub mod auth;
 pub mod client;
+pub mod ganache;
 pub mod member;
 pub mod metrics;
 pub mod netns;
@@ -18,6 +20,7 @@ pub mod tmpfs;
 use std::future::Future;
 use std::time::Duration;
 
+pub use ganache::Ganache;
 pub use member::{Member, wait_until};
 pub use postgres::PostgresServer;
 pub use process::{Master, TempMaster, binary};
