@@ -2,6 +2,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "ethereum")]
+mod chain_client;
 mod config;
 mod registration;
 mod run;

@@ -33,9 +33,6 @@ use crate::registration;
 /// Runs the master described by `config` until `shutdown` completes, then stops accepting,
 /// ends the streams, finishes the in-flight calls and commits the queued writes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    if config.ethereum_rpc.is_some() {
-        return Err("--ethereum-rpc: this build of the master cannot follow a chain yet".into());
-    }
     if let Some(addr) = config.metrics_addr {
         // It logs the address bound, the one to scrape when ADDR asks for port 0.
         metrics::install(addr).await?;
@@ -73,6 +70,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // A master writes with its writer; a relay's writes go upstream, and its copy is written
     // by its upstream link alone.
     let mut writes_health = None;
+    let mut chain_follower = None;
     let (write_path, writer, upstream) = if config.is_relay() {
         let upstream = Upstream::new(UpstreamOptions {
             follow: config.upstream_follow()?,
@@ -106,11 +104,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             },
         );
         writes_health = Some(writer.health());
-        (
-            WritePath::Local(writer),
-            Some((writer_thread, writer_health)),
-            None,
-        )
+        // On a chain, the writer's one client is the chain's follower; callers' writes are
+        // transactions.
+        let write_path = match &config.ethereum_rpc {
+            Some(rpc) => {
+                let (writes, follower) = chain(&config, rpc, &storage, &feed, writer).await?;
+                chain_follower = Some(follower);
+                WritePath::Chain(writes)
+            }
+            None => WritePath::Local(writer),
+        };
+        (write_path, Some((writer_thread, writer_health)), None)
     };
     let streams_shutdown = CancellationToken::new();
     let ledger = Arc::new(
@@ -165,6 +169,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.db_check_interval,
         streams_shutdown.clone(),
     ));
+    if let Some(follower) = chain_follower {
+        tokio::spawn(follower.run(health.clone(), streams_shutdown.clone()));
+    }
     // A relay's copy has one writer, its upstream link: nothing to listen for.
     if let (DatabaseUrl::Postgres(url), false) = (&config.database_url, config.is_relay()) {
         tokio::spawn(follower::follow(
@@ -248,6 +255,109 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What follows the chain: started once the health reporter exists.
+struct ChainFollower {
+    contract: Arc<dyn ledger_server::chain::FollowedContract>,
+    storage: Arc<dyn Storage>,
+    writer: Writer,
+    feed: ChangeFeed,
+    state: Arc<ledger_server::chain::ChainState>,
+    options: ledger_server::chain::ChainOptions,
+}
+
+impl ChainFollower {
+    async fn run(self, health: HealthReporter, shutdown: CancellationToken) {
+        ledger_server::chain::follow(
+            self.contract,
+            self.storage,
+            self.writer,
+            self.feed,
+            self.state,
+            self.options,
+            health,
+            shutdown,
+        )
+        .await
+    }
+}
+
+/// `--ethereum-rpc`: the contract's client, the writes that become its transactions, and its
+/// follower, which writes the local copy with `writer`.
+#[cfg(feature = "ethereum")]
+async fn chain(
+    config: &Config,
+    rpc: &str,
+    storage: &Arc<dyn Storage>,
+    feed: &ChangeFeed,
+    writer: Writer,
+) -> Result<(ledger_server::chain::ChainWrites, ChainFollower), StartError> {
+    use ledger_server::chain::{ChainOptions, ChainState, ChainWrites, FollowedContract};
+    use std::str::FromStr;
+    let contract_text = config.ethereum_contract.as_deref().unwrap_or_default();
+    let address = ledger_chain::Address::from_str(contract_text).map_err(|e| {
+        format!("--ethereum-contract {contract_text:?} is not an address (0x and 40 hex digits): {e}")
+    })?;
+    let key = match &config.ethereum_key_file {
+        Some(path) => Some(ledger_chain::read_key_file(path).map_err(|e| e.to_string())?),
+        None => {
+            tracing::warn!("no --ethereum-key-file: writes to the contract are refused (FAILED_PRECONDITION); reads and streams serve the chain's ledger");
+            None
+        }
+    };
+    let client = ledger_chain::ChainClient::connect(rpc, address, key, config.ethereum_chain_id)
+        .map_err(|e| format!("--ethereum-rpc: {e}"))?;
+    match client.check().await {
+        Ok(info) => tracing::info!(
+            chain_id = info.chain_id,
+            head = info.head.number,
+            contract = %address,
+            policy_ledger = info.is_policy_ledger,
+            sender = ?client.sender(),
+            "following a contract on chain"
+        ),
+        // The copy serves meanwhile; the follower says when the node answers.
+        Err(e) => tracing::warn!(error = %e, contract = %address, "the chain's node does not answer yet: serving the local copy until it does"),
+    }
+    let stored = {
+        let storage = storage.clone();
+        tokio::task::spawn_blocking(move || storage.chain_position())
+            .await?
+            .map_err(|e| format!("cannot read the followed block: {e}"))?
+    };
+    let options = ChainOptions {
+        confirmations: config.ethereum_confirmations,
+        poll: config.ethereum_poll,
+        write_timeout: config.ethereum_write_timeout,
+        max_policy_bytes: config.ethereum_max_policy_bytes,
+    };
+    let contract: Arc<dyn FollowedContract> = Arc::new(crate::chain_client::Contract(client));
+    let state = ChainState::new(stored);
+    let writes = ChainWrites::new(contract.clone(), state.clone(), storage.clone(), options);
+    Ok((
+        writes,
+        ChainFollower {
+            contract,
+            storage: storage.clone(),
+            writer,
+            feed: feed.clone(),
+            state,
+            options,
+        },
+    ))
+}
+
+/// `--ethereum-rpc` in a master built without the `ethereum` feature.
+#[cfg(not(feature = "ethereum"))]
+async fn chain(
+    _config: &Config,
+    _rpc: &str,
+    _storage: &Arc<dyn Storage>,
+    _feed: &ChangeFeed,
+    _writer: Writer,
+) -> Result<(ledger_server::chain::ChainWrites, ChainFollower), StartError> {
+    Err("--ethereum-rpc: this master was built without the `ethereum` feature".into())
 }
 
 /// The head seq and the number of policies at that seq, read together (in the snapshot's one

@@ -670,11 +670,16 @@ impl ChainClient {
         while calls.peek().is_some() {
             chunks.push(calls.by_ref().take(size).collect::<Vec<C>>());
         }
-        let answers: Vec<Vec<C::Return>> =
-            futures_util::stream::iter(chunks.iter().map(|chunk| self.view_batch(chunk, at)))
-                .buffered(self.inner.options.concurrent_batches.max(1))
-                .try_collect()
-                .await?;
+        // Each chunk moves into its future: a closure borrowing the chunks makes a future
+        // that rustc cannot prove `Send` for every lifetime, and callers box it as `Send`.
+        let answers: Vec<Vec<C::Return>> = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|chunk| async move { self.view_batch(&chunk, at).await }),
+        )
+        .buffered(self.inner.options.concurrent_batches.max(1))
+        .try_collect()
+        .await?;
         Ok(answers.into_iter().flatten().collect())
     }
 

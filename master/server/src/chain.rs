@@ -23,6 +23,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::chain_plan::{self, Plan};
 use crate::error::LedgerError;
+use crate::feed::ChangeFeed;
 use crate::writer::Writer;
 use crate::{metrics, storage_io};
 use ledger_anylog::policy::CompletedPolicy;
@@ -254,15 +255,24 @@ impl ChainWrites {
 
 /// Follows the contract until `shutdown` is cancelled: polls its state every `options.poll` and
 /// applies what changed through `writer`; reports the node's state on `health` and in metrics.
+///
+/// Until its first poll is applied, a master that never followed the chain serves nothing
+/// (`feed` not ready, as a relay without a copy): an empty ledger is not the chain's.
+#[allow(clippy::too_many_arguments)]
 pub async fn follow(
     contract: Arc<dyn FollowedContract>,
     storage: Arc<dyn Storage>,
     writer: Writer,
+    feed: ChangeFeed,
     state: Arc<ChainState>,
     options: ChainOptions,
     health: HealthReporter,
     shutdown: CancellationToken,
 ) {
+    if state.position().0.is_none() {
+        feed.set_ready(false);
+        tracing::info!("this master holds no copy of the chain's ledger yet: it serves once its first poll is applied");
+    }
     let mut follower = match Follower::start(contract, storage, writer, state, options).await {
         Ok(follower) => follower,
         Err(e) => {
@@ -279,6 +289,10 @@ pub async fn follow(
             _ = polls.tick() => {}
         }
         let result = follower.poll().await;
+        if result.is_ok() && !feed.ready() {
+            tracing::info!("the chain's ledger is applied: serving");
+            feed.set_ready(true);
+        }
         let now_up = !matches!(result, Err(PollError::Chain(ContractError::Unreachable(_))));
         if up != Some(now_up) {
             up = Some(now_up);
@@ -425,7 +439,14 @@ impl Follower {
         // Each insert, update and delete counts one transaction: more than the ids show means
         // updates (or a reorg), and then every body is compared.
         let written = count.abs_diff(held.map_or(0, |p| p.transaction_count));
-        let explained = (diff.added.len() + diff.deleted.len()) as u64;
+        // An id skipped before is not stored, so it is "added" at every poll without a
+        // transaction of its own (it is read again all the same: it may have been fixed).
+        let newly_added = diff
+            .added
+            .iter()
+            .filter(|id| !self.skipped.contains_key(*id))
+            .count();
+        let explained = (newly_added + diff.deleted.len()) as u64;
         let read_all = held.is_none() || written > explained;
         let added: std::collections::HashSet<&str> =
             diff.added.iter().map(String::as_str).collect();
