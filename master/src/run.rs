@@ -297,12 +297,16 @@ async fn chain(
     use std::str::FromStr;
     let contract_text = config.ethereum_contract.as_deref().unwrap_or_default();
     let address = ledger_chain::Address::from_str(contract_text).map_err(|e| {
-        format!("--ethereum-contract {contract_text:?} is not an address (0x and 40 hex digits): {e}")
+        format!(
+            "--ethereum-contract {contract_text:?} is not an address (0x and 40 hex digits): {e}"
+        )
     })?;
     let key = match &config.ethereum_key_file {
         Some(path) => Some(ledger_chain::read_key_file(path).map_err(|e| e.to_string())?),
         None => {
-            tracing::warn!("no --ethereum-key-file: writes to the contract are refused (FAILED_PRECONDITION); reads and streams serve the chain's ledger");
+            tracing::warn!(
+                "no --ethereum-key-file: writes to the contract are refused (FAILED_PRECONDITION); reads and streams serve the chain's ledger"
+            );
             None
         }
     };
@@ -318,7 +322,9 @@ async fn chain(
             "following a contract on chain"
         ),
         // The copy serves meanwhile; the follower says when the node answers.
-        Err(e) => tracing::warn!(error = %e, contract = %address, "the chain's node does not answer yet: serving the local copy until it does"),
+        Err(e) => {
+            tracing::warn!(error = %e, contract = %address, "the chain's node does not answer yet: serving the local copy until it does")
+        }
     }
     let stored = {
         let storage = storage.clone();

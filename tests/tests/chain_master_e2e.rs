@@ -118,7 +118,12 @@ async fn a_contract_written_the_edgelake_way_reaches_members_and_writes_become_t
         before.push((id, json));
     }
     // One policy that is not valid on chain: skipped, never blocking the rest.
-    insert_on_chain(&node, "not-its-id", r#"{"operator": {"name": "x", "id": "other"}}"#).await;
+    insert_on_chain(
+        &node,
+        "not-its-id",
+        r#"{"operator": {"name": "x", "id": "other"}}"#,
+    )
+    .await;
 
     let dir = tempfile::tempdir().unwrap();
     let master = chain_master(dir.path(), &ganache, &contract, &[]);
@@ -146,7 +151,13 @@ async fn a_contract_written_the_edgelake_way_reaches_members_and_writes_become_t
     // A node writes directly on the contract: insert, update, delete.
     let (new_id, new_json) = completed("op4");
     insert_on_chain(&node, &new_id, &new_json).await;
-    file_holds(&member, &new_id, true, "a direct insert in the member's file").await;
+    file_holds(
+        &member,
+        &new_id,
+        true,
+        "a direct insert in the member's file",
+    )
+    .await;
     let updated = new_json.replace("10.0.0.5", "10.0.0.6");
     update_on_chain(&node, &new_id, &updated).await;
     let file = member.file.clone();
@@ -158,7 +169,13 @@ async fn a_contract_written_the_edgelake_way_reaches_members_and_writes_become_t
     })
     .await;
     delete_on_chain(&node, &before[0].0).await;
-    file_holds(&member, &before[0].0, false, "a direct delete in the member's file").await;
+    file_holds(
+        &member,
+        &before[0].0,
+        false,
+        "a direct delete in the member's file",
+    )
+    .await;
 
     // A write through the master is a transaction from its key, answered with the local seq.
     let policy = within(
@@ -180,7 +197,13 @@ async fn a_contract_written_the_edgelake_way_reaches_members_and_writes_become_t
             .unwrap(),
         Some(ganache.accounts()[1].address)
     );
-    file_holds(&member, &policy.id, true, "the master's write in the member's file").await;
+    file_holds(
+        &member,
+        &policy.id,
+        true,
+        "the master's write in the member's file",
+    )
+    .await;
     // A duplicate is refused by the contract.
     let duplicate = insert(
         &mut client,
@@ -192,7 +215,11 @@ async fn a_contract_written_the_edgelake_way_reaches_members_and_writes_become_t
         Err(status) => status,
         Ok(_) => insert(&mut client, &policy.json).await.unwrap_err(),
     };
-    assert_eq!(reason(&duplicate), Some(Reason::PolicyExists), "{duplicate:?}");
+    assert_eq!(
+        reason(&duplicate),
+        Some(Reason::PolicyExists),
+        "{duplicate:?}"
+    );
 
     // A delete through the master.
     let deleted = client
@@ -203,7 +230,13 @@ async fn a_contract_written_the_edgelake_way_reaches_members_and_writes_become_t
         .expect("deleted through the chain")
         .into_inner();
     assert!(deleted.seq > policy.seq);
-    file_holds(&member, &policy.id, false, "the master's delete in the member's file").await;
+    file_holds(
+        &member,
+        &policy.id,
+        false,
+        "the master's delete in the member's file",
+    )
+    .await;
 
     wait_converged(&client, &member.file, 30).await;
     let info = info(&mut client).await;
@@ -240,11 +273,23 @@ async fn a_reorg_is_the_next_diff_and_confirmations_hold_writes_back() {
     let snapshot = ganache.snapshot().await;
     let (gone, gone_json) = completed("gone");
     insert_on_chain(&node, &gone, &gone_json).await;
-    file_holds(&head_member, &gone, true, "K=0: the policy before the reorg").await;
+    file_holds(
+        &head_member,
+        &gone,
+        true,
+        "K=0: the policy before the reorg",
+    )
+    .await;
     ganache.mine(1).await;
     ganache.revert(&snapshot).await;
     ganache.mine(3).await;
-    file_holds(&head_member, &gone, false, "K=0: the policy deleted by the reorg").await;
+    file_holds(
+        &head_member,
+        &gone,
+        false,
+        "K=0: the policy deleted by the reorg",
+    )
+    .await;
     // K = 2 never had it: it was one block deep when the reorg came.
     assert!(!file_ids(&safe_member.file).contains(&gone));
     assert!(file_ids(&safe_member.file).contains(&kept));
@@ -282,11 +327,16 @@ async fn restarts_of_the_chain_and_of_the_master_resume_without_duplicates() {
     let refused = insert(&mut client, r#"{"operator": {"name": "while-down"}}"#)
         .await
         .unwrap_err();
-    assert_eq!(reason(&refused), Some(Reason::ChainUnavailable), "{refused:?}");
     assert_eq!(
-        master.health("ledger.v1.LedgerService/chain").await,
-        tonic_health::pb::health_check_response::ServingStatus::NotServing
+        reason(&refused),
+        Some(Reason::ChainUnavailable),
+        "{refused:?}"
     );
+    let not_serving = || async {
+        master.health("ledger.v1.LedgerService/chain").await
+            == tonic_health::pb::health_check_response::ServingStatus::NotServing
+    };
+    wait_until(10, "the chain's health NOT_SERVING", not_serving).await;
     assert!(
         client
             .get_policy(pb::GetPolicyRequest { id: a.clone() })
@@ -300,7 +350,9 @@ async fn restarts_of_the_chain_and_of_the_master_resume_without_duplicates() {
     insert_on_chain(&node, &b, &b_json).await;
     file_holds(&member, &b, true, "after the chain's restart").await;
 
-    // The master restarts: it resumes from its stored block, nothing applied twice.
+    // The master is killed and restarts: it resumes from its stored block (or diffs again what
+    // it applied after it), nothing applied twice.
+    master.kill9();
     master.restart();
     let (c, c_json) = completed("c");
     insert_on_chain(&node, &c, &c_json).await;
@@ -309,5 +361,9 @@ async fn restarts_of_the_chain_and_of_the_master_resume_without_duplicates() {
     assert_eq!(ids, [a, b, c], "each once, in order");
     let mut client = master.client().await;
     wait_converged(&client, &member.file, 30).await;
-    assert_eq!(info(&mut client).await.head_seq, 3, "no change applied twice");
+    assert_eq!(
+        info(&mut client).await.head_seq,
+        3,
+        "no change applied twice"
+    );
 }

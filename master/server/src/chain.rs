@@ -271,7 +271,9 @@ pub async fn follow(
 ) {
     if state.position().0.is_none() {
         feed.set_ready(false);
-        tracing::info!("this master holds no copy of the chain's ledger yet: it serves once its first poll is applied");
+        tracing::info!(
+            "this master holds no copy of the chain's ledger yet: it serves once its first poll is applied"
+        );
     }
     let mut follower = match Follower::start(contract, storage, writer, state, options).await {
         Ok(follower) => follower,
