@@ -111,6 +111,11 @@ impl FollowedContract for Contract {
         })
     }
 
+    fn rpc_counts(&self) -> (u64, u64) {
+        let stats = self.0.stats();
+        (stats.calls, stats.http_requests)
+    }
+
     fn delete<'a>(&'a self, id: &'a str, within: Duration) -> ContractCall<'a, u64> {
         Box::pin(async move {
             let tx = self.0.delete(id).await.map_err(contract_error)?;

@@ -117,6 +117,11 @@ pub trait FollowedContract: Send + Sync + 'static {
     fn insert<'a>(&'a self, id: &'a str, json: &'a str, within: Duration) -> ContractCall<'a, u64>;
     /// Sends `deletePolicy(id)` and waits up to `within` for its receipt: the block it is in.
     fn delete<'a>(&'a self, id: &'a str, within: Duration) -> ContractCall<'a, u64>;
+    /// The JSON-RPC calls and the HTTP requests made to the node so far (a provider bills the
+    /// calls); shown in the metrics after each poll.
+    fn rpc_counts(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 /// How the master follows the chain and writes to it.
@@ -291,6 +296,8 @@ pub async fn follow(
             _ = polls.tick() => {}
         }
         let result = follower.poll().await;
+        let (calls, requests) = follower.contract.rpc_counts();
+        metrics::chain_rpc(calls, requests);
         if result.is_ok() && !feed.ready() {
             tracing::info!("the chain's ledger is applied: serving");
             feed.set_ready(true);

@@ -187,3 +187,9 @@ pub fn chain_lag(blocks: u64, seconds: u64) {
 pub fn chain_skipped() {
     counter!("ledger_chain_skipped_total").increment(1);
 }
+
+/// The JSON-RPC calls and HTTP requests the master made to the chain's node so far.
+pub fn chain_rpc(calls: u64, requests: u64) {
+    gauge!("ledger_chain_rpc_calls").set(calls as f64);
+    gauge!("ledger_chain_rpc_requests").set(requests as f64);
+}

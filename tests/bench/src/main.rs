@@ -20,6 +20,7 @@ mod anylog;
 mod apply;
 mod bytes;
 mod catchup;
+mod chain;
 mod fanout;
 mod inserts;
 mod propagation;
@@ -106,7 +107,7 @@ fn options() -> Options {
             "--backend" => o.backends = vec![args.next().expect("--backend sqlite|postgres")],
             "-h" | "--help" => {
                 println!(
-                    "ledger-bench [--quick] [--only-inserts | --only-fanout | --only-anylog] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]\n\
+                    "ledger-bench [--quick] [--only-inserts | --only-fanout | --only-anylog | --only-chain] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]\n\
                      ledger-bench --against etcd [--quick] [--rounds N] [--seconds S] [--json FILE] [--pg-url postgres://USER@HOST:PORT]"
                 );
                 std::process::exit(0);
@@ -358,6 +359,15 @@ fn main() {
             .unwrap();
         let rate = runtime.block_on(throughput(&addr, clients, seconds));
         println!("{rate:.0} inserts/s from {clients} clients over {seconds} s");
+        return;
+    }
+    if args.iter().any(|a| a == "--only-chain") {
+        let json = args
+            .iter()
+            .position(|a| a == "--json")
+            .and_then(|i| args.get(i + 1))
+            .map(std::path::PathBuf::from);
+        chain::run(args.iter().any(|a| a == "--quick"), json.as_deref());
         return;
     }
     let opts = options();
