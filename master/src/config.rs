@@ -353,8 +353,9 @@ pub struct Config {
     #[arg(long, env = "LEDGER_ETHEREUM_POLL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub ethereum_poll: Duration,
 
-    /// The longest completed policy written to the contract, in bytes. Its gas grows ~1,400 per
-    /// byte (the text is stored twice): 16 KiB needs ~23 M gas, within a 30 M gas block.
+    /// The longest completed policy written to the contract, in bytes. Its gas grows with its
+    /// size: ~1,400 per byte on EdgeLake's contract (the text is stored twice; 16 KiB needs ~23 M
+    /// gas, within a 30 M gas block), ~710 on PolicyLedger.
     #[arg(long, env = "LEDGER_ETHEREUM_MAX_POLICY_BYTES", default_value_t = 16 * 1024)]
     pub ethereum_max_policy_bytes: usize,
 

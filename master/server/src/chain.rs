@@ -133,8 +133,8 @@ pub struct ChainOptions {
     pub poll: Duration,
     /// How long a write waits for its receipt, and then for the follower to apply it.
     pub write_timeout: Duration,
-    /// The longest completed policy written to the contract, in bytes: its gas grows ~1,400
-    /// per byte (the text is stored twice), and a transaction must fit a block's gas limit.
+    /// The longest completed policy written to the contract, in bytes: its gas grows with its
+    /// size, and a transaction must fit a block's gas limit.
     pub max_policy_bytes: usize,
 }
 
