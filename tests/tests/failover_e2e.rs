@@ -28,6 +28,7 @@ use ledger_testkit::client::{Client, all_policies, info, insert_with_deadline};
 use ledger_testkit::member::{python_ledger_ids, wait_converged};
 use ledger_testkit::netns::{self, PeerHost};
 use ledger_testkit::postgres::Cluster;
+use ledger_testkit::tally_line as show;
 use ledger_testkit::{Master, Member, within};
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -370,17 +371,6 @@ async fn health_now(master: &Master) -> String {
 
 fn secs(duration: Duration) -> String {
     format!("{:.2} s", duration.as_secs_f64())
-}
-
-fn show(by_code: &BTreeMap<String, usize>) -> String {
-    if by_code.is_empty() {
-        return "none".into();
-    }
-    by_code
-        .iter()
-        .map(|(code, n)| format!("{code} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// One line of figures about what the writers saw so far.

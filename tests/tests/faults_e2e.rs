@@ -21,6 +21,7 @@ use ledger_proto::errors::{self, Reason};
 use ledger_testkit::client::{Client, all_policies, delete, info, insert_ok, insert_with_deadline};
 use ledger_testkit::member::{python_ledger_ids, wait_converged};
 use ledger_testkit::postgres::Cluster;
+use ledger_testkit::tally_line as show;
 use ledger_testkit::{Master, Member, PostgresServer, wait_until, within};
 use tonic::Code;
 
@@ -108,17 +109,6 @@ impl Tally {
 
 fn code_name(code: Code) -> String {
     format!("{code:?}")
-}
-
-fn show(by_code: &BTreeMap<String, usize>) -> String {
-    if by_code.is_empty() {
-        return "none".into();
-    }
-    by_code
-        .iter()
-        .map(|(code, n)| format!("{code} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Writers inserting new policies without pause until stopped, each on its own connection.

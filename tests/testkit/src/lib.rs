@@ -35,3 +35,16 @@ pub async fn within<T>(seconds: u64, what: &str, future: impl Future<Output = T>
 
 /// The md5 hex of the `blockchain.json` holding these policy lines: the ledger's one digest.
 pub use ledger_anylog::digest::of_lines as ledger_digest;
+
+/// `name count, name count, ...` of a tally (outcomes by status code, in the fault and failover
+/// tests' summaries), or `none`.
+pub fn tally_line(by_name: &std::collections::BTreeMap<String, usize>) -> String {
+    if by_name.is_empty() {
+        return "none".into();
+    }
+    by_name
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
