@@ -1,11 +1,12 @@
 //! `--ethereum-rpc`: `ledger-chain`'s contract client as the followed contract of the server's
 //! chain follower and writes (`ledger_server::chain`). Only translation lives here.
 
+use std::ops::Range;
 use std::str::FromStr;
 use std::time::Duration;
 
 use ledger_chain::{At, B256, Block, ChainClient, ChainError};
-use ledger_server::chain::{BlockRef, ContractCall, ContractError, FollowedContract};
+use ledger_server::chain::{BlockRef, ContractCall, ContractError, Counts, FollowedContract};
 
 /// The contract at `--ethereum-contract` through the node at `--ethereum-rpc`.
 pub struct Contract(pub ChainClient);
@@ -73,10 +74,24 @@ impl FollowedContract for Contract {
         })
     }
 
-    fn transaction_count<'a>(&'a self, at: &'a BlockRef) -> ContractCall<'a, u64> {
+    fn counts<'a>(&'a self, at: &'a BlockRef) -> ContractCall<'a, Counts> {
+        Box::pin(async move {
+            let counts = self.0.counts(pinned(at)?).await.map_err(contract_error)?;
+            Ok(Counts {
+                transaction_count: counts.transaction_count,
+                num_policies: counts.num_policies,
+            })
+        })
+    }
+
+    fn policy_ids_in<'a>(
+        &'a self,
+        range: Range<u64>,
+        at: &'a BlockRef,
+    ) -> ContractCall<'a, Vec<String>> {
         Box::pin(async move {
             self.0
-                .transaction_count(pinned(at)?)
+                .policy_ids_in(range, pinned(at)?)
                 .await
                 .map_err(contract_error)
         })

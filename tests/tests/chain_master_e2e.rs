@@ -281,8 +281,19 @@ async fn a_reorg_is_the_next_diff_and_confirmations_hold_writes_back() {
     )
     .await;
     ganache.mine(1).await;
+    // The reorg comes while the K=0 master is frozen, and the new branch holds one more
+    // transaction and one more id than the lost one: read from where the master stands, that
+    // looks like one append, which it is not (the held block is gone, so every id is read).
+    head_master.pause();
     ganache.revert(&snapshot).await;
+    let mut replacing = Vec::new();
+    for name in ["replacing-1", "replacing-2"] {
+        let (id, json) = completed(name);
+        insert_on_chain(&node, &id, &json).await;
+        replacing.push(id);
+    }
     ganache.mine(3).await;
+    head_master.resume();
     file_holds(
         &head_member,
         &gone,
@@ -290,6 +301,10 @@ async fn a_reorg_is_the_next_diff_and_confirmations_hold_writes_back() {
         "K=0: the policy deleted by the reorg",
     )
     .await;
+    for id in &replacing {
+        file_holds(&head_member, id, true, "K=0: the new branch's policies").await;
+        file_holds(&safe_member, id, true, "K=2: the new branch's policies").await;
+    }
     // K = 2 never had it: it was one block deep when the reorg came.
     assert!(!file_ids(&safe_member.file).contains(&gone));
     assert!(file_ids(&safe_member.file).contains(&kept));

@@ -2,6 +2,7 @@
 //! sender with nonces in order.
 
 use std::future::Future;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -491,7 +492,15 @@ impl ChainClient {
     pub async fn policy_ids(&self, at: impl Into<At>) -> Result<Vec<String>> {
         let at = self.pin(at.into()).await?;
         let count = self.num_policies(at).await?;
-        let calls = (0..count)
+        self.policy_ids_in(0..count, at).await
+    }
+
+    /// The ids at the positions `range` of the contract's array (`policy_ids(i)` for each), in
+    /// batches, all at one block: what a follower reads of a contract that only grew. A
+    /// position past the end reverts ([`ChainError::Reverted`]).
+    pub async fn policy_ids_in(&self, range: Range<u64>, at: impl Into<At>) -> Result<Vec<String>> {
+        let at = self.pin(at.into()).await?;
+        let calls = range
             .map(|i| PolicyLedger::policy_idsCall(U256::from(i)))
             .collect();
         self.views(calls, at).await

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -92,6 +93,15 @@ pub enum ContractError {
     Misconfigured(String),
 }
 
+/// The contract's two counters at a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// `transaction_count()`: one per insert, update and delete so far.
+    pub transaction_count: u64,
+    /// `num_policies()`: the length of its array of ids.
+    pub num_policies: u64,
+}
+
 /// What a call to the chain returns.
 pub type ContractCall<'a, T> = Pin<Box<dyn Future<Output = Result<T, ContractError>> + Send + 'a>>;
 
@@ -102,10 +112,16 @@ pub trait FollowedContract: Send + Sync + 'static {
     fn head(&self) -> ContractCall<'_, BlockRef>;
     /// Block `number`.
     fn block(&self, number: u64) -> ContractCall<'_, BlockRef>;
-    /// The contract's `transaction_count()` at block `at`.
-    fn transaction_count<'a>(&'a self, at: &'a BlockRef) -> ContractCall<'a, u64>;
+    /// The contract's `transaction_count()` and `num_policies()` at block `at`.
+    fn counts<'a>(&'a self, at: &'a BlockRef) -> ContractCall<'a, Counts>;
     /// Every policy id the contract holds at block `at`, in its array order.
     fn policy_ids<'a>(&'a self, at: &'a BlockRef) -> ContractCall<'a, Vec<String>>;
+    /// The ids at positions `range` of the contract's array at block `at`.
+    fn policy_ids_in<'a>(
+        &'a self,
+        range: Range<u64>,
+        at: &'a BlockRef,
+    ) -> ContractCall<'a, Vec<String>>;
     /// The texts of the policies at `indexes` of the contract's array (`policies(i)`: EdgeLake's
     /// contract answers `getPolicy` with an event, not a value) at block `at`.
     fn policies<'a>(
@@ -353,6 +369,9 @@ struct Follower {
     state: Arc<ChainState>,
     options: ChainOptions,
     local: HashMap<String, String>,
+    /// The contract's ids in its array order at the held position, when this process read
+    /// them: a contract that only grew since is then read from the end of it alone.
+    order: Option<Vec<String>>,
     /// Ids skipped as invalid, each logged once.
     skipped: HashMap<String, String>,
     /// Whether the node's being down was logged (reset once it answers).
@@ -385,6 +404,7 @@ impl Follower {
             state,
             options,
             local,
+            order: None,
             skipped: HashMap::new(),
             down_logged: None,
         })
@@ -410,22 +430,32 @@ impl Follower {
         if held.as_ref().is_some_and(|p| p.block_hash == block.hash) {
             return Ok(());
         }
-        let count = self.contract.transaction_count(&block).await?;
-        // The block held is still on the chain (no reorg under it) and nothing was written
-        // since: only the position moves.
-        let unchanged = match &held {
-            Some(p) if p.transaction_count == count && p.block_number <= block.number => {
+        let counts = self.contract.counts(&block).await?;
+        // Whether the block held is still on the chain (no reorg under it): then the state
+        // at `block` is the held one plus the transactions since.
+        let held_on_chain = match &held {
+            Some(p) if p.block_number <= block.number => {
                 self.contract.block(p.block_number).await?.hash == p.block_hash
             }
             _ => false,
         };
-        if !unchanged {
-            self.apply_state(&block, count, held.as_ref()).await?;
-        }
+        // The order read by this process is good for one position: taken now, put back only
+        // once the poll is applied (a failed poll leaves the copy between two states).
+        let order = self.order.take();
+        let order = match held.as_ref() {
+            Some(p) if held_on_chain && p.transaction_count == counts.transaction_count => {
+                // Nothing written since: only the position moves.
+                order
+            }
+            _ => Some(
+                self.apply_state(&block, counts, held.as_ref(), held_on_chain, order)
+                    .await?,
+            ),
+        };
         let position = ChainPosition {
             block_number: block.number,
             block_hash: block.hash,
-            transaction_count: count,
+            transaction_count: counts.transaction_count,
         };
         let stored = position.clone();
         storage_io::run(&self.storage, move |s| s.set_chain_position(&stored))
@@ -433,21 +463,33 @@ impl Follower {
             .map_err(LedgerError::from)?;
         metrics::chain_block(position.block_number);
         self.state.position.send_replace(Some(position));
+        self.order = order;
         Ok(())
     }
 
-    /// Reads the contract's state at block `at` and applies what differs from the local copy.
+    /// Reads the contract's state at block `at` and applies what differs from the local copy;
+    /// returns the contract's ids there, in its order. `order` is the order at `held`, if
+    /// known; `held_on_chain` says whether `held` is an ancestor of `at`.
     async fn apply_state(
         &mut self,
         at: &BlockRef,
-        count: u64,
+        counts: Counts,
         held: Option<&ChainPosition>,
-    ) -> Result<(), PollError> {
+        held_on_chain: bool,
+        order: Option<Vec<String>>,
+    ) -> Result<Vec<String>, PollError> {
+        if let (Some(held), true, Some(order)) = (held, held_on_chain, order)
+            && chain_plan::only_appended(held.transaction_count, order.len() as u64, counts)
+        {
+            return self.apply_appended(at, order, counts.num_policies).await;
+        }
         let ids = self.contract.policy_ids(at).await?;
         let diff = chain_plan::diff_ids(self.local.keys().map(String::as_str), &ids);
         // Each insert, update and delete counts one transaction: more than the ids show means
         // updates (or a reorg), and then every body is compared.
-        let written = count.abs_diff(held.map_or(0, |p| p.transaction_count));
+        let written = counts
+            .transaction_count
+            .abs_diff(held.map_or(0, |p| p.transaction_count));
         // An id skipped before is not stored, so it is "added" at every poll without a
         // transaction of its own (it is read again all the same: it may have been fixed).
         let newly_added = diff
@@ -476,7 +518,27 @@ impl Follower {
                 .collect()
         };
         let plan = chain_plan::plan(diff.deleted, bodies, &self.local);
-        self.apply(plan).await
+        self.apply(plan).await?;
+        Ok(ids)
+    }
+
+    /// Applies a contract that only grew since `order` (its ids at the held position) to
+    /// `length` ids: reads the new ids and their bodies, nothing else.
+    async fn apply_appended(
+        &mut self,
+        at: &BlockRef,
+        mut order: Vec<String>,
+        length: u64,
+    ) -> Result<Vec<String>, PollError> {
+        let start = order.len() as u64;
+        let ids = self.contract.policy_ids_in(start..length, at).await?;
+        let indexes: Vec<u64> = (start..length).collect();
+        let texts = self.contract.policies(&indexes, at).await?;
+        let bodies = ids.iter().cloned().zip(texts).collect();
+        let plan = chain_plan::plan(Vec::new(), bodies, &self.local);
+        self.apply(plan).await?;
+        order.extend(ids);
+        Ok(order)
     }
 
     /// Applies `plan` through the writer: every delete, then every insert, each its own seq.

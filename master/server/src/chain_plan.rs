@@ -11,6 +11,21 @@ use std::collections::{HashMap, HashSet};
 
 use ledger_anylog::policy::{CompletedPolicy, PolicyError, completed_elsewhere};
 
+use crate::chain::Counts;
+
+/// Whether every transaction between a held state (`transaction_count`, `length` ids) and a
+/// later one on the same chain (`now`) was an insert, so the array only grew at its end.
+///
+/// An insert adds one id and one transaction, an update only a transaction, a delete removes
+/// an id and adds a transaction (or none, on a contract that does not count deletes): the ids
+/// grow by as many as the transactions only when every one was an insert. Valid only when the
+/// held block is an ancestor of the later one (after a reorg, compare the ids instead).
+pub fn only_appended(transaction_count: u64, length: u64, now: Counts) -> bool {
+    now.transaction_count > transaction_count
+        && now.num_policies >= length
+        && now.transaction_count - transaction_count == now.num_policies - length
+}
+
 /// The ids a poll must act on, before any body is read.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct IdDiff {
@@ -111,6 +126,24 @@ mod tests {
         assert_eq!(same, IdDiff::default());
         let everything_gone = diff_ids(["b", "a"], &[]);
         assert_eq!(everything_gone.deleted, ids(&["a", "b"]));
+    }
+
+    #[test]
+    fn only_a_growth_by_as_many_ids_as_transactions_is_appends_alone() {
+        let now = |transaction_count, num_policies| Counts {
+            transaction_count,
+            num_policies,
+        };
+        // Three inserts.
+        assert!(only_appended(10, 7, now(13, 10)));
+        // Nothing written: nothing to append (the caller only moves its position).
+        assert!(!only_appended(10, 7, now(10, 7)));
+        // An update and an insert; a delete and two inserts; a delete alone.
+        assert!(!only_appended(10, 7, now(12, 8)));
+        assert!(!only_appended(10, 7, now(13, 8)));
+        assert!(!only_appended(10, 7, now(11, 6)));
+        // Fewer transactions than the held state (never on one chain): not appends.
+        assert!(!only_appended(10, 7, now(9, 8)));
     }
 
     #[test]
