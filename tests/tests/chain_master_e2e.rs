@@ -382,3 +382,114 @@ async fn restarts_of_the_chain_and_of_the_master_resume_without_duplicates() {
         "no change applied twice"
     );
 }
+
+/// A write the master refuses says precisely why, and leaves nothing half-done on the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_pending_writes_say_why_and_nothing_is_lost() {
+    let ganache = Ganache::start();
+    let node = ganache.deploy(0).await;
+    let contract = format!("{:#x}", node.contract());
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let count = || async {
+        node.counts(ledger_chain::At::Latest)
+            .await
+            .unwrap()
+            .transaction_count
+    };
+
+    // Without a key: FAILED_PRECONDITION naming the missing flag; nothing is sent.
+    let url = ganache.url();
+    let keyless = Master::start(
+        dirs[0].path(),
+        &[
+            "--ethereum-rpc",
+            &url,
+            "--ethereum-contract",
+            &contract,
+            "--ethereum-poll",
+            "100ms",
+        ],
+    );
+    let mut client = keyless.client().await;
+    let refused = insert(&mut client, r#"{"operator": {"name": "no-key"}}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert_eq!(reason(&refused), Some(Reason::ChainKeyMissing));
+    assert!(
+        refused.message().contains("--ethereum-key-file"),
+        "{refused:?}"
+    );
+    let refused = client
+        .delete_policy(pb::DeletePolicyRequest { id: "any".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&refused),
+        Some(Reason::ChainKeyMissing),
+        "{refused:?}"
+    );
+    assert_eq!(count().await, 0, "nothing sent without a key");
+
+    // With a key, a cap of 200 bytes and a 2 s write timeout.
+    let master = chain_master(
+        dirs[1].path(),
+        &ganache,
+        &contract,
+        &[
+            "--ethereum-max-policy-bytes",
+            "200",
+            "--ethereum-write-timeout",
+            "2s",
+        ],
+    );
+    let member = Member::start(dirs[2].path(), &[master.addr.to_string()], &[]);
+    let mut client = master.client().await;
+    let large = format!(r#"{{"operator": {{"name": "{}"}}}}"#, "x".repeat(300));
+    let refused = insert(&mut client, &large).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert_eq!(reason(&refused), Some(Reason::PolicyTooLarge));
+    assert_eq!(
+        ledger_proto::errors::metadata(&refused, "limit_bytes").as_deref(),
+        Some("200")
+    );
+    let unknown = client
+        .delete_policy(pb::DeletePolicyRequest {
+            id: "no-such-policy".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    assert_eq!(reason(&unknown), Some(Reason::PolicyNotFound));
+    assert_eq!(count().await, 0, "refused writes sent nothing");
+
+    // Nothing is mined: the write times out UNAVAILABLE with its transaction's hash, and is
+    // applied once the chain mines it.
+    ganache.rpc("miner_stop", serde_json::json!([])).await;
+    let pending = within(
+        30,
+        "an insert while nothing is mined",
+        insert(&mut client, r#"{"operator": {"name": "pending"}}"#),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(pending.code(), tonic::Code::Unavailable, "{pending:?}");
+    assert_eq!(reason(&pending), Some(Reason::ChainPending));
+    let tx = ledger_proto::errors::metadata(&pending, "tx_hash").expect("the transaction's hash");
+    ganache.rpc("miner_start", serde_json::json!([])).await;
+    let tx: ledger_chain::B256 = tx.parse().expect("a transaction hash");
+    let receipt = within(30, "the receipt", node.wait_receipt(tx, RECEIPT))
+        .await
+        .unwrap();
+    assert!(receipt.success);
+    wait_until(30, "the pending insert in the member's file", || {
+        let text = std::fs::read_to_string(&member.file).unwrap_or_default();
+        async move { text.contains(r#""name": "pending""#) }
+    })
+    .await;
+    assert_eq!(count().await, 1, "one transaction, sent once");
+}
