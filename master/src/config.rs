@@ -8,6 +8,7 @@ use clap::Parser;
 
 use ledger_client::follow::FollowOptions;
 use ledger_client::masters::{ClientOptions, MasterAddr, TlsFiles};
+use ledger_client::report::Identity;
 use ledger_ops::logging::LogFormat;
 use ledger_storage::DatabaseUrl;
 
@@ -313,6 +314,11 @@ pub struct Config {
     #[arg(long, env = "LEDGER_UPSTREAM_WRITE_AS_SELF", requires = "upstreams")]
     pub upstream_write_as_self: bool,
 
+    /// Relay: the node name it subscribes upstream with, which the upstream lists (its
+    /// ListSubscribers, the `via` of the members below); by default the host name.
+    #[arg(long, env = "LEDGER_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
     /// An Ethereum node's JSON-RPC URL (http://HOST:PORT). Its presence makes a contract on that
     /// chain (--ethereum-contract) the ledger's source of truth: the master follows it into its
     /// database, its local copy, which members stream from; writes become transactions.
@@ -446,6 +452,13 @@ impl Config {
             connect_timeout: self.upstream_timeout,
             retry_min: self.upstream_retry_min,
             retry_max: self.upstream_retry_max,
+            identity: Some(Identity {
+                node_name: self
+                    .node_name
+                    .clone()
+                    .unwrap_or_else(ledger_client::report::host_name),
+                version: format!("master {}", env!("CARGO_PKG_VERSION")),
+            }),
         })
     }
 

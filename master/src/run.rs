@@ -201,6 +201,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             upstream,
             ledger.storage().clone(),
             ledger.feed().clone(),
+            ledger.subscribers().clone(),
             health.clone(),
             streams_shutdown.clone(),
         ))

@@ -54,6 +54,10 @@ pub mod key {
     pub const TX_HASH: &str = "tx_hash";
     /// The number of the block a write's transaction is in.
     pub const BLOCK: &str = "block";
+    /// The session id of a subscriber's ReportProgress.
+    pub const SESSION_ID: &str = "session_id";
+    /// The name of the request's field the refusal is about.
+    pub const FIELD: &str = "field";
 }
 
 impl Reason {
@@ -69,10 +73,11 @@ impl Reason {
             | Reason::TooManyConditions
             | Reason::ConditionTooLong
             | Reason::PageTokenInvalid
-            | Reason::RequestUndecodable => Code::InvalidArgument,
+            | Reason::RequestUndecodable
+            | Reason::FieldTooLong => Code::InvalidArgument,
             Reason::MessageTooLarge => Code::OutOfRange,
             Reason::PolicyExists => Code::AlreadyExists,
-            Reason::PolicyNotFound => Code::NotFound,
+            Reason::PolicyNotFound | Reason::SessionUnknown => Code::NotFound,
             Reason::CredentialsMissing
             | Reason::CredentialsMalformed
             | Reason::CredentialsUnknown => Code::Unauthenticated,
@@ -80,7 +85,8 @@ impl Reason {
             Reason::TooManyStreams
             | Reason::SubscriberLagged
             | Reason::SnapshotStalled
-            | Reason::DiskFull => Code::ResourceExhausted,
+            | Reason::DiskFull
+            | Reason::TooManySubscribers => Code::ResourceExhausted,
             Reason::ShuttingDown
             | Reason::DatabaseUnavailable
             | Reason::DatabaseBusy
@@ -208,7 +214,7 @@ mod tests {
         let reasons = all_reasons();
         assert_eq!(
             reasons.len(),
-            33,
+            36,
             "a reason was added: update this test's count"
         );
         for reason in reasons {

@@ -103,6 +103,27 @@ pub enum LedgerError {
         "this relay holds no copy of the ledger yet: it waits for its upstream's first snapshot"
     )]
     NoCopyYet,
+    /// A progress report for a session without an open stream on this master.
+    #[error(
+        "no open stream of session {0:?} on this master: the report is dropped (subscribe again, then report)"
+    )]
+    SessionUnknown(String),
+    /// A progress report listed more subscribers below a relay than the master takes.
+    #[error("the report lists {count} subscribers below it; at most {limit} are accepted")]
+    TooManySubscribers {
+        /// How many it listed.
+        count: usize,
+        /// How many are accepted.
+        limit: usize,
+    },
+    /// A string of a subscriber's identity or report is longer than the limit.
+    #[error("{field} is longer than {limit} bytes")]
+    FieldTooLong {
+        /// The field, as the proto names it (`downstream.peer`).
+        field: String,
+        /// The most bytes it may have.
+        limit: usize,
+    },
     /// The storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),

@@ -12,6 +12,7 @@ use crate::error::LedgerError;
 use crate::feed::ChangeFeed;
 use crate::metrics;
 use crate::storage_io::{self, PAGE};
+use crate::subscribers::Subscribers;
 use crate::subscription::{self, Event, SubscriptionContext};
 use crate::upstream::Forwarder;
 use crate::writer::Writer;
@@ -254,6 +255,8 @@ pub struct Ledger {
     /// The last [`Ledger::file`] with the feed's epoch it was read in, kept until the head
     /// moves; the lock makes one read serve every caller waiting for it.
     file_cache: tokio::sync::Mutex<Option<(u64, Arc<LedgerFile>)>>,
+    /// Who streams from this ledger, and (through relays) who streams below them.
+    subscribers: Subscribers,
 }
 
 impl Ledger {
@@ -262,6 +265,7 @@ impl Ledger {
         Ledger {
             writes,
             limits: PolicyLimits::default(),
+            subscribers: Subscribers::new(subscriptions.feed.watch_head()),
             subscriptions,
             digest: tokio::sync::Mutex::new(None),
             file_cache: tokio::sync::Mutex::new(None),
@@ -282,6 +286,11 @@ impl Ledger {
     /// The feed of committed changes.
     pub fn feed(&self) -> &ChangeFeed {
         &self.subscriptions.feed
+    }
+
+    /// The registry of this ledger's subscribers (`ListSubscribers`, `ReportProgress`).
+    pub fn subscribers(&self) -> &Subscribers {
+        &self.subscribers
     }
 
     /// Completes the policy in `policy_json` and stores it for `caller`.

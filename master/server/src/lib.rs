@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod serve;
 pub mod service;
 pub mod storage_io;
+pub mod subscribers;
 pub mod subscription;
 pub mod upstream;
 pub mod writer;

@@ -21,6 +21,13 @@ pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ],
         )
+        .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(
+            Matcher::Full("ledger_subscriber_lag".into()),
+            &[
+                0.0, 1.0, 2.0, 5.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0,
+            ],
+        )
         .map_err(|e| e.to_string())?;
     ledger_ops::metrics_endpoint::serve(addr, builder).await
 }
@@ -89,6 +96,11 @@ pub fn subscribers_changed(delta: f64) {
 /// A subscriber was disconnected for falling behind.
 pub fn subscriber_dropped() {
     counter!("ledger_subscribers_dropped_total").increment(1);
+}
+
+/// A subscriber reported its durable seq `lag` changes behind the head (`ReportProgress`).
+pub fn subscriber_lag(lag: u64) {
+    histogram!("ledger_subscriber_lag").record(lag as f64);
 }
 
 /// Whether the database answers (1) or not (0).

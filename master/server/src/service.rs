@@ -8,6 +8,7 @@ use ledger_proto::pb;
 use ledger_proto::server::StreamLedgerFrame;
 use ledger_proto::server::ledger_service_server::LedgerService;
 use tokio_stream::{Stream, StreamExt};
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{AuthError, Authorizer, Role, certificate_common_name};
@@ -15,6 +16,7 @@ use crate::error::LedgerError;
 use crate::ledger::{Caller, Ledger, ListQuery};
 use crate::limits::{StreamLimit, StreamLimiter};
 use crate::log_limit::{self, LogLimit};
+use crate::subscribers::{NewSubscriber, SubscriberIdentity, SubscriberInfo};
 use crate::subscription::Event;
 use ledger_anylog::policy::PolicyError;
 use ledger_storage::{Change, ChangeKind, Failure, Rejection, StoredPolicy};
@@ -62,8 +64,22 @@ impl LedgerGrpc {
         needed: Role,
         action: &'static str,
     ) -> Result<String, Status> {
+        Ok(match self.authenticate(request, needed, action)? {
+            Some(name) => format!("{name}@{}", client_host(request)),
+            None => client_host(request),
+        })
+    }
+
+    /// The auth file's name of the caller if it may do `action` (which needs `needed`); `None`
+    /// without an auth file.
+    fn authenticate<T>(
+        &self,
+        request: &Request<T>,
+        needed: Role,
+        action: &'static str,
+    ) -> Result<Option<String>, Status> {
         let Some(authorizer) = &self.access.authorizer else {
-            return Ok(client_host(request));
+            return Ok(None);
         };
         let certificate_cn = request
             .peer_certs()
@@ -74,7 +90,7 @@ impl LedgerGrpc {
             needed,
             action,
         ) {
-            Ok(identity) => Ok(format!("{}@{}", identity.name, client_host(request))),
+            Ok(identity) => Ok(Some(identity.name)),
             Err(e) => {
                 // Unauthenticated clients choose how often this happens.
                 static REFUSALS: LogLimit = LogLimit::new(Duration::from_secs(10));
@@ -210,6 +226,20 @@ impl From<LedgerError> for Status {
                     }
                 }
             }
+            LedgerError::SessionUnknown(session) => {
+                (Reason::SessionUnknown, vec![(key::SESSION_ID, session)])
+            }
+            LedgerError::TooManySubscribers { count, limit } => (
+                Reason::TooManySubscribers,
+                vec![
+                    (key::COUNT, count.to_string()),
+                    (key::LIMIT, limit.to_string()),
+                ],
+            ),
+            LedgerError::FieldTooLong { field, limit } => (
+                Reason::FieldTooLong,
+                vec![(key::FIELD, field), (key::LIMIT_BYTES, limit.to_string())],
+            ),
             LedgerError::ChainBehind { block, .. } => {
                 (Reason::ChainPending, vec![(key::BLOCK, block.to_string())])
             }
@@ -270,6 +300,56 @@ fn event_frame(event: Event) -> StreamLedgerFrame {
         seq,
         event: Some(event),
     })
+}
+
+/// The seq field of the message `event` becomes.
+fn event_seq(event: &Event) -> u64 {
+    match event {
+        Event::Change(change) => change.seq,
+        Event::Reset { snapshot_seq, .. } => *snapshot_seq,
+        Event::Snapshot(policy) => policy.seq,
+        Event::CaughtUp { seq } => *seq,
+        Event::Progress { head_seq } => *head_seq,
+    }
+}
+
+fn subscriber_identity(identity: pb::SubscriberIdentity) -> SubscriberIdentity {
+    SubscriberIdentity {
+        node_name: identity.node_name,
+        version: identity.version,
+        session_id: identity.session_id,
+    }
+}
+
+fn subscriber_info(status: pb::SubscriberStatus) -> SubscriberInfo {
+    SubscriberInfo {
+        node_name: status.node_name,
+        version: status.version,
+        peer: status.peer,
+        identity: status.identity,
+        since_unix_ms: status.since_unix_ms,
+        sent_seq: status.sent_seq,
+        durable_seq: status.durable_seq,
+        lag: status.lag,
+        bytes_sent: status.bytes_sent,
+        via: status.via,
+    }
+}
+
+/// A subscriber as `ListSubscribers` (and a relay's report upstream) sends it.
+pub fn subscriber_status(info: SubscriberInfo) -> pb::SubscriberStatus {
+    pb::SubscriberStatus {
+        node_name: info.node_name,
+        version: info.version,
+        peer: info.peer,
+        identity: info.identity,
+        since_unix_ms: info.since_unix_ms,
+        sent_seq: info.sent_seq,
+        durable_seq: info.durable_seq,
+        lag: info.lag,
+        bytes_sent: info.bytes_sent,
+        via: info.via,
+    }
 }
 
 fn change_message(change: &Change) -> pb::StreamLedgerResponse {
@@ -407,24 +487,77 @@ impl LedgerService for LedgerGrpc {
         }))
     }
 
+    async fn report_progress(
+        &self,
+        request: Request<pb::ReportProgressRequest>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        self.authorize(&request, Role::Reader, "report progress")?;
+        let request = request.into_inner();
+        let downstream = request.downstream.into_iter().map(subscriber_info).collect();
+        let head_seq = self.ledger.subscribers().report(
+            &request.session_id,
+            request.durable_seq,
+            downstream,
+        )?;
+        Ok(Response::new(pb::ReportProgressResponse { head_seq }))
+    }
+
+    async fn list_subscribers(
+        &self,
+        request: Request<pb::ListSubscribersRequest>,
+    ) -> Result<Response<pb::ListSubscribersResponse>, Status> {
+        self.authorize(&request, Role::Reader, "list subscribers")?;
+        let list = self.ledger.subscribers().list();
+        Ok(Response::new(pb::ListSubscribersResponse {
+            head_seq: list.head_seq,
+            subscribers: list.subscribers.into_iter().map(subscriber_status).collect(),
+        }))
+    }
+
     type StreamLedgerStream = EventStream;
 
     async fn stream_ledger(
         &self,
         request: Request<pb::StreamLedgerRequest>,
     ) -> Result<Response<Self::StreamLedgerStream>, Status> {
-        let who = self.authorize(&request, Role::Reader, "stream the ledger")?;
+        let name = self.authenticate(&request, Role::Reader, "stream the ledger")?;
+        let identity = request
+            .get_ref()
+            .subscriber
+            .clone()
+            .map(subscriber_identity);
+        if let Some(identity) = &identity {
+            identity.check()?;
+        }
         let permit = self
             .access
             .streams
             .admit(request.remote_addr().map(|addr| addr.ip()))?;
         let after_seq = request.get_ref().after_seq;
-        tracing::debug!(after_seq, client = %who, "subscriber joined");
+        let who = match &name {
+            Some(name) => format!("{name}@{}", client_host(&request)),
+            None => client_host(&request),
+        };
+        tracing::debug!(after_seq, client = %who, node = ?identity.as_ref().map(|i| &i.node_name), "subscriber joined");
+        // Listed from before the answer: a report right after it finds the session.
+        let listed = self.ledger.subscribers().register(NewSubscriber {
+            identity,
+            peer: request
+                .remote_addr()
+                .map(|addr| addr.to_string())
+                .unwrap_or_default(),
+            authenticated: name.unwrap_or_default(),
+            after_seq,
+        });
         let client = request.remote_addr().map(|addr| addr.ip());
         let events = self.ledger.subscribe(after_seq, client).map(move |event| {
-            // The permit lives as long as the stream.
+            // The permit and the listing live as long as the stream.
             let _open = &permit;
-            event.map(event_frame).map_err(Status::from)
+            let event = event.map_err(Status::from)?;
+            let seq = event_seq(&event);
+            let frame = event_frame(event);
+            listed.sent(seq, frame.encoded_len());
+            Ok(frame)
         });
         // tonic bounds a call's answer by the client's deadline, but a stream's answer is sent
         // at once: end the stream itself when the deadline passes.
@@ -646,6 +779,27 @@ mod tests {
                 Reason::SnapshotStalled,
                 vec![(key::STALL_TIMEOUT_MS, "30000")],
             ),
+            (
+                LedgerError::SessionUnknown("s1".into()),
+                Reason::SessionUnknown,
+                vec![(key::SESSION_ID, "s1")],
+            ),
+            (
+                LedgerError::TooManySubscribers {
+                    count: 10_001,
+                    limit: 10_000,
+                },
+                Reason::TooManySubscribers,
+                vec![(key::COUNT, "10001"), (key::LIMIT, "10000")],
+            ),
+            (
+                LedgerError::FieldTooLong {
+                    field: "downstream.peer".into(),
+                    limit: 256,
+                },
+                Reason::FieldTooLong,
+                vec![(key::FIELD, "downstream.peer"), (key::LIMIT_BYTES, "256")],
+            ),
             (LedgerError::ShuttingDown, Reason::ShuttingDown, vec![]),
             (LedgerError::NoCopyYet, Reason::LedgerNotReady, vec![]),
             (
@@ -733,6 +887,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(1),
                 retry_min: Duration::from_secs(1),
                 retry_max: Duration::from_secs(1),
+                identity: None,
             },
             write_as_self: false,
             change_retention: None,
@@ -750,7 +905,7 @@ mod tests {
         let service = LedgerGrpc::new(Arc::new(ledger));
         let mut streams = Vec::new();
         for _ in 0..3 {
-            let request = Request::new(pb::StreamLedgerRequest { after_seq: 0 });
+            let request = Request::new(pb::StreamLedgerRequest { after_seq: 0, subscriber: None });
             let mut stream = service.stream_ledger(request).await.unwrap().into_inner();
             // An empty ledger: a reset, then caught up; the subscriber is live from here.
             for _ in 0..2 {

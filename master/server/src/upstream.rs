@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use ledger_client::follow::{self, Event, FollowOptions, Sink, Stop};
 use ledger_client::masters::{self, MasterAddr};
+use ledger_client::report::Downstream;
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_storage::{Change, ChangeKind, Storage, StorageError, StoredPolicy};
@@ -36,6 +37,7 @@ use crate::health::UPSTREAM_SERVICE;
 use crate::ledger::Caller;
 use crate::metrics;
 use crate::storage_io;
+use crate::subscribers::Subscribers;
 use crate::writer::Pruner;
 
 /// What a relay needs to follow its upstream and forward writes to it.
@@ -90,10 +92,12 @@ impl Upstream {
 /// stored is stored first), showing the link on `health` ([`UPSTREAM_SERVICE`]) and in the
 /// metrics. The copy's head is read from `storage`: a relay restarted (even after `kill -9`)
 /// resumes after what it holds, without a snapshot.
+/// With its progress the relay reports `subscribers`, its own, upstream.
 pub async fn follow(
     upstream: Upstream,
     storage: Arc<dyn Storage>,
     feed: ChangeFeed,
+    subscribers: Subscribers,
     health: HealthReporter,
     shutdown: CancellationToken,
 ) {
@@ -110,6 +114,7 @@ pub async fn follow(
         head: None,
         receiving: None,
         pruner: Pruner::new(options.change_retention),
+        subscribers,
     };
     follow::follow(&options.follow, &mut sink, &shutdown).await;
     tracing::info!("stopped following the upstream");
@@ -132,6 +137,8 @@ struct CopySink {
     head: Option<u64>,
     receiving: Option<Receiving>,
     pruner: Pruner,
+    /// The relay's own subscribers, reported upstream.
+    subscribers: Subscribers,
 }
 
 impl CopySink {
@@ -269,6 +276,18 @@ impl Sink for CopySink {
             }
         }
         self.store(changes).await
+    }
+
+    fn downstream(&self) -> Option<Downstream> {
+        let subscribers = self.subscribers.clone();
+        Some(Arc::new(move || {
+            subscribers
+                .list()
+                .subscribers
+                .into_iter()
+                .map(crate::service::subscriber_status)
+                .collect()
+        }))
     }
 
     async fn disconnected(&mut self) {

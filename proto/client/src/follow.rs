@@ -18,12 +18,14 @@ use std::time::Duration;
 
 use ledger_proto::pb;
 use ledger_proto::pb::stream_ledger_response::Event as Proto;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 use crate::backoff::Backoff;
 use crate::masters::{self, ClientOptions, MasterAddr};
+use crate::report::{self, Downstream, Identity};
 
 /// The most events handed to the sink as one batch, so that memory and the time between two
 /// durable points stay bounded while a big snapshot or replay streams in.
@@ -45,6 +47,10 @@ pub struct FollowOptions {
     pub retry_min: Duration,
     /// The longest reconnection delay.
     pub retry_max: Duration,
+    /// How the subscriber names itself when it subscribes; with it, its durable seq is
+    /// reported to the master it streams from ([`crate::report`]). `None`: anonymous, no
+    /// reports.
+    pub identity: Option<Identity>,
 }
 
 /// One event of a subscription, checked: it comes in the order the protocol promises.
@@ -301,6 +307,12 @@ pub trait Sink: Send {
 
     /// The subscription ended, however it ended: a snapshot being received is dropped.
     fn disconnected(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// The subscribers below this one, reported upstream with its progress (a relay's own);
+    /// none by default.
+    fn downstream(&self) -> Option<Downstream> {
+        None
+    }
 }
 
 /// Why a subscription ended.
@@ -329,6 +341,13 @@ pub async fn follow<S: Sink>(options: &FollowOptions, sink: &mut S, shutdown: &C
     }
     let mut backoff = Backoff::new(options.retry_min, options.retry_max);
     let mut link = LinkLog::default();
+    // One per run: a stream opened again after a reconnection takes the same entry over.
+    let session_id = report::new_session_id();
+    let subscriber = options.identity.as_ref().map(|identity| pb::SubscriberIdentity {
+        node_name: identity.node_name.clone(),
+        version: identity.version.clone(),
+        session_id: session_id.clone(),
+    });
     let mut current = 0;
     let mut wait = false;
     'run: loop {
@@ -350,8 +369,13 @@ pub async fn follow<S: Sink>(options: &FollowOptions, sink: &mut S, shutdown: &C
         for attempt in 0..masters.len() {
             let index = (current + attempt) % masters.len();
             let master = &masters[index];
-            let subscribing =
-                subscribe(master, &options.client, after_seq, options.connect_timeout);
+            let subscribing = subscribe(
+                master,
+                &options.client,
+                after_seq,
+                subscriber.clone(),
+                options.connect_timeout,
+            );
             let result = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break 'run,
@@ -374,7 +398,27 @@ pub async fn follow<S: Sink>(options: &FollowOptions, sink: &mut S, shutdown: &C
         let again = link.connected(master, after_seq);
         sink.connected(master, &channel, again).await;
         let checker = Checker::new(after_seq);
-        let end = stream_into(sink, checker, stream, master, shutdown, &mut backoff).await;
+        let (durable, watched) = watch::channel(after_seq);
+        // Reports run beside the stream, never holding it up, and end with it.
+        let _reporting = subscriber.is_some().then(|| {
+            AbortOnDrop(tokio::spawn(report::report(
+                channel.clone(),
+                options.client.clone(),
+                session_id.clone(),
+                watched,
+                sink.downstream(),
+            )))
+        });
+        let end = stream_into(
+            sink,
+            checker,
+            stream,
+            master,
+            shutdown,
+            &mut backoff,
+            &durable,
+        )
+        .await;
         sink.disconnected().await;
         match end {
             End::Shutdown => break 'run,
@@ -407,16 +451,29 @@ pub async fn follow<S: Sink>(options: &FollowOptions, sink: &mut S, shutdown: &C
     tracing::debug!("stopped following");
 }
 
-/// Connects to `master` and starts a subscription after `after_seq`.
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Connects to `master` and starts a subscription after `after_seq`, as `subscriber`.
 async fn subscribe(
     master: &MasterAddr,
     options: &ClientOptions,
     after_seq: u64,
+    subscriber: Option<pb::SubscriberIdentity>,
     timeout: Duration,
 ) -> Result<(Channel, Streaming<pb::StreamLedgerResponse>), String> {
     let channel = master.channel(options, timeout).await?;
     let mut client = options.client(channel.clone());
-    let request = client.stream_ledger(pb::StreamLedgerRequest { after_seq });
+    let request = client.stream_ledger(pb::StreamLedgerRequest {
+        after_seq,
+        subscriber,
+    });
     match tokio::time::timeout(timeout, request).await {
         Ok(Ok(response)) => Ok((channel, response.into_inner())),
         Ok(Err(status)) => Err(masters::describe_call_failure(&status, options)),
@@ -432,6 +489,7 @@ async fn stream_into<S: Sink>(
     master: &MasterAddr,
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
+    durable: &watch::Sender<u64>,
 ) -> End {
     let mut caught_up_once = false;
     let mut tick = sink.tick_interval().map(|period| {
@@ -453,7 +511,9 @@ async fn stream_into<S: Sink>(
             _ = shutdown.cancelled() => return End::Shutdown,
             message = stream.message() => message,
             _ = ticked => {
-                if let Err(stop) = sink.tick().await {
+                let ticked = sink.tick().await;
+                durable.send_if_modified(|seq| moved(seq, sink.resume_seq()));
+                if let Err(stop) = ticked {
                     return End::Sink(stop);
                 }
                 continue;
@@ -499,7 +559,10 @@ async fn stream_into<S: Sink>(
         });
         // The sink's write runs to its end even when a signal arrives meanwhile: shutdown is
         // only looked at between batches.
-        if let Err(stop) = sink.apply(events).await {
+        let applied = sink.apply(events).await;
+        // What the sink made durable, also before a failure midway.
+        durable.send_if_modified(|seq| moved(seq, sink.resume_seq()));
+        if let Err(stop) = applied {
             return End::Sink(stop);
         }
         if let Some(seq) = caught_up {
@@ -520,6 +583,13 @@ async fn stream_into<S: Sink>(
             return end;
         }
     }
+}
+
+/// Sets `seq` to `now`; whether it changed.
+fn moved(seq: &mut u64, now: u64) -> bool {
+    let changed = *seq != now;
+    *seq = now;
+    changed
 }
 
 /// The output of `future` if it is ready at once; `None` without waiting otherwise.

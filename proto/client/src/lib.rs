@@ -12,3 +12,4 @@
 pub mod backoff;
 pub mod follow;
 pub mod masters;
+pub mod report;
