@@ -288,6 +288,11 @@ pub fn table(lines: &[String]) -> String {
         row.extend(shown.iter().map(|key| text(key)));
         cells.push(row);
     }
+    aligned(&cells)
+}
+
+/// `cells` (a header row first) as aligned columns, two spaces apart.
+fn aligned(cells: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..cells[0].len())
         .map(|column| {
             cells
@@ -327,6 +332,71 @@ fn terminal_safe(text: &str) -> String {
         }
     }
     safe
+}
+
+/// The subscribers of the first master that answers (`ListSubscribers`: its streams, and the
+/// members below its relays) as a table, the largest lag first: a line with the master and its
+/// head seq, then `node`, `via`, `peer`, `identity`, `since` (UTC), `sent`, `durable`, `lag`,
+/// `bytes` (`-` for an empty text).
+pub async fn subscribers(
+    masters: &[MasterAddr],
+    options: &ClientOptions,
+    timeout: Duration,
+) -> Result<String, CommandError> {
+    let (mut client, master) = connect(masters, options, timeout).await?;
+    let list = call(
+        master,
+        options,
+        timeout,
+        client.list_subscribers(pb::ListSubscribersRequest {}),
+    )
+    .await?;
+    Ok(format!(
+        "master {master} head_seq {} subscribers {}\n{}",
+        list.head_seq,
+        list.subscribers.len(),
+        subscriber_table(list.subscribers)
+    ))
+}
+
+/// The rows of `member status --all`, the largest lag first (then by via and node name).
+pub fn subscriber_table(mut subscribers: Vec<pb::SubscriberStatus>) -> String {
+    subscribers.sort_by(|a, b| {
+        b.lag
+            .cmp(&a.lag)
+            .then_with(|| a.via.cmp(&b.via))
+            .then_with(|| a.node_name.cmp(&b.node_name))
+    });
+    let text = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            terminal_safe(s)
+        }
+    };
+    let mut cells = vec![
+        [
+            "node", "via", "peer", "identity", "since", "sent", "durable", "lag", "bytes",
+        ]
+        .map(str::to_string)
+        .to_vec(),
+    ];
+    for s in &subscribers {
+        let since = chrono::DateTime::from_timestamp_millis(s.since_unix_ms)
+            .map_or_else(|| "-".to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+        cells.push(vec![
+            text(&s.node_name),
+            text(&s.via),
+            text(&s.peer),
+            text(&s.identity),
+            since,
+            s.sent_seq.to_string(),
+            s.durable_seq.to_string(),
+            s.lag.to_string(),
+            s.bytes_sent.to_string(),
+        ]);
+    }
+    aligned(&cells)
 }
 
 /// The local file against the master, as a JSON object: `applied_seq`, `head_seq`, `lag`,

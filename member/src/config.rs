@@ -173,6 +173,11 @@ pub struct DaemonArgs {
         value_parser = humantime::parse_duration
     )]
     pub node_reload_timeout: Duration,
+
+    /// The name this member gives itself when it subscribes: the masters list it
+    /// (ListSubscribers, `member status --all`). By default the host name.
+    #[arg(long, env = "LEDGER_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
 }
 
 impl DaemonArgs {
@@ -215,8 +220,14 @@ pub enum Command {
         format: GetFormat,
     },
     /// Prints, as JSON, the applied seq of the ledger file, the master's head seq, the lag, and
-    /// the file's md5 against the master's digest.
-    Status,
+    /// the file's md5 against the master's digest. With --all: the master's subscribers instead.
+    Status {
+        /// Print every subscriber of the master (ListSubscribers: its members, and those below
+        /// its relays) as a table, the largest lag first: node, via, peer, identity, since,
+        /// sent, durable, lag, bytes. The ledger file is not read.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// How `member get` prints.

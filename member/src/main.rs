@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
 use ledger_client::masters::ClientOptions;
+use ledger_client::report::Identity;
 use ledger_member::commands::{self, CommandError};
 use ledger_member::config::{Cli, Command};
 use ledger_member::node::{NodeNotifier, NodeOptions};
@@ -96,6 +97,14 @@ async fn daemon(cli: Cli, client: ClientOptions) -> ExitCode {
         retry_max: cli.daemon.retry_max,
         sidecar,
         node,
+        identity: Identity {
+            node_name: cli
+                .daemon
+                .node_name
+                .clone()
+                .unwrap_or_else(ledger_client::report::host_name),
+            version: format!("member {}", env!("CARGO_PKG_VERSION")),
+        },
     };
     match sync::run(options, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -127,7 +136,10 @@ async fn operator(
             &conditions,
             format,
         ),
-        Command::Status => {
+        Command::Status { all: true } => {
+            commands::subscribers(&cli.masters, client, cli.timeout).await
+        }
+        Command::Status { all: false } => {
             commands::status(&cli.masters, client, cli.timeout, &cli.ledger_file).await
         }
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ledger_client::follow::{self, Event, FollowOptions, Sink, Stop};
 use ledger_client::masters::{ClientOptions, MasterAddr};
+use ledger_client::report::Identity;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -42,6 +43,9 @@ pub struct SyncOptions {
     /// The node told to reload after each batch that changed the file (`--node-rest`,
     /// `--node-tcp`).
     pub node: Option<NodeNotifier>,
+    /// How the member names itself to the masters; it reports them the seq its file made
+    /// durable (the state record's).
+    pub identity: Identity,
 }
 
 /// Why the daemon stopped other than by a signal.
@@ -72,6 +76,7 @@ pub async fn run(options: SyncOptions, shutdown: CancellationToken) -> Result<()
         connect_timeout: options.connect_timeout,
         retry_min: options.retry_min,
         retry_max: options.retry_max,
+        identity: Some(options.identity.clone()),
     };
     let mut sink = FileSink {
         options: &options,
