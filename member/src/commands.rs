@@ -382,8 +382,10 @@ pub fn subscriber_table(mut subscribers: Vec<pb::SubscriberStatus>) -> String {
         .to_vec(),
     ];
     for s in &subscribers {
-        let since = chrono::DateTime::from_timestamp_millis(s.since_unix_ms)
-            .map_or_else(|| "-".to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+        let since = chrono::DateTime::from_timestamp_millis(s.since_unix_ms).map_or_else(
+            || "-".to_string(),
+            |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        );
         cells.push(vec![
             text(&s.node_name),
             text(&s.via),
@@ -483,6 +485,52 @@ fn digest(path: &Path) -> Result<Option<(String, u64)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subscribers_are_listed_the_largest_lag_first_their_names_escaped() {
+        let at = |node: &str, via: &str, durable_seq: u64, lag: u64| pb::SubscriberStatus {
+            node_name: node.into(),
+            via: via.into(),
+            peer: "127.0.0.1:4000".into(),
+            since_unix_ms: 1_700_000_000_000,
+            sent_seq: 9,
+            durable_seq,
+            lag,
+            bytes_sent: 1234,
+            ..Default::default()
+        };
+        let text = subscriber_table(vec![
+            at("m1", "", 9, 0),
+            at("m2", "relay-a", 4, 5),
+            at("evil\n\u{1b}[2J", "", 8, 1),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            [
+                "node", "via", "peer", "identity", "since", "sent", "durable", "lag", "bytes"
+            ]
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            [
+                "m2",
+                "relay-a",
+                "127.0.0.1:4000",
+                "-",
+                "2023-11-14T22:13:20Z",
+                "9",
+                "4",
+                "5",
+                "1234"
+            ]
+        );
+        assert!(lines[2].starts_with("evil\\n\\u{1b}[2J "), "{text}");
+        assert!(lines[3].starts_with("m1 "), "{text}");
+        // Empty: the header alone.
+        assert_eq!(subscriber_table(Vec::new()).lines().count(), 1);
+    }
 
     #[test]
     fn a_table_aligns_the_columns_that_appear() {

@@ -311,6 +311,20 @@ mod tests {
     }
 
     #[test]
+    fn the_node_name_and_status_all() {
+        let cli = Cli::try_parse_from(["member", "--node-name", "edge-7"]).unwrap();
+        assert_eq!(cli.daemon.node_name.as_deref(), Some("edge-7"));
+        assert_eq!(
+            Cli::try_parse_from(["member"]).unwrap().daemon.node_name,
+            None
+        );
+        let cli = Cli::try_parse_from(["member", "status", "--all", "--master", "a:1"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Status { all: true })));
+        let cli = Cli::try_parse_from(["member", "status"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Status { all: false })));
+    }
+
+    #[test]
     fn the_node_is_reached_by_rest_or_tcp_not_both() {
         let cli = Cli::try_parse_from(["member", "--node-rest", "http://127.0.0.1:32049"]).unwrap();
         assert!(matches!(

@@ -280,7 +280,10 @@ async fn each_refused_caller_is_told_why() {
             30,
             "StreamLedger",
             client.stream_ledger(with_authorization(
-                StreamLedgerRequest { after_seq: 0, subscriber: None },
+                StreamLedgerRequest {
+                    after_seq: 0,
+                    subscriber: None,
+                },
                 authorization,
             )),
         )
@@ -354,7 +357,10 @@ async fn streams_past_a_limit_are_refused_with_the_limit() {
     let refused = within(
         30,
         "StreamLedger",
-        client.stream_ledger(StreamLedgerRequest { after_seq: 0, subscriber: None }),
+        client.stream_ledger(StreamLedgerRequest {
+            after_seq: 0,
+            subscriber: None,
+        }),
     )
     .await
     .unwrap_err();
@@ -370,7 +376,10 @@ async fn streams_past_a_limit_are_refused_with_the_limit() {
     let refused = within(
         30,
         "StreamLedger",
-        client.stream_ledger(StreamLedgerRequest { after_seq: 0, subscriber: None }),
+        client.stream_ledger(StreamLedgerRequest {
+            after_seq: 0,
+            subscriber: None,
+        }),
     )
     .await
     .unwrap_err();
@@ -411,7 +420,10 @@ async fn a_stalled_snapshot_ends_with_its_reason() {
     let mut events = within(
         30,
         "StreamLedger",
-        slow.stream_ledger(StreamLedgerRequest { after_seq: 0, subscriber: None }),
+        slow.stream_ledger(StreamLedgerRequest {
+            after_seq: 0,
+            subscriber: None,
+        }),
     )
     .await
     .unwrap()

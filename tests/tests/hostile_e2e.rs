@@ -702,7 +702,10 @@ async fn try_stream(
     let mut stream = within(
         30,
         "StreamLedger",
-        client.stream_ledger(StreamLedgerRequest { after_seq, subscriber: None }),
+        client.stream_ledger(StreamLedgerRequest {
+            after_seq,
+            subscriber: None,
+        }),
     )
     .await?
     .into_inner();
@@ -800,7 +803,10 @@ async fn thousands_of_streams_opened_and_dropped() {
             let mut streams = Vec::new();
             while streams.len() < PER_CONNECTION {
                 match client
-                    .stream_ledger(StreamLedgerRequest { after_seq: 0, subscriber: None })
+                    .stream_ledger(StreamLedgerRequest {
+                        after_seq: 0,
+                        subscriber: None,
+                    })
                     .await
                 {
                     Ok(stream) => streams.push(stream.into_inner()),
@@ -1381,7 +1387,10 @@ async fn health_watch_streams_count_against_the_stream_limit() {
     let refused = within(
         30,
         "StreamLedger",
-        client.stream_ledger(StreamLedgerRequest { after_seq: 0, subscriber: None }),
+        client.stream_ledger(StreamLedgerRequest {
+            after_seq: 0,
+            subscriber: None,
+        }),
     )
     .await
     .unwrap_err();
@@ -1539,7 +1548,11 @@ async fn stalled_snapshots(master: &Master, streams: u32) -> tokio::task::JoinHa
     let (mut read, mut write) = tcp.into_split();
     let mut out = ledger_anylog::wire::HTTP2_PREFACE.to_vec();
     out.extend(h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0])); // SETTINGS_INITIAL_WINDOW_SIZE = 0
-    let request = StreamLedgerRequest { after_seq: 0, subscriber: None }.encode_to_vec();
+    let request = StreamLedgerRequest {
+        after_seq: 0,
+        subscriber: None,
+    }
+    .encode_to_vec();
     let mut body = vec![0u8];
     body.extend((request.len() as u32).to_be_bytes());
     body.extend(request);
@@ -1700,7 +1713,10 @@ async fn reflection_streams_count_against_the_stream_limit() {
     let refused = within(
         30,
         "StreamLedger",
-        client.stream_ledger(StreamLedgerRequest { after_seq: 0, subscriber: None }),
+        client.stream_ledger(StreamLedgerRequest {
+            after_seq: 0,
+            subscriber: None,
+        }),
     )
     .await
     .unwrap_err();

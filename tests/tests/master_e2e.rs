@@ -772,7 +772,10 @@ async fn a_stream_ends_at_the_clients_deadline() {
     let fx = start("sqlite", &[]);
     let mut client = fx.master.client().await;
     insert(&mut client, &operator(1)).await.unwrap();
-    let mut request = tonic::Request::new(ledger_proto::pb::StreamLedgerRequest { after_seq: 0, subscriber: None });
+    let mut request = tonic::Request::new(ledger_proto::pb::StreamLedgerRequest {
+        after_seq: 0,
+        subscriber: None,
+    });
     request.set_timeout(Duration::from_millis(500));
     let mut events = within(30, "StreamLedger", client.stream_ledger(request))
         .await

@@ -86,7 +86,10 @@ async fn until_caught_up(
     tonic::Streaming<pb::StreamLedgerResponse>,
 ) {
     let mut stream = client
-        .stream_ledger(pb::StreamLedgerRequest { after_seq, subscriber: None })
+        .stream_ledger(pb::StreamLedgerRequest {
+            after_seq,
+            subscriber: None,
+        })
         .await
         .expect("subscribing")
         .into_inner();
@@ -559,7 +562,10 @@ async fn a_new_relay_serves_nothing_before_its_first_snapshot() {
     );
     // A stream waits for the copy instead of handing out an empty ledger.
     let mut stream = client
-        .stream_ledger(pb::StreamLedgerRequest { after_seq: 0, subscriber: None })
+        .stream_ledger(pb::StreamLedgerRequest {
+            after_seq: 0,
+            subscriber: None,
+        })
         .await
         .unwrap()
         .into_inner();

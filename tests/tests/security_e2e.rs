@@ -94,7 +94,13 @@ async fn stream_as(
     let mut events = within(
         30,
         "StreamLedger",
-        client.stream_ledger(with_token(StreamLedgerRequest { after_seq: 0, subscriber: None }, token)),
+        client.stream_ledger(with_token(
+            StreamLedgerRequest {
+                after_seq: 0,
+                subscriber: None,
+            },
+            token,
+        )),
     )
     .await?
     .into_inner();

@@ -53,8 +53,16 @@ async fn the_root_master_knows_every_subscriber_of_the_tree() {
     );
     let root_addr = root.addr.to_string();
     let relay_addr = relay.addr.to_string();
-    let mut direct = Member::start(dirs[2].path(), &[root_addr.clone()], &["--node-name", "m-direct"]);
-    let mut paused = Member::start(dirs[3].path(), &[root_addr.clone()], &["--node-name", "m-paused"]);
+    let mut direct = Member::start(
+        dirs[2].path(),
+        &[root_addr.clone()],
+        &["--node-name", "m-direct"],
+    );
+    let mut paused = Member::start(
+        dirs[3].path(),
+        &[root_addr.clone()],
+        &["--node-name", "m-paused"],
+    );
     // The variable names it: flags and LEDGER_NODE_NAME are the same setting.
     let mut below = Member::start_with_env(
         dirs[4].path(),
@@ -87,7 +95,10 @@ async fn the_root_master_knows_every_subscriber_of_the_tree() {
         assert_eq!(s.identity, "", "no auth file: no identity ({s:?})");
         assert!(s.sent_seq >= head && s.bytes_sent > 0, "{s:?}");
         let now_ms = chrono::Utc::now().timestamp_millis();
-        assert!(s.since_unix_ms > now_ms - 120_000 && s.since_unix_ms <= now_ms, "{s:?}");
+        assert!(
+            s.since_unix_ms > now_ms - 120_000 && s.since_unix_ms <= now_ms,
+            "{s:?}"
+        );
     }
     let relay_a = find(&listed, "relay-a").unwrap();
     assert!(
@@ -116,17 +127,22 @@ async fn the_root_master_knows_every_subscriber_of_the_tree() {
     for n in 3..6 {
         last = insert(&mut client, &operator(n)).await.seq;
     }
-    wait_until(30, "the others at the new head, the stopped member behind", || {
-        let mut client = client.clone();
-        async move {
-            let list = list(&mut client).await;
-            let at_head = ["m-direct", "m-below", "relay-a"]
-                .iter()
-                .all(|node| find(&list, node).is_some_and(|s| s.durable_seq == last));
-            at_head
-                && find(&list, "m-paused").is_some_and(|s| s.durable_seq == head && s.lag == last - head)
-        }
-    })
+    wait_until(
+        30,
+        "the others at the new head, the stopped member behind",
+        || {
+            let mut client = client.clone();
+            async move {
+                let list = list(&mut client).await;
+                let at_head = ["m-direct", "m-below", "relay-a"]
+                    .iter()
+                    .all(|node| find(&list, node).is_some_and(|s| s.durable_seq == last));
+                at_head
+                    && find(&list, "m-paused")
+                        .is_some_and(|s| s.durable_seq == head && s.lag == last - head)
+            }
+        },
+    )
     .await;
 
     // The operator's table, the largest lag first.
@@ -142,7 +158,9 @@ async fn the_root_master_knows_every_subscriber_of_the_tree() {
     let header: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(
         header,
-        ["node", "via", "peer", "identity", "since", "sent", "durable", "lag", "bytes"]
+        [
+            "node", "via", "peer", "identity", "since", "sent", "durable", "lag", "bytes"
+        ]
     );
     let rows: Vec<Vec<&str>> = lines[2..]
         .iter()
@@ -152,7 +170,10 @@ async fn the_root_master_knows_every_subscriber_of_the_tree() {
     assert_eq!(rows[0][0], "m-paused", "{}", output.stdout);
     assert_eq!(
         (rows[0][6], rows[0][7]),
-        (head.to_string().as_str(), (last - head).to_string().as_str())
+        (
+            head.to_string().as_str(),
+            (last - head).to_string().as_str()
+        )
     );
     let row_below = rows.iter().find(|row| row[0] == "m-below").unwrap();
     assert_eq!((row_below[1], row_below[3]), ("relay-a", "-"));
@@ -207,7 +228,11 @@ async fn hostile_reports_get_precise_statuses() {
         })
         .await
         .unwrap_err();
-    assert_refused(&unknown, Reason::SessionUnknown, &[(key::SESSION_ID, "nobody")]);
+    assert_refused(
+        &unknown,
+        Reason::SessionUnknown,
+        &[(key::SESSION_ID, "nobody")],
+    );
 
     // A subscriber whose name is too long is refused before its stream opens.
     let long_name = client
@@ -224,7 +249,10 @@ async fn hostile_reports_get_precise_statuses() {
     assert_refused(
         &long_name,
         Reason::FieldTooLong,
-        &[(key::FIELD, "subscriber.node_name"), (key::LIMIT_BYTES, "256")],
+        &[
+            (key::FIELD, "subscriber.node_name"),
+            (key::LIMIT_BYTES, "256"),
+        ],
     );
 
     let _stream = client
@@ -291,5 +319,9 @@ async fn hostile_reports_get_precise_statuses() {
         .report_progress(report(Vec::new()))
         .await
         .unwrap_err();
-    assert_refused(&gone, Reason::SessionUnknown, &[(key::SESSION_ID, "session-1")]);
+    assert_refused(
+        &gone,
+        Reason::SessionUnknown,
+        &[(key::SESSION_ID, "session-1")],
+    );
 }

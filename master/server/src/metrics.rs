@@ -25,7 +25,16 @@ pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
         .set_buckets_for_metric(
             Matcher::Full("ledger_subscriber_lag".into()),
             &[
-                0.0, 1.0, 2.0, 5.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0,
+                0.0,
+                1.0,
+                2.0,
+                5.0,
+                10.0,
+                100.0,
+                1_000.0,
+                10_000.0,
+                100_000.0,
+                1_000_000.0,
             ],
         )
         .map_err(|e| e.to_string())?;

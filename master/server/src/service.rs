@@ -7,8 +7,8 @@ use std::sync::Arc;
 use ledger_proto::pb;
 use ledger_proto::server::StreamLedgerFrame;
 use ledger_proto::server::ledger_service_server::LedgerService;
-use tokio_stream::{Stream, StreamExt};
 use prost::Message as _;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{AuthError, Authorizer, Role, certificate_common_name};
@@ -493,7 +493,11 @@ impl LedgerService for LedgerGrpc {
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         self.authorize(&request, Role::Reader, "report progress")?;
         let request = request.into_inner();
-        let downstream = request.downstream.into_iter().map(subscriber_info).collect();
+        let downstream = request
+            .downstream
+            .into_iter()
+            .map(subscriber_info)
+            .collect();
         let head_seq = self.ledger.subscribers().report(
             &request.session_id,
             request.durable_seq,
@@ -510,7 +514,11 @@ impl LedgerService for LedgerGrpc {
         let list = self.ledger.subscribers().list();
         Ok(Response::new(pb::ListSubscribersResponse {
             head_seq: list.head_seq,
-            subscribers: list.subscribers.into_iter().map(subscriber_status).collect(),
+            subscribers: list
+                .subscribers
+                .into_iter()
+                .map(subscriber_status)
+                .collect(),
         }))
     }
 
@@ -869,12 +877,10 @@ mod tests {
         );
     }
 
-    /// The frames the streams of several subscribers send for one live change hold the very
-    /// same bytes: one encoding, not one per subscriber.
-    #[tokio::test]
-    async fn subscribers_send_one_shared_encoding() {
-        let dir = tempfile::tempdir().unwrap();
-        let url: DatabaseUrl = format!("sqlite://{}", dir.path().join("ledger.db").display())
+    /// A relay's ledger (never connected: only streams are opened) on a fresh SQLite file in
+    /// `dir`, with its storage and feed.
+    fn stream_only_ledger(dir: &std::path::Path) -> (Ledger, Arc<dyn Storage>, ChangeFeed) {
+        let url: DatabaseUrl = format!("sqlite://{}", dir.join("ledger.db").display())
             .parse()
             .unwrap();
         let storage: Arc<dyn Storage> = Arc::new(DieselStorage::open(&url, 4).unwrap());
@@ -902,10 +908,22 @@ mod tests {
                 snapshots: Default::default(),
             },
         );
+        (ledger, storage, feed)
+    }
+
+    /// The frames the streams of several subscribers send for one live change hold the very
+    /// same bytes: one encoding, not one per subscriber.
+    #[tokio::test]
+    async fn subscribers_send_one_shared_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, storage, feed) = stream_only_ledger(dir.path());
         let service = LedgerGrpc::new(Arc::new(ledger));
         let mut streams = Vec::new();
         for _ in 0..3 {
-            let request = Request::new(pb::StreamLedgerRequest { after_seq: 0, subscriber: None });
+            let request = Request::new(pb::StreamLedgerRequest {
+                after_seq: 0,
+                subscriber: None,
+            });
             let mut stream = service.stream_ledger(request).await.unwrap().into_inner();
             // An empty ledger: a reset, then caught up; the subscriber is live from here.
             for _ in 0..2 {
@@ -933,5 +951,63 @@ mod tests {
                 "each subscriber encoded its own"
             );
         }
+    }
+
+    /// A stream that names itself is listed while it is open, with what it was sent; its
+    /// reports set its durable seq; it goes when it ends.
+    #[tokio::test]
+    async fn streams_are_listed_with_what_they_were_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, storage, feed) = stream_only_ledger(dir.path());
+        let service = LedgerGrpc::new(Arc::new(ledger));
+        let request = Request::new(pb::StreamLedgerRequest {
+            after_seq: 0,
+            subscriber: Some(pb::SubscriberIdentity {
+                node_name: "m1".into(),
+                version: "member 9".into(),
+                session_id: "s1".into(),
+            }),
+        });
+        let mut stream = service.stream_ledger(request).await.unwrap().into_inner();
+        let mut bytes = 0;
+        for _ in 0..2 {
+            bytes += stream.next().await.unwrap().unwrap().encoded_len();
+        }
+        let change = Change {
+            seq: 1,
+            kind: ChangeKind::Inserted(policy(1)),
+        };
+        feed.publish_committed(&*storage, [change]).unwrap();
+        bytes += stream.next().await.unwrap().unwrap().encoded_len();
+        async fn listed(service: &LedgerGrpc) -> pb::ListSubscribersResponse {
+            let request = Request::new(pb::ListSubscribersRequest {});
+            service
+                .list_subscribers(request)
+                .await
+                .unwrap()
+                .into_inner()
+        }
+        let list = listed(&service).await;
+        assert_eq!(list.head_seq, 1);
+        let [m1] = &list.subscribers[..] else {
+            panic!("{list:?}")
+        };
+        assert_eq!(
+            (m1.node_name.as_str(), m1.version.as_str(), m1.sent_seq),
+            ("m1", "member 9", 1)
+        );
+        assert_eq!(m1.bytes_sent, bytes as u64);
+        assert_eq!((m1.durable_seq, m1.lag), (0, 1));
+        let report = Request::new(pb::ReportProgressRequest {
+            session_id: "s1".into(),
+            durable_seq: 1,
+            downstream: Vec::new(),
+        });
+        let answer = service.report_progress(report).await.unwrap().into_inner();
+        assert_eq!(answer.head_seq, 1);
+        let m1 = &listed(&service).await.subscribers[0];
+        assert_eq!((m1.durable_seq, m1.lag), (1, 0));
+        drop(stream);
+        assert!(listed(&service).await.subscribers.is_empty());
     }
 }

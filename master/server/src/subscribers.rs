@@ -263,7 +263,10 @@ impl Subscribers {
             .flatten()
             .ok_or_else(|| LedgerError::SessionUnknown(session_id.to_string()))?;
         entry.durable_seq.store(durable_seq, Ordering::Relaxed);
-        *entry.downstream.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(downstream);
+        *entry
+            .downstream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(downstream);
         let head = self.head();
         metrics::subscriber_lag(head.saturating_sub(durable_seq));
         Ok(head)
@@ -366,7 +369,12 @@ mod tests {
         assert_eq!(list.subscribers.len(), 2);
         let listed = find(&list, "a");
         assert_eq!(
-            (listed.sent_seq, listed.bytes_sent, listed.durable_seq, listed.lag),
+            (
+                listed.sent_seq,
+                listed.bytes_sent,
+                listed.durable_seq,
+                listed.lag
+            ),
             (8, 150, 4, 6)
         );
         assert_eq!(listed.version, "member 0.1.0");

@@ -343,11 +343,14 @@ pub async fn follow<S: Sink>(options: &FollowOptions, sink: &mut S, shutdown: &C
     let mut link = LinkLog::default();
     // One per run: a stream opened again after a reconnection takes the same entry over.
     let session_id = report::new_session_id();
-    let subscriber = options.identity.as_ref().map(|identity| pb::SubscriberIdentity {
-        node_name: identity.node_name.clone(),
-        version: identity.version.clone(),
-        session_id: session_id.clone(),
-    });
+    let subscriber = options
+        .identity
+        .as_ref()
+        .map(|identity| pb::SubscriberIdentity {
+            node_name: identity.node_name.clone(),
+            version: identity.version.clone(),
+            session_id: session_id.clone(),
+        });
     let mut current = 0;
     let mut wait = false;
     'run: loop {

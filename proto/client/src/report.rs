@@ -66,7 +66,7 @@ pub async fn report(
     let mut client = options.client(channel);
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut last: Option<(u64, Vec<pb::SubscriberStatus>, Instant)> = None;
+    let mut last: Option<(u64, Vec<Position>, Instant)> = None;
     loop {
         tick.tick().await;
         let durable_seq = *durable.borrow_and_update();
@@ -78,10 +78,13 @@ pub async fn report(
             );
             below.truncate(MAX_DOWNSTREAM);
         }
+        // What the subscribers below send moves all the time; who they are and what they made
+        // durable is what a report is due for. The rest goes with the keep-alive.
+        let positions: Vec<Position> = below.iter().map(Position::of).collect();
         let due = match &last {
             None => true,
-            Some((seq, sent_below, at)) => {
-                *seq != durable_seq || *sent_below != below || at.elapsed() >= KEEP_ALIVE
+            Some((seq, sent_positions, at)) => {
+                *seq != durable_seq || *sent_positions != positions || at.elapsed() >= KEEP_ALIVE
             }
         };
         if !due {
@@ -90,11 +93,11 @@ pub async fn report(
         let mut request = tonic::Request::new(pb::ReportProgressRequest {
             session_id: session_id.clone(),
             durable_seq,
-            downstream: below.clone(),
+            downstream: below,
         });
         request.set_timeout(KEEP_ALIVE);
         match client.report_progress(request).await {
-            Ok(_) => last = Some((durable_seq, below, Instant::now())),
+            Ok(_) => last = Some((durable_seq, positions, Instant::now())),
             Err(status) if status.code() == Code::Unimplemented => {
                 tracing::debug!("the master does not take progress reports: not reporting");
                 return;
@@ -104,5 +107,65 @@ pub async fn report(
                 tracing::debug!("progress report failed: {}", status.message());
             }
         }
+    }
+}
+
+/// Who a subscriber below is and what it made durable: a change of it makes a report due.
+#[derive(Debug, PartialEq, Eq)]
+struct Position {
+    node_name: String,
+    peer: String,
+    via: String,
+    durable_seq: u64,
+}
+
+impl Position {
+    fn of(status: &pb::SubscriberStatus) -> Position {
+        Position {
+            node_name: status.node_name.clone(),
+            peer: status.peer.clone(),
+            via: status.via.clone(),
+            durable_seq: status.durable_seq,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_random_hex_within_the_masters_limit() {
+        let (a, b) = (new_session_id(), new_session_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()), "{a}");
+    }
+
+    #[test]
+    fn the_host_name_is_never_empty() {
+        let name = host_name();
+        assert!(!name.is_empty() && name == name.trim(), "{name:?}");
+    }
+
+    #[test]
+    fn only_who_is_below_and_what_it_made_durable_makes_a_report_due() {
+        let status = pb::SubscriberStatus {
+            node_name: "m1".into(),
+            durable_seq: 4,
+            bytes_sent: 10,
+            ..Default::default()
+        };
+        let more_sent = pb::SubscriberStatus {
+            bytes_sent: 99,
+            sent_seq: 7,
+            ..status.clone()
+        };
+        assert_eq!(Position::of(&status), Position::of(&more_sent));
+        let durable = pb::SubscriberStatus {
+            durable_seq: 5,
+            ..status.clone()
+        };
+        assert_ne!(Position::of(&status), Position::of(&durable));
     }
 }

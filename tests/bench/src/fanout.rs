@@ -72,7 +72,10 @@ pub(crate) async fn fan_out(
         tasks.push(tokio::spawn(async move {
             let mut got: Vec<(u64, Instant)> = Vec::with_capacity(4096);
             let mut stream = client
-                .stream_ledger(StreamLedgerRequest { after_seq: h, subscriber: None })
+                .stream_ledger(StreamLedgerRequest {
+                    after_seq: h,
+                    subscriber: None,
+                })
                 .await
                 .expect("StreamLedger")
                 .into_inner();

@@ -142,7 +142,10 @@ pub async fn stream(client: &mut Client, after_seq: u64) -> Streaming<StreamLedg
     within(
         30,
         "StreamLedger",
-        client.stream_ledger(StreamLedgerRequest { after_seq, subscriber: None }),
+        client.stream_ledger(StreamLedgerRequest {
+            after_seq,
+            subscriber: None,
+        }),
     )
     .await
     .unwrap()

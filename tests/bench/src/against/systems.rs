@@ -186,7 +186,10 @@ impl<'a> Running<'a> {
                 let mut client = connect_stream(addr).await;
                 let read = async {
                     let mut stream = client
-                        .stream_ledger(StreamLedgerRequest { after_seq: 0, subscriber: None })
+                        .stream_ledger(StreamLedgerRequest {
+                            after_seq: 0,
+                            subscriber: None,
+                        })
                         .await
                         .expect("StreamLedger from 0")
                         .into_inner();
@@ -294,7 +297,10 @@ impl Subscription {
             Target::Ledger(addr) => {
                 let mut client = try_connect_stream(addr).await?;
                 let mut stream = client
-                    .stream_ledger(StreamLedgerRequest { after_seq, subscriber: None })
+                    .stream_ledger(StreamLedgerRequest {
+                        after_seq,
+                        subscriber: None,
+                    })
                     .await
                     .map_err(|s| format!("StreamLedger: {s}"))?
                     .into_inner();
