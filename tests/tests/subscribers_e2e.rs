@@ -55,12 +55,12 @@ async fn the_root_master_knows_every_subscriber_of_the_tree() {
     let relay_addr = relay.addr.to_string();
     let mut direct = Member::start(
         dirs[2].path(),
-        &[root_addr.clone()],
+        std::slice::from_ref(&root_addr),
         &["--node-name", "m-direct"],
     );
     let mut paused = Member::start(
         dirs[3].path(),
-        &[root_addr.clone()],
+        std::slice::from_ref(&root_addr),
         &["--node-name", "m-paused"],
     );
     // The variable names it: flags and LEDGER_NODE_NAME are the same setting.
