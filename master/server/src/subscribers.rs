@@ -9,7 +9,7 @@
 //! subscribers each relay among them reported, with `via` naming the relays between.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
@@ -19,6 +19,10 @@ use crate::metrics;
 
 /// The most `downstream` entries one report may carry.
 pub const MAX_DOWNSTREAM: usize = 10_000;
+
+/// The most `downstream` entries the registry keeps for all its streams together: what bounds
+/// its memory, whoever reports (a report past it is refused and changes nothing).
+pub const MAX_DOWNSTREAM_TOTAL: usize = 100_000;
 
 /// The longest node name, version, peer, identity or via a subscriber may send, in bytes.
 pub const MAX_TEXT_BYTES: usize = 256;
@@ -139,6 +143,8 @@ struct Inner {
     /// By session id (a stream without one: by a key of its own).
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     next_stream: AtomicU64,
+    /// The `downstream` entries kept for every stream, under the lock of `entries`.
+    downstream_total: AtomicUsize,
 }
 
 /// A stream's place in the registry: counts what it sends, and leaves the registry when dropped.
@@ -168,6 +174,22 @@ impl Drop for SubscriberGuard {
         {
             entries.remove(&self.key);
         }
+        // Whether listed or taken over, what it reported goes with it.
+        let below = self.entry.take_downstream();
+        self.inner
+            .downstream_total
+            .fetch_sub(below, Ordering::Relaxed);
+    }
+}
+
+impl Entry {
+    /// Drops what it reported below it; returns how many entries that was.
+    fn take_downstream(&self) -> usize {
+        let mut downstream = self
+            .downstream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::take(&mut *downstream).len()
     }
 }
 
@@ -185,6 +207,7 @@ impl Subscribers {
                 head,
                 entries: Mutex::new(HashMap::new()),
                 next_stream: AtomicU64::new(1),
+                downstream_total: AtomicUsize::new(0),
             }),
         }
     }
@@ -258,15 +281,30 @@ impl Subscribers {
         for info in &downstream {
             info.check_downstream()?;
         }
+        let entries = self.inner.lock();
         let entry = (!session_id.is_empty())
-            .then(|| self.inner.lock().get(session_id).cloned())
+            .then(|| entries.get(session_id))
             .flatten()
             .ok_or_else(|| LedgerError::SessionUnknown(session_id.to_string()))?;
-        entry.durable_seq.store(durable_seq, Ordering::Relaxed);
-        *entry
+        // Under the registry's lock: the total and the entries' lists move together.
+        let mut kept = entry
             .downstream
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(downstream);
+            .unwrap_or_else(PoisonError::into_inner);
+        let total = self.inner.downstream_total.load(Ordering::Relaxed) - kept.len();
+        if total + downstream.len() > MAX_DOWNSTREAM_TOTAL {
+            return Err(LedgerError::TooManySubscribers {
+                count: total + downstream.len(),
+                limit: MAX_DOWNSTREAM_TOTAL,
+            });
+        }
+        self.inner
+            .downstream_total
+            .store(total + downstream.len(), Ordering::Relaxed);
+        *kept = Arc::new(downstream);
+        entry.durable_seq.store(durable_seq, Ordering::Relaxed);
+        drop(kept);
+        drop(entries);
         let head = self.head();
         metrics::subscriber_lag(head.saturating_sub(durable_seq));
         Ok(head)
@@ -480,6 +518,29 @@ mod tests {
         // Nothing of a refused report was kept.
         assert_eq!(subscribers.list().subscribers.len(), 1);
         assert_eq!(subscribers.list().subscribers[0].durable_seq, 0);
+    }
+
+    #[test]
+    fn what_all_relays_report_below_them_is_bounded() {
+        let subscribers = Subscribers::new(watch::channel(1).1);
+        let full = || vec![SubscriberInfo::default(); MAX_DOWNSTREAM];
+        let mut relays: Vec<SubscriberGuard> = (0..=MAX_DOWNSTREAM_TOTAL / MAX_DOWNSTREAM)
+            .map(|i| subscribers.register(subscriber(&format!("relay-{i}"), &format!("r{i}"), 0)))
+            .collect();
+        for i in 0..MAX_DOWNSTREAM_TOTAL / MAX_DOWNSTREAM {
+            subscribers.report(&format!("r{i}"), 1, full()).unwrap();
+            // Reporting again replaces: it does not count twice.
+            subscribers.report(&format!("r{i}"), 1, full()).unwrap();
+        }
+        let last = format!("r{}", MAX_DOWNSTREAM_TOTAL / MAX_DOWNSTREAM);
+        assert!(matches!(
+            subscribers.report(&last, 1, full()),
+            Err(LedgerError::TooManySubscribers { count, limit })
+                if count == MAX_DOWNSTREAM_TOTAL + MAX_DOWNSTREAM && limit == MAX_DOWNSTREAM_TOTAL
+        ));
+        // A relay that goes frees its share.
+        drop(relays.remove(0));
+        subscribers.report(&last, 1, full()).unwrap();
     }
 
     #[test]
