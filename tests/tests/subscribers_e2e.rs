@@ -325,3 +325,71 @@ async fn hostile_reports_get_precise_statuses() {
         &[(key::SESSION_ID, "session-1")],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_auth_file_subscribers_show_who_they_are_to_readers_only() {
+    use ledger_testkit::auth::AuthFile;
+    use ledger_testkit::member::member_command_with_env;
+    use ledger_testkit::tls::with_token;
+    const READER: &str = "reader-secret-1";
+    let dir = tempfile::tempdir().unwrap();
+    let auth = AuthFile::new()
+        .token("edge-reader", "reader", READER)
+        .write(&dir.path().join("auth.toml"));
+    let master = Master::start(dir.path(), &["--auth-file", &auth]);
+    let member_dir = tempfile::tempdir().unwrap();
+    let _member = Member::start_with_env(
+        member_dir.path(),
+        &[master.addr.to_string()],
+        &["--node-name", "m-auth"],
+        &[("LEDGER_TOKEN", READER)],
+    );
+    let mut client = master.client().await;
+    let anonymous = client
+        .list_subscribers(pb::ListSubscribersRequest {})
+        .await
+        .unwrap_err();
+    assert_refused(&anonymous, Reason::CredentialsMissing, &[]);
+    let anonymous = client
+        .report_progress(pb::ReportProgressRequest::default())
+        .await
+        .unwrap_err();
+    assert_refused(&anonymous, Reason::CredentialsMissing, &[]);
+    wait_until(30, "the member listed with its identity", || {
+        let mut client = client.clone();
+        async move {
+            let list = client
+                .list_subscribers(with_token(pb::ListSubscribersRequest {}, READER))
+                .await
+                .unwrap()
+                .into_inner();
+            find(&list, "m-auth").is_some_and(|s| s.identity == "edge-reader")
+        }
+    })
+    .await;
+    let addr = master.addr.to_string();
+    let output = member_command_with_env(
+        &["status", "--all", "--master", &addr],
+        &[("LEDGER_TOKEN", READER)],
+        None,
+    )
+    .await;
+    assert_eq!(output.code, Some(0), "{output:?}");
+    let row: Vec<&str> = output
+        .stdout
+        .lines()
+        .nth(2)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        (row[0], row[3]),
+        ("m-auth", "edge-reader"),
+        "{}",
+        output.stdout
+    );
+    // Without the token the command says why, as the other commands do.
+    let refused = member_command(&["status", "--all", "--master", &addr], None).await;
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(refused.stderr.contains("unauthenticated"), "{refused:?}");
+}
