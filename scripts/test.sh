@@ -38,10 +38,22 @@ if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
     fi
 fi
+# The console tests drive Debian's Chromium (playwright-core never downloads a browser).
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "test.sh: installing Chromium (apt-get install chromium)" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+    command -v chromium >/dev/null || {
+        echo "test.sh: no chromium: the console tests need Debian's chromium package (apt-get install chromium)" >&2
+        exit 1
+    }
+fi
 # shellcheck source=scripts/npm-tools.sh
 source scripts/npm-tools.sh
 ledger_npm_tools || {
-    echo "test.sh: the chain tests need ganache and solc from npm (see above)" >&2
+    echo "test.sh: the chain and console tests need ganache, solc and playwright-core from npm (see above)" >&2
     exit 1
 }
 # The committed contract artifact is what its source compiles to.
