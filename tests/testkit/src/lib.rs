@@ -6,6 +6,7 @@
 
 pub mod anylog;
 pub mod auth;
+pub mod console;
 pub mod client;
 pub mod ganache;
 pub mod member;
