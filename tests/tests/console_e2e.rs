@@ -165,7 +165,12 @@ async fn the_console_shows_counts_the_map_and_a_new_insert_within_a_second() {
     browser.fill("#search", "10.1.3.11");
     assert_eq!(browser.eval("window.__console.matches().length"), 1);
     browser.fill("#search", "Globex");
-    let globex = policies.iter().filter(|p| p.contains("\"Globex\"")).count();
+    // Globex's policies, and the `globex.readings_*` table of each Globex cluster (by name).
+    let globex = policies.iter().filter(|p| p.contains("\"Globex\"")).count()
+        + policies
+            .iter()
+            .filter(|p| p.starts_with(r#"{"cluster""#) && p.contains("\"Globex\""))
+            .count();
     assert_eq!(browser.eval("window.__console.matches().length"), globex);
     browser.fill("#search", "operator-oslo-1-0");
     let key = browser.eval("window.__console.matches()[0]");
@@ -341,15 +346,14 @@ async fn a_200_policy_network_on_the_map() {
     let (_, nodes) = expected(&policies);
     let mut browser = Browser::start();
     let addr = http_addr(&master);
-    assert_eq!(browser.open(&format!("http://{addr}/"), 1600, 1000)["status"], 200);
+    assert_eq!(browser.open(&format!("http://{addr}/"), 1920, 1200)["status"], 200);
     assert_eq!(browser.eval("window.__console.nodeCount()"), nodes);
     browser.fill("#search", "Initech");
-    browser.click_node(
-        browser
-            .eval("window.__console.matches().find(k => !k.includes('/'))")
-            .as_str()
-            .unwrap(),
+    let cluster = browser.eval(
+        "window.__console.matches().find(k => !k.includes('/') && k !== window.__console.matches()[0])",
     );
+    let panel = browser.click_node(cluster.as_str().expect("an Initech node"));
+    assert!(panel.contains("Initech"), "{panel}");
     let path = std::env::var_os("LEDGER_CONSOLE_SCREENSHOT")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| dir.path().join("console-map.png"));

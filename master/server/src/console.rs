@@ -9,7 +9,7 @@
 //! | `/api/info` | head, digest, policy counts by type, health of the database, writes and streams |
 //! | `/api/policies` | every policy (`{"head_seq": N, "policies": [...]}`), streamed in chunks |
 //! | `/api/subscribers` | the subscribers, by lag (the most behind first) |
-//! | `/api/feed` | server-sent events: each change (`event: change`, `id:` its seq), keep-alive comments |
+//! | `/api/feed` | server-sent events: each change (`event: change`, `id:` its seq), `caught_up`, keep-alive comments; a snapshot (`reset`, `snapshot`s) when behind what can be replayed |
 //!
 //! Handlers only translate: they call the [`Ledger`] (its info, its file, its subscriptions) and
 //! the subscriber source. With an auth file, every route needs a reader's token, as gRPC does:
@@ -381,15 +381,7 @@ impl Console {
                 };
                 let Some(event) = event else { break };
                 match event {
-                    Ok(event) => {
-                        let (text, last) = sse_event(&event);
-                        if let Some(text) = text {
-                            yield Ok(Frame::data(Bytes::from(text)));
-                        }
-                        if last {
-                            break;
-                        }
-                    }
+                    Ok(event) => yield Ok(Frame::data(Bytes::from(sse_event(&event)))),
                     Err(e) => {
                         let data = serde_json::json!({ "message": e.to_string() });
                         yield Ok(Frame::data(Bytes::from(format!("event: error\ndata: {data}\n\n"))));
@@ -416,45 +408,46 @@ impl Routes for Console {
     }
 }
 
-/// One subscription event as server-sent event text (none for a snapshot's policies), and
-/// whether the stream ends after it (a reset: the page reloads every policy).
-fn sse_event(event: &Event) -> (Option<String>, bool) {
+/// One subscription event as server-sent event text. A change and `caught_up` carry their seq
+/// as the event's id, which a reconnecting `EventSource` sends back (`Last-Event-ID`); a
+/// subscriber too far behind (or at 0) gets `reset`, the snapshot's policies and `caught_up`.
+fn sse_event(event: &Event) -> String {
+    let policy_data = |seq: u64, op: &str, policy: &ledger_storage::StoredPolicy| {
+        format!(
+            "{{\"seq\":{seq},\"op\":\"{op}\",\"id\":{},\"type\":{},\"policy\":{}}}",
+            json_string(&policy.id),
+            json_string(&policy.policy_type),
+            policy.json
+        )
+    };
     match event {
         Event::Change(change) => {
             let data = match &change.kind {
-                ChangeKind::Inserted(policy) => format!(
-                    "{{\"seq\":{},\"op\":\"insert\",\"id\":{},\"type\":{},\"policy\":{}}}",
-                    change.seq,
-                    json_string(&policy.id),
-                    json_string(&policy.policy_type),
-                    policy.json
-                ),
+                ChangeKind::Inserted(policy) => policy_data(change.seq, "insert", policy),
                 ChangeKind::Deleted { id } => format!(
                     "{{\"seq\":{},\"op\":\"delete\",\"id\":{}}}",
                     change.seq,
                     json_string(id)
                 ),
             };
-            (
-                Some(format!("id: {}\nevent: change\ndata: {data}\n\n", change.seq)),
-                false,
-            )
+            format!("id: {}\nevent: change\ndata: {data}\n\n", change.seq)
         }
-        Event::CaughtUp { seq } => (
-            Some(format!("event: caught_up\ndata: {{\"seq\":{seq}}}\n\n")),
-            false,
+        Event::CaughtUp { seq } => {
+            format!("id: {seq}\nevent: caught_up\ndata: {{\"seq\":{seq}}}\n\n")
+        }
+        Event::Progress { head_seq } => {
+            format!("event: progress\ndata: {{\"head_seq\":{head_seq}}}\n\n")
+        }
+        Event::Reset {
+            snapshot_seq,
+            policy_count,
+        } => format!(
+            "event: reset\ndata: {{\"seq\":{snapshot_seq},\"policy_count\":{policy_count}}}\n\n"
         ),
-        Event::Progress { head_seq } => (
-            Some(format!("event: progress\ndata: {{\"head_seq\":{head_seq}}}\n\n")),
-            false,
+        Event::Snapshot(policy) => format!(
+            "event: snapshot\ndata: {}\n\n",
+            policy_data(policy.seq, "snapshot", policy)
         ),
-        Event::Reset { snapshot_seq, .. } => (
-            Some(format!(
-                "event: reset\ndata: {{\"seq\":{snapshot_seq}}}\n\n"
-            )),
-            true,
-        ),
-        Event::Snapshot(_) => (None, false),
     }
 }
 

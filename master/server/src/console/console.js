@@ -70,20 +70,21 @@
         loose.push(op);
       }
     }
-    const ROW = 18, GAP = 40, CELL_W = 260;
+    const ROW = 18, GAP = 40, CELL_W = 460, BAND_W = 180;
     const add = (n) => { nodes.push(n); nodeByKey.set(n.key, n); };
     let y = 0;
     const band = (list, width) => {
       if (!list.length) return;
-      const perRow = Math.max(1, Math.floor(width / 120));
+      const perRow = Math.max(1, Math.floor(width / BAND_W));
       list.forEach((n, i) => {
-        n.x = (i % perRow) * 120;
+        n.x = (i % perRow) * BAND_W;
         n.y = y + Math.floor(i / perRow) * 40;
         add(n);
       });
       y += Math.ceil(list.length / perRow) * 40 + GAP;
     };
-    const perRow = Math.max(1, Math.ceil(Math.sqrt(clusters.length * 0.6)));
+    // About as wide as a screen is, for cells of three rows.
+    const perRow = Math.max(1, Math.round(Math.sqrt((clusters.length * (3 * ROW + GAP) * 3.2) / CELL_W)));
     const width = Math.max(perRow * CELL_W, 1200);
     band(byType.master, width);
     for (let row = 0; row * perRow < clusters.length; row++) {
@@ -96,12 +97,13 @@
         const ops = opsOf.get(c.key) || [];
         const rows = Math.max(ops.length, tables.length, 1);
         const x0 = col * CELL_W;
-        c.x = x0 + 110;
+        c.x = x0 + 210;
         c.y = y + ((rows - 1) * ROW) / 2;
         add(c);
         ops.forEach((op, i) => {
-          op.x = x0 + 20;
+          op.x = x0 + 150;
           op.y = y + i * ROW;
+          op.inCluster = true;
           add(op);
           edges.push([op, c]);
         });
@@ -109,7 +111,7 @@
           const name = str(t && t.dbms) + '.' + str(t && t.name);
           const n = {
             key: c.key + '/' + name + '/' + i, type: 'table', label: name, policyId: c.policyId,
-            x: x0 + 200, y: y + i * ROW, search: name.toLowerCase(), extra: t,
+            x: x0 + 260, y: y + i * ROW, search: name.toLowerCase(), extra: t,
           };
           add(n);
           edges.push([c, n]);
@@ -215,16 +217,21 @@
       ctx.stroke();
     }
     // Labels once they can be read.
-    if (view.scale > 0.55) {
+    if (view.scale > 0.45) {
       ctx.fillStyle = '#1d2330';
-      ctx.font = 11 / Math.min(view.scale, 1.5) + 'px system-ui, sans-serif';
+      ctx.font = (view.scale > 1.5 ? 18 / view.scale : 12) + 'px system-ui, sans-serif';
       ctx.textBaseline = 'middle';
       for (const n of nodes) {
         if (!visible(n)) continue;
         const r = RADIUS[n.type];
-        if (n.type === 'operator') {
+        if (n.type === 'operator' && n.inCluster) {
           ctx.textAlign = 'right';
           ctx.fillText(n.label, n.x - r - 3, n.y);
+        } else if (n.type === 'cluster') {
+          ctx.textAlign = 'center';
+          ctx.font = 'bold ' + ctx.font;
+          ctx.fillText(n.label, n.x, n.y - r - 8);
+          ctx.font = ctx.font.replace('bold ', '');
         } else {
           ctx.textAlign = 'left';
           ctx.fillText(n.label, n.x + r + 3, n.y);
@@ -328,12 +335,10 @@
     $('search-result').textContent = q ? matches.length + ' match' + (matches.length === 1 ? '' : 'es') : '';
     if (center && matches.length) {
       matchIndex = 0;
-      focus(matches.length === 1 ? matches : matches.slice(0, 200));
+      // A few matches: framed and zoomed in; many: framed, never zoomed in.
+      fit(matches, matches.length <= 30 ? 2 : view.scale);
+      redraw();
     }
-  }
-  function focus(list) {
-    fit(list, 2);
-    redraw();
   }
   search.addEventListener('input', () => { applySearch(true); redraw(); });
   search.addEventListener('keydown', (e) => {
@@ -479,9 +484,10 @@
   }
 
   let source = null;
+  let snapshotting = false;
   function connect() {
     source = new EventSource('/api/feed?after=' + headSeq);
-    source.onopen = () => { setText('feed-state', 'live', 'good'); window.__feedOpen = true; };
+    source.onopen = () => { setText('feed-state', 'live', 'good'); window.__feedOpen = true; infoSoon(); };
     source.onerror = () => { setText('feed-state', 'reconnecting', 'bad'); };
     source.addEventListener('change', (e) => {
       const c = JSON.parse(e.data);
@@ -493,7 +499,24 @@
       infoSoon();
     });
     source.addEventListener('progress', () => infoSoon());
-    source.addEventListener('reset', () => { source.close(); reload(); });
+    // Behind what the master can replay (or at 0): the whole ledger again, then live changes.
+    source.addEventListener('reset', (e) => {
+      policies.clear();
+      headSeq = JSON.parse(e.data).seq;
+      snapshotting = true;
+    });
+    source.addEventListener('snapshot', (e) => {
+      const p = JSON.parse(e.data);
+      addPolicy(p.policy, p.seq);
+    });
+    source.addEventListener('caught_up', (e) => {
+      headSeq = JSON.parse(e.data).seq;
+      if (snapshotting) {
+        snapshotting = false;
+        scheduleRebuild();
+        infoSoon();
+      }
+    });
     source.addEventListener('error', (e) => {
       // A server's `event: error` (the stream ended); the browser reconnects by itself.
       if (e.data) setText('feed-state', 'ended: ' + JSON.parse(e.data).message, 'bad');
