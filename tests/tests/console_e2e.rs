@@ -342,13 +342,22 @@ async fn a_200_policy_network_on_the_map() {
     let dir = tempfile::tempdir().unwrap();
     let master = Master::start(dir.path(), &["--http-addr", "127.0.0.1:0"]);
     let policies = network(200);
-    seed(&master, &policies, 4).await;
+    // The last few arrive while the page is open: they are in its feed.
+    let (before, live) = policies.split_at(192);
+    seed(&master, before, 4).await;
     let (_, nodes) = expected(&policies);
     let mut browser = Browser::start();
     let addr = http_addr(&master);
     assert_eq!(browser.open(&format!("http://{addr}/"), 1920, 1200)["status"], 200);
+    seed(&master, live, 1).await;
+    browser.wait(
+        "document.querySelectorAll('#feed li').length === 8",
+        Duration::from_secs(10),
+    );
     assert_eq!(browser.eval("window.__console.nodeCount()"), nodes);
     browser.fill("#search", "Initech");
+    // The whole map again (the search framed Initech's nodes), its matches still ringed.
+    browser.eval("window.__console.render()");
     let cluster = browser.eval(
         "window.__console.matches().find(k => !k.includes('/') && k !== window.__console.matches()[0])",
     );

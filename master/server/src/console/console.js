@@ -154,6 +154,12 @@
   function fit(list, maxScale) {
     if (!list.length) return;
     const b = bounds(list);
+    if (list.length > 1) {
+      // Room for the labels: operators' on their left, tables' on their right.
+      b.x0 -= 140;
+      b.x1 += 200;
+      b.y0 -= 20;
+    }
     const w = canvas.width, h = canvas.height;
     const scale = Math.min(maxScale, (w - 40) / Math.max(b.x1 - b.x0, 1), (h - 40) / Math.max(b.y1 - b.y0, 1));
     view.scale = Math.max(scale, 0.01);
