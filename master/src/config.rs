@@ -495,10 +495,21 @@ mod tests {
         };
         let addr = |text: &str| Some(text.parse::<SocketAddr>().unwrap());
         assert_eq!(parse(&[]), None);
-        assert_eq!(parse(&["--http-addr", "127.0.0.1:9100"]), addr("127.0.0.1:9100"));
-        assert_eq!(parse(&["--metrics-addr", "127.0.0.1:9101"]), addr("127.0.0.1:9101"));
         assert_eq!(
-            parse(&["--metrics-addr", "127.0.0.1:9101", "--http-addr", "127.0.0.1:9100"]),
+            parse(&["--http-addr", "127.0.0.1:9100"]),
+            addr("127.0.0.1:9100")
+        );
+        assert_eq!(
+            parse(&["--metrics-addr", "127.0.0.1:9101"]),
+            addr("127.0.0.1:9101")
+        );
+        assert_eq!(
+            parse(&[
+                "--metrics-addr",
+                "127.0.0.1:9101",
+                "--http-addr",
+                "127.0.0.1:9100"
+            ]),
             addr("127.0.0.1:9100")
         );
     }

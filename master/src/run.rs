@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ledger_ops::metrics_endpoint::RouteSlot;
 use ledger_server::anylog::{self, AnyLogEdge, AnyLogOptions};
+use ledger_server::console::{Console, ConsoleOptions};
 use ledger_server::feed::ChangeFeed;
 use ledger_server::ledger::{Ledger, PolicyLimits, WritePath};
 use ledger_server::limits::{SnapshotLimiter, StreamLimiter};
@@ -22,8 +24,6 @@ use ledger_server::{follower, health, metrics};
 use ledger_storage::{
     CallTimeouts, DatabaseUrl, DieselStorage, SnapshotPart, Storage, StorageError, StorageOptions,
 };
-use ledger_ops::metrics_endpoint::RouteSlot;
-use ledger_server::console::{Console, ConsoleOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;

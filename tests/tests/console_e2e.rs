@@ -28,7 +28,9 @@ fn network(n: usize) -> Vec<String> {
         let mut b: u64 = 0x8422_2325_cbf2_9ce4;
         for byte in text.bytes() {
             a = (a ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
-            b = (b ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3).rotate_left(7);
+            b = (b ^ u64::from(byte))
+                .wrapping_mul(0x100_0000_01b3)
+                .rotate_left(7);
         }
         format!("{a:016x}{b:016x}")
     };
@@ -135,7 +137,11 @@ async fn the_console_shows_counts_the_map_and_a_new_insert_within_a_second() {
     let addr = http_addr(&master);
     // `/metrics` and `/health` are where they were.
     assert_eq!(http_get(addr, "/health", &[]).body, "OK");
-    assert!(http_get(addr, "/metrics", &[]).body.contains("ledger_head_seq 60"));
+    assert!(
+        http_get(addr, "/metrics", &[])
+            .body
+            .contains("ledger_head_seq 60")
+    );
     let info: Value = serde_json::from_str(&http_get(addr, "/api/info", &[]).body).unwrap();
     assert_eq!(info["head_seq"], 60);
     assert_eq!(info["health"]["database"], "up");
@@ -145,15 +151,27 @@ async fn the_console_shows_counts_the_map_and_a_new_insert_within_a_second() {
     assert_eq!(opened["status"], 200, "{opened}");
     no_errors(&mut browser);
     // The header and the counts as the page shows them.
-    assert_eq!(browser.eval("document.getElementById('head-seq').textContent"), "60");
-    assert_eq!(browser.eval("document.getElementById('policy-count').textContent"), "60");
+    assert_eq!(
+        browser.eval("document.getElementById('head-seq').textContent"),
+        "60"
+    );
+    assert_eq!(
+        browser.eval("document.getElementById('policy-count').textContent"),
+        "60"
+    );
     let (digest, _) = browser.wait(
         "document.getElementById('digest').textContent.length === 32 && document.getElementById('digest').textContent",
         Duration::from_secs(5),
     );
     assert_eq!(digest, info["digest"]);
-    assert_eq!(browser.eval("document.getElementById('health-database').textContent"), "up");
-    assert_eq!(browser.eval("document.getElementById('health-writes').textContent"), "writing");
+    assert_eq!(
+        browser.eval("document.getElementById('health-database').textContent"),
+        "up"
+    );
+    assert_eq!(
+        browser.eval("document.getElementById('health-writes').textContent"),
+        "writing"
+    );
     let shown: BTreeMap<String, u64> = serde_json::from_value(browser.eval(
         "Object.fromEntries([...document.querySelectorAll('#counts tr')].map(r => [r.dataset.type, Number(r.querySelector('.count').textContent)]))",
     ))
@@ -237,18 +255,41 @@ async fn without_a_reader_token_the_console_is_refused() {
         .insert("authorization", "Bearer wr1ter-token".parse().unwrap());
     client.insert_policy(request).await.unwrap();
     let addr = http_addr(&master);
-    for path in ["/", "/console.js", "/api/info", "/api/policies", "/api/subscribers", "/api/feed"] {
+    for path in [
+        "/",
+        "/console.js",
+        "/api/info",
+        "/api/policies",
+        "/api/subscribers",
+        "/api/feed",
+    ] {
         let refused = http_get(addr, path, &[]);
         assert_eq!(refused.status, 401, "{path}: {refused:?}");
-        assert!(refused.body.contains("token is missing"), "{path}: {}", refused.body);
+        assert!(
+            refused.body.contains("token is missing"),
+            "{path}: {}",
+            refused.body
+        );
         let wrong = http_get(addr, path, &[("Authorization", "Bearer nope")]);
         assert_eq!(wrong.status, 401, "{path}");
-        assert!(wrong.body.contains("unknown token"), "{path}: {}", wrong.body);
+        assert!(
+            wrong.body.contains("unknown token"),
+            "{path}: {}",
+            wrong.body
+        );
     }
     // The header, the cookie: either lets a reader in; writes stay impossible (GET only).
-    let info = http_get(addr, "/api/info", &[("Authorization", "Bearer r3ader-token")]);
+    let info = http_get(
+        addr,
+        "/api/info",
+        &[("Authorization", "Bearer r3ader-token")],
+    );
     assert_eq!(info.status, 200, "{info:?}");
-    let cookie = http_get(addr, "/api/info", &[("Cookie", "ledger_token=r3ader-token")]);
+    let cookie = http_get(
+        addr,
+        "/api/info",
+        &[("Cookie", "ledger_token=r3ader-token")],
+    );
     assert_eq!(cookie.status, 200, "{cookie:?}");
     // `/metrics` and `/health` answer as before.
     assert_eq!(http_get(addr, "/health", &[]).status, 200);
@@ -270,12 +311,20 @@ async fn without_a_reader_token_the_console_is_refused() {
     let mut browser = Browser::start();
     let refused = browser.open(&format!("http://{addr}/"), 1280, 800);
     assert_eq!(refused["status"], 401, "{refused}");
-    assert!(refused["text"].as_str().unwrap().contains("token is missing"));
+    assert!(
+        refused["text"]
+            .as_str()
+            .unwrap()
+            .contains("token is missing")
+    );
     let opened = browser.open(&format!("http://{addr}/?token=r3ader-token"), 1280, 800);
     assert_eq!(opened["status"], 200, "{opened}");
     assert_eq!(opened["url"], format!("http://{addr}/"));
     assert_eq!(browser.eval("window.__console.nodeCount()"), 1);
-    assert_eq!(browser.eval("document.getElementById('policy-count').textContent"), "1");
+    assert_eq!(
+        browser.eval("document.getElementById('policy-count').textContent"),
+        "1"
+    );
     // Only the load without the token failed (its 401 is logged by the browser).
     let errors: Vec<String> = browser
         .errors()
@@ -299,7 +348,10 @@ async fn a_lagging_member_shows_its_lag() {
     let slow = Member::start(&b, &[master.url()], &[]);
     let mut browser = Browser::start();
     let addr = http_addr(&master);
-    assert_eq!(browser.open(&format!("http://{addr}/"), 1600, 1000)["status"], 200);
+    assert_eq!(
+        browser.open(&format!("http://{addr}/"), 1600, 1000)["status"],
+        200
+    );
     browser.wait(
         "document.querySelectorAll('#subscribers tbody tr[data-lag]').length === 2",
         Duration::from_secs(10),
@@ -348,7 +400,10 @@ async fn a_200_policy_network_on_the_map() {
     let (_, nodes) = expected(&policies);
     let mut browser = Browser::start();
     let addr = http_addr(&master);
-    assert_eq!(browser.open(&format!("http://{addr}/"), 1920, 1200)["status"], 200);
+    assert_eq!(
+        browser.open(&format!("http://{addr}/"), 1920, 1200)["status"],
+        200
+    );
     seed(&master, live, 1).await;
     browser.wait(
         "document.querySelectorAll('#feed li').length === 8",
@@ -368,7 +423,11 @@ async fn a_200_policy_network_on_the_map() {
         .unwrap_or_else(|| dir.path().join("console-map.png"));
     browser.screenshot(&path);
     let png = std::fs::read(&path).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
     no_errors(&mut browser);
 }
 
@@ -381,14 +440,20 @@ async fn the_map_of_10000_policies_renders_in_under_a_second() {
     let policies = network(10_000);
     let started = Instant::now();
     seed(&master, &policies, 16).await;
-    println!("console: 10,000 policies inserted in {:?}", started.elapsed());
+    println!(
+        "console: 10,000 policies inserted in {:?}",
+        started.elapsed()
+    );
     let (_, nodes) = expected(&policies);
     let mut browser = Browser::start();
     let addr = http_addr(&master);
     let mut renders = Vec::new();
     let mut loads = Vec::new();
     for _ in 0..5 {
-        assert_eq!(browser.open(&format!("http://{addr}/"), 1600, 1000)["status"], 200);
+        assert_eq!(
+            browser.open(&format!("http://{addr}/"), 1600, 1000)["status"],
+            200
+        );
         assert_eq!(browser.eval("window.__console.nodeCount()"), nodes);
         renders.push(browser.eval("window.__mapRenderMs").as_f64().unwrap());
         loads.push(browser.eval("window.__mapLoadMs.total").as_f64().unwrap());
@@ -403,7 +468,10 @@ async fn the_map_of_10000_policies_renders_in_under_a_second() {
     redraws.sort_by(f64::total_cmp);
     let search = Instant::now();
     browser.fill("#search", "operator-kyoto-3");
-    let matched = browser.eval("window.__console.matches().length").as_u64().unwrap();
+    let matched = browser
+        .eval("window.__console.matches().length")
+        .as_u64()
+        .unwrap();
     let search = search.elapsed();
     println!(
         "console: 10,000 policies ({nodes} nodes): render median {render:.0} ms (of {renders:?}), page load median {load:.0} ms (fetch, parse, render), full redraw median {:.0} ms, search {} ms",

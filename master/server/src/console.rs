@@ -96,8 +96,16 @@ pub struct Console(Arc<Inner>);
 
 struct Inner {
     options: ConsoleOptions,
-    /// The policy counts by type at one (epoch, head).
-    counts: tokio::sync::Mutex<Option<(u64, u64, Arc<BTreeMap<String, u64>>)>>,
+    /// The policy counts by type at one head, once counted.
+    counts: tokio::sync::Mutex<Option<CountsAt>>,
+}
+
+/// The policy counts by type of the ledger at one head.
+struct CountsAt {
+    /// The feed's epoch (a relay's copy replaced since is another ledger).
+    epoch: u64,
+    head_seq: u64,
+    counts: Arc<BTreeMap<String, u64>>,
 }
 
 /// Why a console request is refused.
@@ -113,7 +121,9 @@ pub enum ConsoleError {
     #[error("the master is shutting down")]
     ShuttingDown,
     /// A path the console does not serve.
-    #[error("not found: the console serves /, /api/info, /api/policies, /api/subscribers and /api/feed")]
+    #[error(
+        "not found: the console serves /, /api/info, /api/policies, /api/subscribers and /api/feed"
+    )]
     NotFound,
     /// A method other than GET or HEAD.
     #[error("the console is read-only: GET only")]
@@ -177,7 +187,10 @@ impl Console {
         }
     }
 
-    async fn answer(&self, request: &Request<Incoming>) -> Result<Response<HttpBody>, ConsoleError> {
+    async fn answer(
+        &self,
+        request: &Request<Incoming>,
+    ) -> Result<Response<HttpBody>, ConsoleError> {
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return Err(ConsoleError::MethodNotAllowed);
         }
@@ -191,13 +204,21 @@ impl Console {
         }
         self.authorize(request)?;
         match path {
-            "/" | "/console" => Ok(text_response(StatusCode::OK, "text/html; charset=utf-8", PAGE)),
+            "/" | "/console" => Ok(text_response(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                PAGE,
+            )),
             "/console.js" => Ok(text_response(
                 StatusCode::OK,
                 "text/javascript; charset=utf-8",
                 SCRIPT,
             )),
-            "/console.css" => Ok(text_response(StatusCode::OK, "text/css; charset=utf-8", STYLE)),
+            "/console.css" => Ok(text_response(
+                StatusCode::OK,
+                "text/css; charset=utf-8",
+                STYLE,
+            )),
             "/api/info" => self.info().await,
             "/api/policies" => self.policies().await,
             "/api/subscribers" => Ok(self.subscribers()),
@@ -239,7 +260,11 @@ impl Console {
     }
 
     fn ledger(&self) -> Result<Arc<Ledger>, ConsoleError> {
-        self.0.options.ledger.upgrade().ok_or(ConsoleError::ShuttingDown)
+        self.0
+            .options
+            .ledger
+            .upgrade()
+            .ok_or(ConsoleError::ShuttingDown)
     }
 
     /// `/api/info`: `GetLedgerInfo`'s answer, the counts by type and the health.
@@ -271,14 +296,14 @@ impl Console {
             "relay": self.0.options.relay,
         });
         // A relay without a copy, a database down: the health still shows.
-        let (info, counts) = match ledger.info().await {
+        let (info, (counts_seq, counts)) = match ledger.info().await {
             Ok(info) => {
                 let counts = self.counts(&ledger).await?;
                 (Some(info), counts)
             }
             Err(e) if !ready || !database_up => {
                 tracing::debug!(error = %e, "console: no ledger info");
-                (None, Arc::new(BTreeMap::new()))
+                (None, (0, Arc::new(BTreeMap::new())))
             }
             Err(e) => return Err(e.into()),
         };
@@ -292,6 +317,9 @@ impl Console {
                 "lag_blocks": lag,
             })),
             "counts": &*counts,
+            // The head the counts were read at: the same as `head_seq` unless a change came
+            // in between.
+            "counts_seq": counts_seq,
             "health": health,
         });
         Ok(json_response(body.to_string()))
@@ -299,14 +327,17 @@ impl Console {
 
     /// The policy counts by type at the ledger's head: counted from the ledger's file (which
     /// the master reads once per head), once per head.
-    async fn counts(&self, ledger: &Ledger) -> Result<Arc<BTreeMap<String, u64>>, ConsoleError> {
+    async fn counts(
+        &self,
+        ledger: &Ledger,
+    ) -> Result<(u64, Arc<BTreeMap<String, u64>>), ConsoleError> {
         let epoch = ledger.feed().epoch();
         let mut cached = self.0.counts.lock().await;
-        if let Some((e, head, counts)) = cached.as_ref()
-            && *e == epoch
-            && *head == ledger.feed().head()
+        if let Some(at) = cached.as_ref()
+            && at.epoch == epoch
+            && at.head_seq == ledger.feed().head()
         {
-            return Ok(counts.clone());
+            return Ok((at.head_seq, at.counts.clone()));
         }
         let file = ledger.file().await?;
         let counts = tokio::task::spawn_blocking({
@@ -315,8 +346,12 @@ impl Console {
         })
         .await
         .map_err(|_| ConsoleError::ShuttingDown)?;
-        *cached = Some((epoch, file.head_seq, counts.clone()));
-        Ok(counts)
+        *cached = Some(CountsAt {
+            epoch,
+            head_seq: file.head_seq,
+            counts: counts.clone(),
+        });
+        Ok((file.head_seq, counts))
     }
 
     /// `/api/policies`: the ledger's file as one JSON document, streamed in chunks.
@@ -345,7 +380,11 @@ impl Console {
     /// `/api/subscribers`: the most behind first.
     fn subscribers(&self) -> Response<HttpBody> {
         let mut subscribers = (self.0.options.subscribers)();
-        subscribers.sort_by(|a, b| b.lag.cmp(&a.lag).then_with(|| a.node_name.cmp(&b.node_name)));
+        subscribers.sort_by(|a, b| {
+            b.lag
+                .cmp(&a.lag)
+                .then_with(|| a.node_name.cmp(&b.node_name))
+        });
         json_response(serde_json::to_string(&subscribers).unwrap_or_else(|_| "[]".into()))
     }
 
@@ -670,6 +709,9 @@ mod tests {
             Some("s/3cret")
         );
         assert_eq!(query_value(Some("x=1"), "token"), None);
-        assert_eq!(percent_decode(&percent_encode("a b/c;d=é")).as_deref(), Some("a b/c;d=é"));
+        assert_eq!(
+            percent_decode(&percent_encode("a b/c;d=é")).as_deref(),
+            Some("a b/c;d=é")
+        );
     }
 }

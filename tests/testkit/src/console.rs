@@ -83,7 +83,10 @@ impl Browser {
         let answer: Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("the browser driver said {line:?}: {e}"));
         if let Some(error) = answer.get("error") {
-            panic!("the browser driver failed {text}: {}", error.as_str().unwrap_or_default());
+            panic!(
+                "the browser driver failed {text}: {}",
+                error.as_str().unwrap_or_default()
+            );
         }
         answer
     }
@@ -101,9 +104,8 @@ impl Browser {
 
     /// Waits until `js` is true in the page (polled every 10 ms): its value and the ms waited.
     pub fn wait(&mut self, js: &str, timeout: Duration) -> (Value, u64) {
-        let answer = self.request(
-            json!({"cmd": "wait", "js": js, "timeout_ms": timeout.as_millis() as u64}),
-        );
+        let answer = self
+            .request(json!({"cmd": "wait", "js": js, "timeout_ms": timeout.as_millis() as u64}));
         (answer["value"].clone(), answer["ms"].as_u64().unwrap_or(0))
     }
 

@@ -6,8 +6,8 @@
 
 pub mod anylog;
 pub mod auth;
-pub mod console;
 pub mod client;
+pub mod console;
 pub mod ganache;
 pub mod member;
 pub mod metrics;
