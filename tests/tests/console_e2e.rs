@@ -130,7 +130,7 @@ fn no_errors(browser: &mut Browser) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_counts_the_map_and_a_new_insert_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
-    let master = Master::start(dir.path(), &["--http-addr", "127.0.0.1:0"]);
+    let mut master = Master::start(dir.path(), &["--http-addr", "127.0.0.1:0"]);
     let policies = network(60);
     seed(&master, &policies, 4).await;
     let (counts, nodes) = expected(&policies);
@@ -231,6 +231,15 @@ async fn the_console_shows_counts_the_map_and_a_new_insert_within_a_second() {
         Duration::from_secs(5),
     );
     no_errors(&mut browser);
+    // SIGTERM with the page's event stream open: the stream ends, the master exits 0.
+    let started = Instant::now();
+    let status = master.terminate();
+    assert!(status.success(), "{status}:\n{}", master.logs());
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    browser.wait(
+        "document.getElementById('feed-state').textContent !== 'live'",
+        Duration::from_secs(5),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,9 +249,11 @@ async fn without_a_reader_token_the_console_is_refused() {
         .token("viewer", "reader", "r3ader-token")
         .token("ingest", "writer", "wr1ter-token")
         .write(&dir.path().join("auth.toml"));
-    let master = Master::start(
+    // The listener's address from the environment this time.
+    let master = Master::start_with_env(
         dir.path(),
-        &["--http-addr", "127.0.0.1:0", "--auth-file", &auth],
+        &["--auth-file", &auth],
+        &[("LEDGER_HTTP_ADDR", "127.0.0.1:0")],
     );
     let mut client = master.client().await;
     let mut request = tonic::Request::new(ledger_proto::pb::InsertPolicyRequest {
@@ -392,7 +403,10 @@ async fn a_lagging_member_shows_its_lag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_policy_network_on_the_map() {
     let dir = tempfile::tempdir().unwrap();
-    let master = Master::start(dir.path(), &["--http-addr", "127.0.0.1:0"]);
+    // The listener's address from the config file this time.
+    let config = dir.path().join("master.toml");
+    std::fs::write(&config, "http-addr = \"127.0.0.1:0\"\n").unwrap();
+    let master = Master::start(dir.path(), &["--config", config.to_str().unwrap()]);
     let policies = network(200);
     // The last few arrive while the page is open: they are in its feed.
     let (before, live) = policies.split_at(192);
