@@ -557,6 +557,8 @@
     edgeCount: () => edges.length,
     policyCount: () => policies.size,
     render: () => { const t = performance.now(); resize(); fit(nodes, 1.2); draw(); return performance.now() - t; },
+    drawMs: () => { const t = performance.now(); draw(); return performance.now() - t; },
+    scale: () => view.scale,
     nodeScreenPosition: (key) => {
       const n = nodeByKey.get(key);
       if (!n) return null;
