@@ -158,6 +158,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             authorizer: options.access.authorizer.clone(),
             writes: writer.as_ref().map(|(_, health)| health.clone()),
             relay: config.is_relay(),
+            streams: options.access.streams.clone(),
             // wired to ledger_server::subscribers once merged
             subscribers: Arc::new(Vec::new),
         })));

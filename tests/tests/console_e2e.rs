@@ -235,7 +235,11 @@ async fn the_console_shows_counts_the_map_and_a_new_insert_within_a_second() {
     let started = Instant::now();
     let status = master.terminate();
     assert!(status.success(), "{status}:\n{}", master.logs());
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     browser.wait(
         "document.getElementById('feed-state').textContent !== 'live'",
         Duration::from_secs(5),
@@ -509,6 +513,94 @@ async fn the_map_of_10000_policies_renders_in_under_a_second() {
     assert!(matched >= 2, "{matched} matches");
     assert!(render < 1000.0, "render median {render} ms");
     assert!(redraws[2] < 1000.0, "redraw median {} ms", redraws[2]);
-    assert!(zoomed[2] < 100.0, "zoomed-in redraw median {} ms", zoomed[2]);
+    assert!(
+        zoomed[2] < 100.0,
+        "zoomed-in redraw median {} ms",
+        zoomed[2]
+    );
     no_errors(&mut browser);
+}
+
+/// `/api/feed` as a client other than the page sees it: server-sent events (a change with its
+/// seq as the event's id; `Last-Event-ID` resumes after it), and a place among the gRPC edge's
+/// streams (`--max-streams-per-client`), given back when the connection goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_is_server_sent_events_within_the_stream_limits() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let master = Master::start(
+        dir.path(),
+        &[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--max-streams-per-client",
+            "1",
+        ],
+    );
+    let mut client = master.client().await;
+    let first = insert_ok(&mut client, r#"{"config": {"n": 1}}"#).await;
+    let addr = http_addr(&master);
+    let open_feed = |headers: &str| {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "GET /api/feed HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n"
+        )
+        .unwrap();
+        BufReader::new(stream)
+    };
+    // Reads lines until one contains `needle`: every line read so far.
+    let read_until = |feed: &mut BufReader<std::net::TcpStream>, needle: &str| {
+        let mut seen = String::new();
+        while !seen.contains(needle) {
+            let mut line = String::new();
+            assert!(
+                feed.read_line(&mut line).unwrap() > 0,
+                "the feed ended before {needle:?}:\n{seen}"
+            );
+            seen.push_str(&line);
+        }
+        seen
+    };
+    let mut feed = open_feed("");
+    let head = read_until(&mut feed, ": ledger feed after seq 1");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    // A second feed from the same address is over the limit, while the first is open.
+    let refused = http_get(addr, "/api/feed", &[]);
+    assert_eq!(refused.status, 429, "{refused:?}");
+    let second = insert_ok(&mut client, r#"{"config": {"n": 2}}"#).await;
+    let events = read_until(&mut feed, &second.id);
+    assert!(
+        events.contains("id: 2\nevent: change\ndata: {\"seq\":2,\"op\":\"insert\""),
+        "{events}"
+    );
+    drop(feed);
+    // The place is given back; a browser reconnecting after seq 1 gets seq 2 again.
+    wait_until(10, "the first feed's place is free", || async {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "GET /api/feed HTTP/1.1\r\nHost: {addr}\r\nLast-Event-ID: 1\r\n\r\n"
+        )
+        .unwrap();
+        let mut feed = BufReader::new(stream);
+        let mut status = String::new();
+        feed.read_line(&mut status).unwrap();
+        if !status.starts_with("HTTP/1.1 200") {
+            return false;
+        }
+        let events = read_until(&mut feed, "event: change");
+        assert!(events.contains(": ledger feed after seq 1"), "{events}");
+        let data = read_until(&mut feed, "\n\n");
+        assert!(
+            data.contains(&second.id) && !data.contains(&first.id),
+            "{data}"
+        );
+        true
+    })
+    .await;
 }

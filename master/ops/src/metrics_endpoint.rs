@@ -56,6 +56,11 @@ impl RouteSlot {
     }
 }
 
+/// The address of the client that sent a request, in the request's extensions (for the
+/// routes' per-client limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub SocketAddr);
+
 /// A whole body.
 pub fn full(bytes: impl Into<Bytes>) -> HttpBody {
     Full::new(bytes.into()).boxed_unsync()
@@ -106,7 +111,7 @@ pub async fn serve_with_routes(
 async fn accept(listener: TcpListener, handle: PrometheusHandle, slot: RouteSlot) {
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, typically: a pause instead of a busy loop, and the
                 // scrape is retried by Prometheus anyway.
@@ -115,10 +120,12 @@ async fn accept(listener: TcpListener, handle: PrometheusHandle, slot: RouteSlot
                 continue;
             }
         };
+        let (stream, peer) = stream;
         let handle = handle.clone();
         let slot = slot.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
+            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(Peer(peer));
                 respond(request, handle.clone(), slot.clone())
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()

@@ -24,13 +24,14 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use ledger_ops::metrics_endpoint::{HttpBody, RouteFuture, Routes, full};
+use ledger_ops::metrics_endpoint::{HttpBody, Peer, RouteFuture, Routes, full};
 use ledger_storage::ChangeKind;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 
 use crate::auth::{AuthError, Authorizer, Role};
 use crate::ledger::{Ledger, LedgerFile};
+use crate::limits::StreamLimiter;
 use crate::subscription::Event;
 use crate::writer::WriterHealth;
 
@@ -88,6 +89,9 @@ pub struct ConsoleOptions {
     pub relay: bool,
     /// The subscribers' source.
     pub subscribers: SubscriberSource,
+    /// The gRPC edge's stream limits (`--max-streams`, `--max-streams-per-client`): each open
+    /// `/api/feed` takes a place, as a `StreamLedger` does.
+    pub streams: StreamLimiter,
 }
 
 /// The console's routes; cheap to clone.
@@ -135,6 +139,9 @@ impl ConsoleError {
         match self {
             ConsoleError::Auth(e) if e.is_unauthenticated() => StatusCode::UNAUTHORIZED,
             ConsoleError::Auth(_) => StatusCode::FORBIDDEN,
+            ConsoleError::Ledger(crate::error::LedgerError::TooManyStreams(_)) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ConsoleError::Ledger(_) | ConsoleError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ConsoleError::NotFound => StatusCode::NOT_FOUND,
             ConsoleError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -399,9 +406,13 @@ impl Console {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .or_else(|| query_value(request.uri().query(), "after").and_then(|v| v.parse().ok()))
             .unwrap_or_else(|| ledger.feed().head());
-        let events = ledger.subscribe(after, None);
+        let client = request.extensions().get::<Peer>().map(|peer| peer.0.ip());
+        let permit = self.0.options.streams.admit(client)?;
+        let events = ledger.subscribe(after, client);
         drop(ledger);
         let stream = async_stream::stream! {
+            // The stream's place, for as long as it is open.
+            let _permit = permit;
             yield Ok::<_, Infallible>(Frame::data(Bytes::from(format!(
                 "retry: 1000\n: ledger feed after seq {after}\n\n"
             ))));
