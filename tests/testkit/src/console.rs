@@ -1,8 +1,9 @@
 //! A real browser for the console tests: Debian's Chromium, headless, driven by
 //! `tests/testkit/console.js` (playwright-core from `tests/node_modules`, which never downloads
-//! a browser), one JSON request and answer a line; and a plain HTTP/1.1 GET for the routes'
-//! status codes and headers.
+//! a browser), one JSON request and answer a line; a plain HTTP/1.1 GET for the routes'
+//! status codes and headers; and a realistic network of policies to show.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+
+use crate::Master;
+use crate::client::insert_ok;
 
 use crate::ganache::node_modules;
 
@@ -207,5 +211,109 @@ pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpA
         status,
         headers,
         body: body.to_string(),
+    }
+}
+
+/// A realistic network of `n` policies (masters, then per site a cluster with its tables, two
+/// operators in it, and now and then a publisher or a query), with the ids given so that
+/// operators can name their cluster before it is stored.
+pub fn network(n: usize) -> Vec<String> {
+    const CITIES: [&str; 12] = [
+        "lyon", "oslo", "austin", "kyoto", "porto", "quito", "tartu", "perth", "dakar", "omaha",
+        "turin", "malmo",
+    ];
+    const COMPANIES: [&str; 5] = ["Acme", "Globex", "Initech", "Umbrella", "Stark"];
+    let id = |text: &str| {
+        let mut a: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut b: u64 = 0x8422_2325_cbf2_9ce4;
+        for byte in text.bytes() {
+            a = (a ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+            b = (b ^ u64::from(byte))
+                .wrapping_mul(0x100_0000_01b3)
+                .rotate_left(7);
+        }
+        format!("{a:016x}{b:016x}")
+    };
+    let mut out = vec![
+        format!(
+            r#"{{"master": {{"id": "{}", "name": "master-east", "company": "Acme", "ip": "10.0.0.1", "port": 32048, "rest_port": 32049}}}}"#,
+            id("master-east")
+        ),
+        format!(
+            r#"{{"master": {{"id": "{}", "name": "master-west", "company": "Acme", "ip": "10.0.0.2", "port": 32048, "rest_port": 32049}}}}"#,
+            id("master-west")
+        ),
+    ];
+    let mut site = 0;
+    while out.len() < n {
+        let city = CITIES[site % CITIES.len()];
+        let company = COMPANIES[site % COMPANIES.len()];
+        let (hi, lo) = (1 + site / 250, site % 250);
+        let cluster_name = format!("cl-{city}-{site}");
+        let cluster_id = id(&cluster_name);
+        out.push(format!(
+            r#"{{"cluster": {{"id": "{cluster_id}", "name": "{cluster_name}", "company": "{company}", "table": [{{"dbms": "lsl_demo", "name": "ping_sensor"}}, {{"dbms": "lsl_demo", "name": "percentagecpu_sensor"}}, {{"dbms": "{db}", "name": "readings_{city}"}}]}}}}"#,
+            db = company.to_lowercase()
+        ));
+        for k in 0..2 {
+            let name = format!("operator-{city}-{site}-{k}");
+            out.push(format!(
+                r#"{{"operator": {{"id": "{}", "name": "{name}", "company": "{company}", "ip": "10.{hi}.{lo}.{}", "port": 32148, "rest_port": 32149, "cluster": "{cluster_id}", "city": "{city}"}}}}"#,
+                id(&name),
+                10 + k
+            ));
+        }
+        if site % 3 == 0 {
+            let name = format!("publisher-{city}-{site}");
+            out.push(format!(
+                r#"{{"publisher": {{"id": "{}", "name": "{name}", "company": "{company}", "ip": "10.{hi}.{lo}.20", "port": 32248, "rest_port": 32249}}}}"#,
+                id(&name)
+            ));
+        }
+        if site % 5 == 0 {
+            let name = format!("query-{city}-{site}");
+            out.push(format!(
+                r#"{{"query": {{"id": "{}", "name": "{name}", "company": "{company}", "ip": "10.{hi}.{lo}.30", "port": 32348, "rest_port": 32349}}}}"#,
+                id(&name)
+            ));
+        }
+        site += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+/// The policies by type, and the map's nodes: one a master, operator, publisher, query and
+/// cluster, one a table of a cluster.
+pub fn expected(policies: &[String]) -> (BTreeMap<String, u64>, usize) {
+    let mut counts = BTreeMap::new();
+    let mut nodes = 0;
+    for text in policies {
+        let value: Value = serde_json::from_str(text).unwrap();
+        let (policy_type, body) = value.as_object().unwrap().iter().next().unwrap();
+        *counts.entry(policy_type.clone()).or_insert(0) += 1;
+        nodes += 1;
+        if policy_type == "cluster" {
+            nodes += body["table"].as_array().map_or(0, Vec::len);
+        }
+    }
+    (counts, nodes)
+}
+
+/// Inserts `policies` with `clients` concurrent clients.
+pub async fn seed(master: &Master, policies: &[String], clients: usize) {
+    let chunk = policies.len().div_ceil(clients.max(1)).max(1);
+    let mut tasks = Vec::new();
+    for part in policies.chunks(chunk) {
+        let part = part.to_vec();
+        let mut client = master.client().await;
+        tasks.push(tokio::spawn(async move {
+            for policy in part {
+                insert_ok(&mut client, &policy).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
     }
 }
