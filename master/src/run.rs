@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ledger_ops::metrics_endpoint::RouteSlot;
 use ledger_server::anylog::{self, AnyLogEdge, AnyLogOptions};
+use ledger_server::console::{Console, ConsoleOptions};
 use ledger_server::feed::ChangeFeed;
 use ledger_server::ledger::{Ledger, PolicyLimits, WritePath};
 use ledger_server::limits::{SnapshotLimiter, StreamLimiter};
@@ -33,9 +35,11 @@ use crate::registration;
 /// Runs the master described by `config` until `shutdown` completes, then stops accepting,
 /// ends the streams, finishes the in-flight calls and commits the queued writes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    if let Some(addr) = config.metrics_addr {
+    // The console's routes join the listener once the ledger exists.
+    let console_routes = RouteSlot::new();
+    if let Some(addr) = config.http_addr() {
         // It logs the address bound, the one to scrape when ADDR asks for port 0.
-        metrics::install(addr).await?;
+        metrics::install(addr, console_routes.clone()).await?;
     }
     let url = config.database_url.clone();
     let options = StorageOptions {
@@ -147,6 +151,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         health
             .set_service_status(health::UPSTREAM_SERVICE, ServingStatus::NotServing)
             .await;
+    }
+    if config.http_addr().is_some() {
+        console_routes.fill(Arc::new(Console::new(ConsoleOptions {
+            ledger: Arc::downgrade(&ledger),
+            authorizer: options.access.authorizer.clone(),
+            writes: writer.as_ref().map(|(_, health)| health.clone()),
+            relay: config.is_relay(),
+            streams: options.access.streams.clone(),
+            // wired to ledger_server::subscribers once merged
+            subscribers: Arc::new(Vec::new),
+        })));
     }
     let listener = listen(config.bind_addr())
         .map_err(|e| format!("cannot listen on {}: {e}", config.bind_addr()))?;
