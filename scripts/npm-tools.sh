@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the npm tools the chain tests use (ganache, solc-js), exactly as tests/package-lock.json
+# Installs the npm tools the tests use (ganache, solc-js; playwright-core for the console), exactly as tests/package-lock.json
 # pins them, into tests/node_modules: `npm ci`, only when node_modules is missing or was installed
 # from another lockfile. Sourced by scripts/test.sh and scripts/compile-contract.sh, or run alone.
 #
@@ -22,10 +22,11 @@ ledger_npm_tools() {
     want=$(sha256sum "$tests/package-lock.json" | cut -d' ' -f1)
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
         && [ -e "$tests/node_modules/ganache/package.json" ] \
-        && [ -e "$tests/node_modules/solc/package.json" ]; then
+        && [ -e "$tests/node_modules/solc/package.json" ] \
+        && [ -e "$tests/node_modules/playwright-core/package.json" ]; then
         return 0
     fi
-    echo "npm-tools: npm ci in tests/ (ganache, solc from tests/package-lock.json)" >&2
+    echo "npm-tools: npm ci in tests/ (ganache, solc, playwright-core from tests/package-lock.json)" >&2
     (cd "$tests" && npm ci --no-audit --no-fund --loglevel=error) || {
         echo "npm-tools: npm ci failed in $tests" >&2
         return 1

@@ -38,10 +38,22 @@ if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
     fi
 fi
+# The console tests drive Debian's Chromium (playwright-core never downloads a browser).
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "test.sh: installing Chromium (apt-get install chromium)" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+    command -v chromium >/dev/null || {
+        echo "test.sh: no chromium: the console tests need Debian's chromium package (apt-get install chromium)" >&2
+        exit 1
+    }
+fi
 # shellcheck source=scripts/npm-tools.sh
 source scripts/npm-tools.sh
 ledger_npm_tools || {
-    echo "test.sh: the chain tests need ganache and solc from npm (see above)" >&2
+    echo "test.sh: the chain and console tests need ganache, solc and playwright-core from npm (see above)" >&2
     exit 1
 }
 # The committed contract artifact is what its source compiles to.
@@ -70,4 +82,10 @@ if [ "$chain_passed" -lt 10 ]; then
     echo "test.sh: only $chain_passed chain tests passed; expected every test of tests/tests/chain_e2e.rs" >&2
     exit 1
 fi
-echo "test.sh: all tests passed ($pg_passed of them on PostgreSQL, $chain_passed against ganache)"
+# And the console's, in Chromium.
+console_passed=$(grep -c -E '^test (the_console_shows_counts_the_map_and_a_new_insert_within_a_second|without_a_reader_token_the_console_is_refused|a_200_policy_network_on_the_map|the_map_of_10000_policies_renders_in_under_a_second|the_feed_is_server_sent_events_within_the_stream_limits) \.\.\. ok$' "$log" || true)
+if [ "$console_passed" -lt 5 ]; then
+    echo "test.sh: only $console_passed console tests passed; expected the 5 of tests/tests/console_e2e.rs (4 in Chromium)" >&2
+    exit 1
+fi
+echo "test.sh: all tests passed ($pg_passed of them on PostgreSQL, $chain_passed against ganache, $console_passed in Chromium)"

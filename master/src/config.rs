@@ -47,8 +47,14 @@ pub struct Config {
     #[arg(long, env = "LEDGER_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub progress_interval: Duration,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given); with port 0 a free
-    /// port is picked, and the address bound is logged as `metrics on http://ADDR/metrics`.
+    /// Serve HTTP on ADDR (off unless given): the web console at http://ADDR/ (read-only; with
+    /// --auth-file it needs a reader's token), Prometheus metrics at /metrics and `OK` at
+    /// /health. With port 0 a free port is picked, and the address bound is logged as
+    /// `metrics on http://ADDR/metrics`.
+    #[arg(long, env = "LEDGER_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+
+    /// The former name of --http-addr, still accepted (--http-addr wins when both are given).
     #[arg(long, env = "LEDGER_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 
@@ -429,6 +435,11 @@ impl std::str::FromStr for WriteFrom {
 }
 
 impl Config {
+    /// The HTTP listener's address: `--http-addr`, or its former name `--metrics-addr`.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr.or(self.metrics_addr)
+    }
+
     /// Whether this master is a relay (`--upstream`).
     pub fn is_relay(&self) -> bool {
         !self.upstreams.is_empty()
@@ -486,6 +497,34 @@ mod tests {
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         Config::command().debug_assert();
+    }
+
+    #[test]
+    fn the_http_address_has_its_former_name_too() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("master").chain(args.iter().copied()))
+                .unwrap()
+                .http_addr()
+        };
+        let addr = |text: &str| Some(text.parse::<SocketAddr>().unwrap());
+        assert_eq!(parse(&[]), None);
+        assert_eq!(
+            parse(&["--http-addr", "127.0.0.1:9100"]),
+            addr("127.0.0.1:9100")
+        );
+        assert_eq!(
+            parse(&["--metrics-addr", "127.0.0.1:9101"]),
+            addr("127.0.0.1:9101")
+        );
+        assert_eq!(
+            parse(&[
+                "--metrics-addr",
+                "127.0.0.1:9101",
+                "--http-addr",
+                "127.0.0.1:9100"
+            ]),
+            addr("127.0.0.1:9100")
+        );
     }
 
     #[test]

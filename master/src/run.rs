@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ledger_ops::metrics_endpoint::RouteSlot;
 use ledger_server::anylog::{self, AnyLogEdge, AnyLogOptions};
+use ledger_server::console::{Console, ConsoleOptions, SubscriberSource, SubscriberView};
 use ledger_server::feed::ChangeFeed;
 use ledger_server::ledger::{Ledger, PolicyLimits, WritePath};
 use ledger_server::limits::{SnapshotLimiter, StreamLimiter};
@@ -15,6 +17,7 @@ use ledger_server::serve::{
     GrpcIncoming, SecurityFiles, ServeOptions, StartError, listen, load_security, serve_with,
 };
 use ledger_server::service::Access;
+use ledger_server::subscribers::Subscribers;
 use ledger_server::subscription::SubscriptionContext;
 use ledger_server::upstream::{self, Upstream, UpstreamOptions};
 use ledger_server::writer::{Writer, WriterOptions};
@@ -33,9 +36,11 @@ use crate::registration;
 /// Runs the master described by `config` until `shutdown` completes, then stops accepting,
 /// ends the streams, finishes the in-flight calls and commits the queued writes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    if let Some(addr) = config.metrics_addr {
+    // The console's routes join the listener once the ledger exists.
+    let console_routes = RouteSlot::new();
+    if let Some(addr) = config.http_addr() {
         // It logs the address bound, the one to scrape when ADDR asks for port 0.
-        metrics::install(addr).await?;
+        metrics::install(addr, console_routes.clone()).await?;
     }
     let url = config.database_url.clone();
     let options = StorageOptions {
@@ -147,6 +152,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         health
             .set_service_status(health::UPSTREAM_SERVICE, ServingStatus::NotServing)
             .await;
+    }
+    if config.http_addr().is_some() {
+        console_routes.fill(Arc::new(Console::new(ConsoleOptions {
+            ledger: Arc::downgrade(&ledger),
+            authorizer: options.access.authorizer.clone(),
+            writes: writer.as_ref().map(|(_, health)| health.clone()),
+            relay: config.is_relay(),
+            streams: options.access.streams.clone(),
+            subscribers: console_subscribers(ledger.subscribers().clone()),
+        })));
     }
     let listener = listen(config.bind_addr())
         .map_err(|e| format!("cannot listen on {}: {e}", config.bind_addr()))?;
@@ -484,5 +499,28 @@ fn serve_options(config: &Config) -> Result<ServeOptions, StartError> {
         grace: config.shutdown_grace,
         max_concurrent_streams: config.max_concurrent_streams,
         max_local_reset_streams: config.max_local_reset_streams,
+    })
+}
+
+/// The console's subscribers: the registry's list (its streams, and those below its relays).
+fn console_subscribers(registry: Subscribers) -> SubscriberSource {
+    Arc::new(move || {
+        registry
+            .list()
+            .subscribers
+            .into_iter()
+            .map(|s| SubscriberView {
+                node_name: s.node_name,
+                version: s.version,
+                peer: s.peer,
+                identity: s.identity,
+                since_unix_ms: s.since_unix_ms.max(0) as u64,
+                sent_seq: s.sent_seq,
+                durable_seq: s.durable_seq,
+                lag: s.lag,
+                bytes_sent: s.bytes_sent,
+                via: s.via,
+            })
+            .collect()
     })
 }

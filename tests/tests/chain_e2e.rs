@@ -453,6 +453,128 @@ mod chain {
         );
     }
 
+    /// What the lossy endpoint does with the first `eth_sendRawTransaction` request.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Loss {
+        /// Passes it on, then closes the caller's connection instead of answering: the
+        /// transaction reached the node, the answer was lost.
+        Answer,
+        /// Closes the caller's connection without passing it on: it never reached the node.
+        Request,
+    }
+
+    /// An HTTP endpoint in front of ganache that passes every JSON-RPC request on (one request
+    /// per connection), but loses the first send as `loss` says. Returns its URL.
+    async fn lossy_endpoint(upstream: String, loss: Loss) -> String {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let lost = Arc::new(AtomicBool::new(false));
+        tokio::spawn(async move {
+            while let Ok((mut caller, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let lost = lost.clone();
+                tokio::spawn(async move {
+                    // One whole request: the headers, then Content-Length bytes of body.
+                    let complete = |request: &[u8]| {
+                        let text = String::from_utf8_lossy(request);
+                        let (head, body) = text.split_once("\r\n\r\n")?;
+                        let length: usize = head.lines().find_map(|line| {
+                            let (name, value) = line.split_once(':')?;
+                            if name.eq_ignore_ascii_case("content-length") {
+                                value.trim().parse().ok()
+                            } else {
+                                None
+                            }
+                        })?;
+                        (body.len() >= length).then_some(())
+                    };
+                    let mut request = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    while complete(&request).is_none() {
+                        match caller.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&request).into_owned();
+                    let lose = text.contains("eth_sendRawTransaction")
+                        && !lost.swap(true, Ordering::SeqCst);
+                    if lose && loss == Loss::Request {
+                        return;
+                    }
+                    // One request per upstream connection: its answer ends when it closes.
+                    let text = text.replacen("\r\n", "\r\nConnection: close\r\n", 1);
+                    let mut node = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                    node.write_all(text.as_bytes()).await.unwrap();
+                    let mut answer = Vec::new();
+                    node.read_to_end(&mut answer).await.unwrap();
+                    if !lose {
+                        let _ = caller.write_all(&answer).await;
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    /// A send whose answer is lost is `SendOutcomeUnknown` with the transaction's hash. The
+    /// client's next send takes the following nonce when the node has the transaction (no two
+    /// transactions on one nonce), and the same nonce when the node never got it (no gap, which
+    /// would leave every later transaction pending for ever).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_whose_outcome_is_unknown_leaves_neither_a_gap_nor_a_clash() {
+        let ganache = Ganache::start();
+        let deployed = ganache.deploy(0).await;
+        let direct = ganache.client(deployed.contract(), Some(1));
+        for (loss, name) in [
+            (Loss::Answer, "answer-lost"),
+            (Loss::Request, "request-lost"),
+        ] {
+            let url = lossy_endpoint(ganache.url(), loss).await;
+            let lossy = ChainClient::connect_with(
+                &url,
+                deployed.contract(),
+                Some(ganache.signer(1)),
+                Some(CHAIN_ID),
+                test_options(),
+            )
+            .unwrap();
+            let before = nonce_of(&ganache, &direct).await;
+            let tx = match within(30, "a lost send", lossy.insert(name, &policy(name))).await {
+                Err(ChainError::SendOutcomeUnknown { tx, .. }) => tx,
+                other => panic!("{loss:?}: expected SendOutcomeUnknown, got {other:?}"),
+            };
+            let sent = if loss == Loss::Answer {
+                // It reached the node: mined under the hash it was reported with.
+                mined(&direct, tx, name).await;
+                1
+            } else {
+                assert_eq!(
+                    nonce_of(&ganache, &direct).await,
+                    before,
+                    "never reached the node"
+                );
+                0
+            };
+            let after = format!("{name}-after");
+            let tx = within(30, "the next send", lossy.insert(&after, &policy(&after)))
+                .await
+                .unwrap_or_else(|e| panic!("{loss:?}: the next send: {e}"));
+            assert!(mined(&lossy, tx, &after).await.success);
+            assert_eq!(nonce_of(&ganache, &direct).await, before + sent + 1);
+        }
+        let held = ids(&direct, At::Latest).await;
+        assert_eq!(
+            held,
+            ["answer-lost", "answer-lost-after", "request-lost-after"],
+            "each once"
+        );
+    }
+
     /// The sender's next nonce as the node counts it.
     async fn nonce_of(ganache: &Ganache, client: &ChainClient) -> u64 {
         let count = ganache

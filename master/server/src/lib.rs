@@ -15,6 +15,7 @@ pub mod anylog;
 pub mod auth;
 pub mod chain;
 pub mod chain_plan;
+pub mod console;
 pub mod error;
 pub mod feed;
 pub mod follower;

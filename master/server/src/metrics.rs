@@ -5,15 +5,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ledger_ops::metrics_endpoint::RouteSlot;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::error::LedgerError;
 use ledger_storage::Rejection;
 
-/// Serves the master's `/metrics` on `addr` and returns the address bound (see
-/// [`ledger_ops::metrics_endpoint::serve`]).
-pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
+/// Serves the master's `/metrics` on `addr`, and the routes `routes` is filled with (the
+/// console) on its other paths; returns the address bound (see
+/// [`ledger_ops::metrics_endpoint::serve_with_routes`]).
+pub async fn install(addr: SocketAddr, routes: RouteSlot) -> Result<SocketAddr, String> {
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
@@ -38,7 +40,7 @@ pub async fn install(addr: SocketAddr) -> Result<SocketAddr, String> {
             ],
         )
         .map_err(|e| e.to_string())?;
-    ledger_ops::metrics_endpoint::serve(addr, builder).await
+    ledger_ops::metrics_endpoint::serve_with_routes(addr, builder, routes).await
 }
 
 /// The `outcome` label of a write.

@@ -65,15 +65,20 @@ async fn rpc_calls(master: &Master) -> (f64, f64) {
     )
 }
 
-async fn wait_file(file: &Path, needle: &str, within: Duration) -> Option<Instant> {
+/// When `file` first holds `needle` (`present`) or first no longer does.
+async fn wait_for(file: &Path, needle: &str, present: bool, within: Duration) -> Option<Instant> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        if std::fs::read_to_string(file).is_ok_and(|text| text.contains(needle)) {
+        if std::fs::read_to_string(file).is_ok_and(|text| text.contains(needle) == present) {
             return Some(Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     None
+}
+
+async fn wait_file(file: &Path, needle: &str, within: Duration) -> Option<Instant> {
+    wait_for(file, needle, true, within).await
 }
 
 /// The median time from a write's receipt to the member's file, over `writes` writes.
@@ -123,13 +128,23 @@ async fn poll_cost(ganache: &Ganache, node: &ChainClient, contract: &str, size: 
     let (calls2, requests2) = rpc_calls(&master).await;
     let change_calls = calls2 - calls1;
     let change_requests = requests2 - requests1;
+    // A delete moves the last id into the hole: every id is read again.
+    let tx = node.delete(&id).await.unwrap();
+    node.wait_receipt(tx, RECEIPT).await.unwrap();
+    wait_for(&member.file, &id, false, Duration::from_secs(120))
+        .await
+        .expect("the delete in the member's file");
+    let (calls3, requests3) = rpc_calls(&master).await;
+    let delete_calls = calls3 - calls2;
+    let delete_requests = requests3 - requests2;
     eprintln!(
-        "  {size} policies: first sync {first_sync:.1} s; idle poll {idle_calls:.1} calls in {idle_requests:.1} requests; the poll that applied one insert ~{change_calls:.0} calls in {change_requests:.0} requests (an EdgeLake node: {} calls per sync)",
+        "  {size} policies: first sync {first_sync:.1} s; idle poll {idle_calls:.1} calls in {idle_requests:.1} requests; the poll that applied one insert ~{change_calls:.0} calls in {change_requests:.0} requests, one delete ~{delete_calls:.0} calls in {delete_requests:.0} requests (an EdgeLake node: {} calls per sync)",
         size + 1
     );
     json!({"policies": size, "first_sync_seconds": first_sync,
            "idle_poll_calls": idle_calls, "idle_poll_requests": idle_requests,
            "insert_poll_calls": change_calls, "insert_poll_requests": change_requests,
+           "delete_poll_calls": delete_calls, "delete_poll_requests": delete_requests,
            "edgelake_node_calls_per_sync": size + 1})
 }
 

@@ -21,6 +21,7 @@ mod apply;
 mod bytes;
 mod catchup;
 mod chain;
+mod console;
 mod fanout;
 mod inserts;
 mod propagation;
@@ -107,7 +108,7 @@ fn options() -> Options {
             "--backend" => o.backends = vec![args.next().expect("--backend sqlite|postgres")],
             "-h" | "--help" => {
                 println!(
-                    "ledger-bench [--quick] [--only-inserts | --only-fanout | --only-anylog | --only-chain] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]\n\
+                    "ledger-bench [--quick] [--only-inserts | --only-fanout | --only-anylog | --only-chain | --only-console] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]\n\
                      ledger-bench --against etcd [--quick] [--rounds N] [--seconds S] [--json FILE] [--pg-url postgres://USER@HOST:PORT]"
                 );
                 std::process::exit(0);
@@ -359,6 +360,15 @@ fn main() {
             .unwrap();
         let rate = runtime.block_on(throughput(&addr, clients, seconds));
         println!("{rate:.0} inserts/s from {clients} clients over {seconds} s");
+        return;
+    }
+    if args.iter().any(|a| a == "--only-console") {
+        let json = args
+            .iter()
+            .position(|a| a == "--json")
+            .and_then(|i| args.get(i + 1))
+            .map(std::path::PathBuf::from);
+        console::run(args.iter().any(|a| a == "--quick"), json.as_deref());
         return;
     }
     if args.iter().any(|a| a == "--only-chain") {

@@ -7,6 +7,7 @@
 pub mod anylog;
 pub mod auth;
 pub mod client;
+pub mod console;
 pub mod ganache;
 pub mod member;
 pub mod metrics;
