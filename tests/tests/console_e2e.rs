@@ -357,43 +357,23 @@ async fn a_200_policy_network_on_the_map() {
     no_errors(&mut browser);
 }
 
-/// 10,000 policies: the map is drawn in under a second (layout and first draw, measured by the
-/// page: `window.__mapRenderMs`, the median of 5 loads), and stays usable (a search, a zoom).
+/// 10,000 policies: every node is drawn, and the map stays usable (a zoom, a search). How fast
+/// it draws is measured by `ledger-bench --only-console`, not here (README, "Console").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_map_of_10000_policies_renders_in_under_a_second() {
+async fn the_map_of_10000_policies_is_drawn_zoomed_and_searched() {
     let dir = tempfile::tempdir().unwrap();
     let master = Master::start(dir.path(), &["--http-addr", "127.0.0.1:0"]);
     let policies = network(10_000);
-    let started = Instant::now();
     seed(&master, &policies, 16).await;
-    println!(
-        "console: 10,000 policies inserted in {:?}",
-        started.elapsed()
-    );
     let (_, nodes) = expected(&policies);
     let mut browser = Browser::start();
     let addr = http_addr(&master);
-    let mut renders = Vec::new();
-    let mut loads = Vec::new();
-    for _ in 0..5 {
-        assert_eq!(
-            browser.open(&format!("http://{addr}/"), 1600, 1000)["status"],
-            200
-        );
-        assert_eq!(browser.eval("window.__console.nodeCount()"), nodes);
-        renders.push(browser.eval("window.__mapRenderMs").as_f64().unwrap());
-        loads.push(browser.eval("window.__mapLoadMs.total").as_f64().unwrap());
-    }
-    renders.sort_by(f64::total_cmp);
-    loads.sort_by(f64::total_cmp);
-    let (render, load) = (renders[2], loads[2]);
-    // A redraw of the whole map (pan and zoom redraw so), and a search.
-    let mut redraws: Vec<f64> = (0..5)
-        .map(|_| browser.eval("window.__console.render()").as_f64().unwrap())
-        .collect();
-    redraws.sort_by(f64::total_cmp);
-    // Zoomed in (wheel events on the canvas) until labels show: a redraw at that scale, as a
-    // drag pans the map.
+    assert_eq!(
+        browser.open(&format!("http://{addr}/"), 1600, 1000)["status"],
+        200
+    );
+    assert_eq!(browser.eval("window.__console.nodeCount()"), nodes);
+    // Zoomed in (wheel events on the canvas) until labels show.
     let scale = browser.eval(
         "(() => { const c = document.getElementById('map'); const r = c.getBoundingClientRect(); \
          for (let i = 0; i < 40 && window.__console.scale() < 0.8; i++) \
@@ -401,31 +381,12 @@ async fn the_map_of_10000_policies_renders_in_under_a_second() {
          return window.__console.scale(); })()",
     );
     assert!(scale.as_f64().unwrap() >= 0.8, "zoomed to {scale}");
-    let mut zoomed: Vec<f64> = (0..5)
-        .map(|_| browser.eval("window.__console.drawMs()").as_f64().unwrap())
-        .collect();
-    zoomed.sort_by(f64::total_cmp);
-    let search = Instant::now();
     browser.fill("#search", "operator-kyoto-3");
     let matched = browser
         .eval("window.__console.matches().length")
         .as_u64()
         .unwrap();
-    let search = search.elapsed();
-    println!(
-        "console: 10,000 policies ({nodes} nodes): render median {render:.0} ms (of {renders:?}), page load median {load:.0} ms (fetch, parse, render), full redraw median {:.0} ms, zoomed-in redraw (labels) median {:.1} ms, search {} ms (typed through the driver)",
-        redraws[2],
-        zoomed[2],
-        search.as_millis()
-    );
     assert!(matched >= 2, "{matched} matches");
-    assert!(render < 1000.0, "render median {render} ms");
-    assert!(redraws[2] < 1000.0, "redraw median {} ms", redraws[2]);
-    assert!(
-        zoomed[2] < 100.0,
-        "zoomed-in redraw median {} ms",
-        zoomed[2]
-    );
     no_errors(&mut browser);
 }
 

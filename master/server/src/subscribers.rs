@@ -544,7 +544,8 @@ mod tests {
     }
 
     #[test]
-    fn ten_thousand_streams_are_listed_quickly() {
+    fn ten_thousand_streams_are_listed_each_once() {
+        // How fast: `ledger-bench --only-subscribers` (real streams), not a timed test.
         let subscribers = Subscribers::new(watch::channel(1_000).1);
         let guards: Vec<SubscriberGuard> = (0..10_000)
             .map(|i| subscribers.register(subscriber(&format!("node-{i}"), &format!("s{i}"), i)))
@@ -552,14 +553,15 @@ mod tests {
         for guard in &guards {
             guard.sent(999, 10);
         }
-        let started = std::time::Instant::now();
         let list = subscribers.list();
-        let took = started.elapsed();
         assert_eq!(list.subscribers.len(), 10_000);
-        assert!(
-            took < std::time::Duration::from_millis(100),
-            "listing 10,000 streams took {took:?}"
-        );
+        let names: std::collections::HashSet<&str> = list
+            .subscribers
+            .iter()
+            .map(|s| s.node_name.as_str())
+            .collect();
+        assert_eq!(names.len(), 10_000);
+        assert!(list.subscribers.iter().all(|s| s.sent_seq == 999));
         drop(guards);
         assert!(subscribers.is_empty());
     }
