@@ -324,6 +324,31 @@ async fn a_200_policy_network_on_the_map() {
     let (before, live) = policies.split_at(192);
     seed(&master, before, 4).await;
     let (_, nodes) = expected(&policies);
+    // Subscribers: two members of this master, a relay, and a member below the relay.
+    let subdirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let root = master.addr.to_string();
+    let relay = Master::start_relay(
+        subdirs[0].path(),
+        std::slice::from_ref(&root),
+        &["--node-name", "relay-lyon"],
+    );
+    let _members = [
+        Member::start(
+            subdirs[1].path(),
+            std::slice::from_ref(&root),
+            &["--node-name", "operator-oslo-1"],
+        ),
+        Member::start(
+            subdirs[2].path(),
+            std::slice::from_ref(&root),
+            &["--node-name", "query-austin-0"],
+        ),
+        Member::start(
+            subdirs[3].path(),
+            &[relay.addr.to_string()],
+            &["--node-name", "operator-lyon-0"],
+        ),
+    ];
     let mut browser = Browser::start();
     let addr = http_addr(&master);
     assert_eq!(
@@ -335,7 +360,19 @@ async fn a_200_policy_network_on_the_map() {
         "document.querySelectorAll('#feed li').length === 8",
         Duration::from_secs(10),
     );
+    // Every subscriber of the tree, each durable at the head (the relay's member via it).
+    browser.wait(
+        "(() => { const rows = [...document.querySelectorAll('#subscribers tbody tr[data-lag]')]; \
+           return rows.length === 4 && rows.every(r => Number(r.dataset.lag) === 0) \
+             && document.querySelector('#subscribers tbody').textContent.includes('relay-lyon'); })()",
+        Duration::from_secs(20),
+    );
     assert_eq!(browser.eval("window.__console.nodeCount()"), nodes);
+    // The header follows the feed (its info is read again a moment after each change).
+    browser.wait(
+        "document.getElementById('head-seq').textContent === '200'",
+        Duration::from_secs(10),
+    );
     browser.fill("#search", "Initech");
     // The whole map again (the search framed Initech's nodes), its matches still ringed.
     browser.eval("window.__console.render()");
