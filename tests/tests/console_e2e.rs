@@ -368,6 +368,36 @@ async fn a_200_policy_network_on_the_map() {
         Duration::from_secs(20),
     );
     assert_eq!(browser.eval("window.__console.nodeCount()"), nodes);
+    // The streams on the map: this master, its members and the relay, the relay's member below
+    // the relay.
+    let mut streams: Vec<String> =
+        serde_json::from_value(browser.eval("window.__console.subscriberNodes()")).unwrap();
+    streams.sort();
+    assert_eq!(
+        streams,
+        [
+            "sub:",
+            "sub:operator-oslo-1",
+            "sub:query-austin-0",
+            "sub:relay-lyon",
+            "sub:relay-lyon/operator-lyon-0"
+        ],
+    );
+    assert_eq!(
+        browser.eval("window.__console.neighbours('sub:relay-lyon/operator-lyon-0')"),
+        serde_json::json!(["sub:relay-lyon"])
+    );
+    let mut below_root: Vec<String> =
+        serde_json::from_value(browser.eval("window.__console.neighbours('sub:')")).unwrap();
+    below_root.sort();
+    assert_eq!(
+        below_root,
+        [
+            "sub:operator-oslo-1",
+            "sub:query-austin-0",
+            "sub:relay-lyon"
+        ]
+    );
     // The header follows the feed (its info is read again a moment after each change).
     browser.wait(
         "document.getElementById('head-seq').textContent === '200'",

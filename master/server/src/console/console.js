@@ -3,12 +3,12 @@
 'use strict';
 
 (() => {
-  const TYPES = ['master', 'operator', 'publisher', 'query', 'cluster', 'table'];
+  const TYPES = ['master', 'operator', 'publisher', 'query', 'cluster', 'table', 'subscriber'];
   const COLORS = {
     master: '#7b1fa2', operator: '#1565c0', publisher: '#2e7d32', query: '#ef6c00',
-    cluster: '#c62828', table: '#6d7a8c',
+    cluster: '#c62828', table: '#6d7a8c', subscriber: '#00838f',
   };
-  const RADIUS = { master: 9, cluster: 8, operator: 6, publisher: 6, query: 6, table: 4 };
+  const RADIUS = { master: 9, cluster: 8, operator: 6, publisher: 6, query: 6, table: 4, subscriber: 6 };
   const $ = (id) => document.getElementById(id);
 
   // ---- the model: every policy by id; the map's nodes and edges are derived from it ----
@@ -20,6 +20,10 @@
   let matches = [];
   let matchIndex = 0;
   let selected = null;
+  // The streams of this master and of the relays below it (/api/subscribers), and the shape of
+  // their tree when the map was last built (the map is rebuilt only when the tree changes).
+  let subscribers = [];
+  let subscriberTree = '';
 
   function addPolicy(policy, seq) {
     const type = Object.keys(policy)[0];
@@ -123,8 +127,51 @@
     band(loose, width);
     band(byType.publisher, width);
     band(byType.query, width);
+    streams(width);
     $('map-stats').textContent = nodes.length + ' nodes, ' + edges.length + ' edges';
   }
+
+  // The streams as a tree below the policies: this master, then its subscribers, each relay's
+  // subscribers in the row below it. A subscriber is keyed by its path (`via` and its name).
+  function streams(width) {
+    if (!subscribers.length) return;
+    const root = { key: 'sub:', type: 'subscriber', label: 'this master', x: 0, y: 0, search: 'this master', extra: null };
+    const byKey = new Map([[root.key, root]]);
+    const depthOf = (s) => (s.via ? s.via.split('/').length : 0) + 1;
+    const rows = [];
+    for (const s of [...subscribers].sort((a, b) => depthOf(a) - depthOf(b) || (a.node_name < b.node_name ? -1 : 1))) {
+      const path = (s.via ? s.via + '/' : '') + (s.node_name || s.peer || '?');
+      const n = {
+        key: 'sub:' + path, type: 'subscriber', x: 0, y: 0, extra: s,
+        label: s.node_name + (s.lag ? ' (lag ' + s.lag + ')' : ''),
+        search: (s.node_name + ' ' + s.peer + ' ' + s.identity + ' ' + s.via).toLowerCase(),
+      };
+      if (byKey.has(n.key)) continue;
+      byKey.set(n.key, n);
+      const depth = depthOf(s);
+      (rows[depth] = rows[depth] || []).push(n);
+    }
+    rows[0] = [root];
+    const y0 = nodes.length ? bounds(nodes).y1 + 60 : 0;
+    const perRow = Math.max(1, Math.floor(width / BAND_W_STREAMS));
+    let y = y0;
+    for (const row of rows) {
+      if (!row) continue;
+      row.forEach((n, i) => {
+        n.x = (i % perRow) * BAND_W_STREAMS;
+        n.y = y + Math.floor(i / perRow) * 30;
+        nodes.push(n);
+        nodeByKey.set(n.key, n);
+        const s = n.extra;
+        if (s) {
+          const parent = byKey.get('sub:' + (s.via || '')) || root;
+          edges.push([parent, n]);
+        }
+      });
+      y += Math.ceil(row.length / perRow) * 30 + 40;
+    }
+  }
+  const BAND_W_STREAMS = 180;
 
   // ---- drawing ----
   const canvas = $('map');
@@ -327,7 +374,8 @@
       pre.textContent = 'click a node of the map';
     } else {
       const p = policies.get(n.policyId);
-      const shown = n.type === 'table' ? { table: n.extra, of_cluster: p ? p.policy : null } : (p ? p.policy : null);
+      const shown = n.type === 'subscriber' ? (n.extra || { this_master: window.__consoleInfo || null })
+        : n.type === 'table' ? { table: n.extra, of_cluster: p ? p.policy : null } : (p ? p.policy : null);
       pre.textContent = JSON.stringify(shown, null, 2);
     }
     redraw();
@@ -468,6 +516,19 @@
     }
     $('subscribers').tBodies[0].replaceChildren(...rows);
     window.__consoleSubscribers = subs;
+    subscribers = subs;
+    // Lags change every second: the map's labels follow, its layout only when the tree does.
+    const tree = subs.map((s) => s.via + '/' + s.node_name).sort().join('\n');
+    if (tree !== subscriberTree) {
+      subscriberTree = tree;
+      scheduleRebuild();
+    } else {
+      for (const s of subs) {
+        const n = nodeByKey.get('sub:' + (s.via ? s.via + '/' : '') + (s.node_name || s.peer || '?'));
+        if (n) { n.extra = s; n.label = s.node_name + (s.lag ? ' (lag ' + s.lag + ')' : ''); }
+      }
+      redraw();
+    }
   }
 
   // ---- the live feed ----
@@ -553,7 +614,11 @@
   // ---- the page's hooks for tests ----
   window.__console = {
     hasNode: (key) => nodeByKey.has(key),
-    nodeCount: () => nodes.length,
+    // The nodes drawn from policies (the streams' tree is counted apart).
+    nodeCount: () => nodes.filter((n) => n.type !== 'subscriber').length,
+    subscriberNodes: () => nodes.filter((n) => n.type === 'subscriber').map((n) => n.key),
+    neighbours: (key) => edges.filter(([a, b]) => a.key === key || b.key === key)
+      .map(([a, b]) => (a.key === key ? b.key : a.key)),
     edgeCount: () => edges.length,
     policyCount: () => policies.size,
     render: () => { const t = performance.now(); resize(); fit(nodes, 1.2); draw(); return performance.now() - t; },
