@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ledger_ops::metrics_endpoint::RouteSlot;
 use ledger_server::anylog::{self, AnyLogEdge, AnyLogOptions};
-use ledger_server::console::{Console, ConsoleOptions, SubscriberSource, SubscriberView};
+use ledger_server::console::{Console, ConsoleOptions};
 use ledger_server::feed::ChangeFeed;
 use ledger_server::ledger::{Ledger, PolicyLimits, WritePath};
 use ledger_server::limits::{SnapshotLimiter, StreamLimiter};
@@ -17,7 +17,6 @@ use ledger_server::serve::{
     GrpcIncoming, SecurityFiles, ServeOptions, StartError, listen, load_security, serve_with,
 };
 use ledger_server::service::Access;
-use ledger_server::subscribers::Subscribers;
 use ledger_server::subscription::SubscriptionContext;
 use ledger_server::upstream::{self, Upstream, UpstreamOptions};
 use ledger_server::writer::{Writer, WriterOptions};
@@ -160,7 +159,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             writes: writer.as_ref().map(|(_, health)| health.clone()),
             relay: config.is_relay(),
             streams: options.access.streams.clone(),
-            subscribers: console_subscribers(ledger.subscribers().clone()),
         })));
     }
     let listener = listen(config.bind_addr())
@@ -499,28 +497,5 @@ fn serve_options(config: &Config) -> Result<ServeOptions, StartError> {
         grace: config.shutdown_grace,
         max_concurrent_streams: config.max_concurrent_streams,
         max_local_reset_streams: config.max_local_reset_streams,
-    })
-}
-
-/// The console's subscribers: the registry's list (its streams, and those below its relays).
-fn console_subscribers(registry: Subscribers) -> SubscriberSource {
-    Arc::new(move || {
-        registry
-            .list()
-            .subscribers
-            .into_iter()
-            .map(|s| SubscriberView {
-                node_name: s.node_name,
-                version: s.version,
-                peer: s.peer,
-                identity: s.identity,
-                since_unix_ms: s.since_unix_ms.max(0) as u64,
-                sent_seq: s.sent_seq,
-                durable_seq: s.durable_seq,
-                lag: s.lag,
-                bytes_sent: s.bytes_sent,
-                via: s.via,
-            })
-            .collect()
     })
 }

@@ -49,34 +49,6 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How many bytes of the ledger's file one chunk of `/api/policies` carries.
 const POLICIES_CHUNK: usize = 256 << 10;
 
-/// One subscriber of this master as the console shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SubscriberView {
-    /// The member's node name (as it says in its request), or empty.
-    pub node_name: String,
-    /// The member's version, or empty.
-    pub version: String,
-    /// The peer's address.
-    pub peer: String,
-    /// Who it is to the auth file (a token's name, a certificate's subject), or empty.
-    pub identity: String,
-    /// When it subscribed (ms since the Unix epoch).
-    pub since_unix_ms: u64,
-    /// The seq of the last change sent to it.
-    pub sent_seq: u64,
-    /// The seq it made durable, as it last said.
-    pub durable_seq: u64,
-    /// How many changes it is behind the head.
-    pub lag: u64,
-    /// Bytes sent to it on this stream.
-    pub bytes_sent: u64,
-    /// The relay it is served through (its name or address), empty when it is served directly.
-    pub via: String,
-}
-
-/// Where the console reads the subscribers from.
-pub type SubscriberSource = Arc<dyn Fn() -> Vec<SubscriberView> + Send + Sync>;
-
 /// What the console is built from.
 pub struct ConsoleOptions {
     /// The ledger, held weakly: the console does not keep the writer alive after shutdown.
@@ -87,8 +59,6 @@ pub struct ConsoleOptions {
     pub writes: Option<watch::Receiver<WriterHealth>>,
     /// Whether this master is a relay.
     pub relay: bool,
-    /// The subscribers' source.
-    pub subscribers: SubscriberSource,
     /// The gRPC edge's stream limits (`--max-streams`, `--max-streams-per-client`): each open
     /// `/api/feed` takes a place, as a `StreamLedger` does.
     pub streams: StreamLimiter,
@@ -228,7 +198,7 @@ impl Console {
             )),
             "/api/info" => self.info().await,
             "/api/policies" => self.policies().await,
-            "/api/subscribers" => Ok(self.subscribers()),
+            "/api/subscribers" => self.subscribers(),
             "/api/feed" => self.feed(request),
             _ => Err(ConsoleError::NotFound),
         }
@@ -384,15 +354,17 @@ impl Console {
         Ok(response)
     }
 
-    /// `/api/subscribers`: the most behind first.
-    fn subscribers(&self) -> Response<HttpBody> {
-        let mut subscribers = (self.0.options.subscribers)();
+    /// `/api/subscribers`: `ListSubscribers`' entries, the most behind first.
+    fn subscribers(&self) -> Result<Response<HttpBody>, ConsoleError> {
+        let mut subscribers = self.ledger()?.subscribers().list().subscribers;
         subscribers.sort_by(|a, b| {
             b.lag
                 .cmp(&a.lag)
                 .then_with(|| a.node_name.cmp(&b.node_name))
         });
-        json_response(serde_json::to_string(&subscribers).unwrap_or_else(|_| "[]".into()))
+        Ok(json_response(
+            serde_json::to_string(&subscribers).unwrap_or_else(|_| "[]".into()),
+        ))
     }
 
     /// `/api/feed`: the changes after `Last-Event-ID` (a reconnecting `EventSource`), or after

@@ -33,7 +33,7 @@ pub const MAX_SESSION_BYTES: usize = 64;
 /// How a subscriber names itself when it subscribes (`StreamLedgerRequest.subscriber`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SubscriberIdentity {
-    /// Its node name (a member's `--node-name`, a relay's `--name`).
+    /// Its node name (a member's or a relay's `--node-name`).
     pub node_name: String,
     /// Its software and version.
     pub version: String,
