@@ -27,6 +27,7 @@ mod inserts;
 mod propagation;
 mod report;
 mod stats;
+mod subscribers;
 mod watch;
 mod workload;
 
@@ -108,7 +109,7 @@ fn options() -> Options {
             "--backend" => o.backends = vec![args.next().expect("--backend sqlite|postgres")],
             "-h" | "--help" => {
                 println!(
-                    "ledger-bench [--quick] [--only-inserts | --only-fanout | --only-anylog | --only-chain | --only-console] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]\n\
+                    "ledger-bench [--quick] [--only-inserts | --only-fanout | --only-anylog | --only-chain | --only-console | --only-subscribers] [--json FILE] [--backend sqlite|postgres] [--pg-url postgres://USER@HOST:PORT]\n\
                      ledger-bench --against etcd [--quick] [--rounds N] [--seconds S] [--json FILE] [--pg-url postgres://USER@HOST:PORT]"
                 );
                 std::process::exit(0);
@@ -371,6 +372,15 @@ fn main() {
         console::run(args.iter().any(|a| a == "--quick"), json.as_deref());
         return;
     }
+    if args.iter().any(|a| a == "--only-subscribers") {
+        let json = args
+            .iter()
+            .position(|a| a == "--json")
+            .and_then(|i| args.get(i + 1))
+            .map(std::path::PathBuf::from);
+        subscribers::run(args.iter().any(|a| a == "--quick"), json.as_deref());
+        return;
+    }
     if args.iter().any(|a| a == "--only-chain") {
         let json = args
             .iter()
@@ -422,6 +432,10 @@ fn main() {
         results.insert(backend, v);
     }
     drop(pg_cluster);
+    // (10) ListSubscribers of 1,000 and 10,000 streams: once, not per backend (the list is the
+    // master's open streams, in memory), and cheap (a few seconds).
+    let subscribers = (!opts.only_inserts && !opts.only_fanout && !opts.only_anylog)
+        .then(|| runtime.block_on(subscribers::stage(opts.quick)));
     let t = table(&results, opts.quick);
     println!(
         "\nledger-bench{} — {started}, {} cores\n",
@@ -429,10 +443,17 @@ fn main() {
         num_cpus()
     );
     println!("{t}");
+    if let Some((_, lines)) = &subscribers {
+        println!("\n(10) ListSubscribers, as the client sees it:");
+        for line in lines {
+            println!("  {line}");
+        }
+    }
     let report = json!({
         "date": started, "quick": opts.quick, "cores": num_cpus(),
         "sample_policies_sent": sample,
         "results": results, "table_markdown": t,
+        "list_subscribers": subscribers.map(|(v, _)| v),
     });
     if let Some(path) = &opts.json {
         std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
