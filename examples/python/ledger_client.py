@@ -179,11 +179,29 @@ class LedgerClient:
         """GetLedgerInfo: head_seq, policy_count, digest, oldest_replayable_seq."""
         return self.stub.GetLedgerInfo(self.pb2.GetLedgerInfoRequest(), timeout=self.timeout)
 
-    def subscribe(self, after_seq: int, timeout: Optional[float] = None):
+    def subscribe(self, after_seq: int, timeout: Optional[float] = None,
+                  node_name: str = "", session_id: str = ""):
         """Opens StreamLedger after `after_seq`; returns the call: iterate it for
-        StreamLedgerResponse messages, .cancel() it to stop. The stream never ends by itself."""
+        StreamLedgerResponse messages, .cancel() it to stop. The stream never ends by itself.
+        With `node_name`, the stream names its subscriber (ListSubscribers shows it); with
+        `session_id` too, report() can say what it made durable."""
         req = self.pb2.StreamLedgerRequest(after_seq=after_seq)
+        if node_name:
+            req.subscriber.node_name = node_name
+            req.subscriber.version = "python-example"
+            req.subscriber.session_id = session_id
         return self.stub.StreamLedger(req, timeout=timeout or self.timeout)
+
+    def report(self, session_id: str, durable_seq: int):
+        """ReportProgress: the seq a subscriber's stream (opened with this session id) made
+        durable; returns the master's head."""
+        req = self.pb2.ReportProgressRequest(session_id=session_id, durable_seq=durable_seq)
+        return self.stub.ReportProgress(req, timeout=self.timeout)
+
+    def subscribers(self):
+        """ListSubscribers: head_seq, and each subscriber (node_name, peer, sent_seq,
+        durable_seq, lag, via, ...), its own streams and those its relays reported."""
+        return self.stub.ListSubscribers(self.pb2.ListSubscribersRequest(), timeout=self.timeout)
 
     def stream(self, after_seq: int = 0, timeout: Optional[float] = None) -> list:
         """The events of StreamLedger after `after_seq` up to and including `caught_up` (progress

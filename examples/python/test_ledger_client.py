@@ -128,7 +128,8 @@ def test_generated_stubs():
     pb2, pb2_grpc = load_stubs()
     methods = pb2.DESCRIPTOR.services_by_name["LedgerService"].methods_by_name
     assert set(methods) == {"InsertPolicy", "DeletePolicy", "GetPolicy", "ListPolicies",
-                            "GetLedgerInfo", "StreamLedger"}
+                            "GetLedgerInfo", "StreamLedger", "ReportProgress",
+                            "ListSubscribers"}
     assert methods["StreamLedger"].server_streaming
     assert hasattr(pb2_grpc, "LedgerServiceStub")
 
@@ -261,6 +262,22 @@ def test_stream_live_change(client, state):
     finally:
         call.cancel()
     state["op4"] = p
+
+
+def test_subscribers(client):
+    head = client.info().head_seq
+    call = client.subscribe(after_seq=head, timeout=15, node_name="py-node", session_id="py-1")
+    try:
+        events = iter(call)
+        assert ledger_client.event_tuple(next(events)) == ("caught_up", head)
+        assert client.report("py-1", head - 1).head_seq == head
+        mine = [s for s in client.subscribers().subscribers if s.node_name == "py-node"]
+        assert len(mine) == 1, mine
+        assert (mine[0].durable_seq, mine[0].lag, mine[0].via) == (head - 1, 1, "")
+        assert mine[0].version == "python-example" and mine[0].peer.startswith("127.0.0.1:")
+        assert code_of(client.report, "no-such-session", 1) == grpc.StatusCode.NOT_FOUND
+    finally:
+        call.cancel()
 
 
 def test_ledger_info_digest(client):
