@@ -150,12 +150,7 @@ async fn poll_cost(ganache: &Ganache, node: &ChainClient, contract: &str, size: 
 
 /// Runs the measures; `quick` skips the 10,000-policy contract.
 pub fn run(quick: bool, json_out: Option<&Path>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let result = runtime.block_on(async {
+    crate::report::run_alone(json_out, async {
         let ganache = Ganache::start();
         let node = ganache.deploy(0).await;
         let contract = format!("{:#x}", node.contract());
@@ -189,9 +184,4 @@ pub fn run(quick: bool, json_out: Option<&Path>) {
         out.insert("poll_cost".into(), Value::Array(costs));
         Value::Object(out)
     });
-    let text = serde_json::to_string_pretty(&result).unwrap();
-    println!("{text}");
-    if let Some(path) = json_out {
-        std::fs::write(path, text).expect("writing the JSON");
-    }
 }

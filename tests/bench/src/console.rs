@@ -15,16 +15,13 @@ use serde_json::{Value, json};
 use crate::stats::median;
 
 pub fn run(quick: bool, json_out: Option<&Path>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let result = runtime.block_on(async {
+    crate::report::run_alone(json_out, async {
         let sizes: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
         let loads = if quick { 3 } else { 7 };
         let mut out = Vec::new();
-        eprintln!("(9) console: the network map in headless Chromium, median of {loads} page loads");
+        eprintln!(
+            "(9) console: the network map in headless Chromium, median of {loads} page loads"
+        );
         for &size in sizes {
             let dir = tempfile::tempdir().unwrap();
             let master = Master::start(dir.path(), &["--http-addr", "127.0.0.1:0"]);
@@ -60,9 +57,4 @@ pub fn run(quick: bool, json_out: Option<&Path>) {
         }
         json!({ "console_map": Value::Array(out) })
     });
-    let text = serde_json::to_string_pretty(&result).unwrap();
-    println!("{text}");
-    if let Some(path) = json_out {
-        std::fs::write(path, text).expect("writing the JSON");
-    }
 }

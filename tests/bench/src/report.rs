@@ -1,8 +1,26 @@
 //! The report: the table of the results (markdown), from their JSON.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
 
 use serde_json::Value;
+
+/// Runs a stage alone (`--only-…`): `stage` on a 2-worker runtime, its JSON printed and, with
+/// `--json FILE`, written there.
+pub fn run_alone(json_out: Option<&Path>, stage: impl Future<Output = Value>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = runtime.block_on(stage);
+    let text = serde_json::to_string_pretty(&result).unwrap();
+    println!("{text}");
+    if let Some(path) = json_out {
+        std::fs::write(path, text).expect("writing the JSON");
+    }
+}
 
 fn get(v: &Value, path: &str) -> f64 {
     let mut cur = v;

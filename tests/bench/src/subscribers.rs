@@ -230,16 +230,8 @@ pub(crate) async fn stage(quick: bool) -> (Value, Vec<String>) {
 
 /// `--only-subscribers`: the stage alone, its JSON on stdout (and in `--json FILE`).
 pub fn run(quick: bool, json_out: Option<&Path>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (list, _) = runtime.block_on(stage(quick));
-    let result = json!({ "list_subscribers": list });
-    let text = serde_json::to_string_pretty(&result).unwrap();
-    println!("{text}");
-    if let Some(path) = json_out {
-        std::fs::write(path, text).expect("writing the JSON");
-    }
+    crate::report::run_alone(json_out, async {
+        let (list, _) = stage(quick).await;
+        json!({ "list_subscribers": list })
+    });
 }
