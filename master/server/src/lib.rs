@@ -26,6 +26,7 @@ pub mod log_limit;
 pub mod metrics;
 pub mod serve;
 pub mod service;
+pub mod status;
 pub mod storage_io;
 pub mod subscribers;
 pub mod subscription;
