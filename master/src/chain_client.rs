@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::str::FromStr;
 use std::time::Duration;
 
-use ledger_chain::{At, B256, Block, ChainClient, ChainError};
+use ledger_chain::{At, B256, Block, ChainClient, ChainError, TxHash};
 use ledger_server::chain::{BlockRef, ContractCall, ContractError, Counts, FollowedContract};
 
 /// The contract at `--ethereum-contract` through the node at `--ethereum-rpc`.
@@ -56,6 +56,19 @@ fn contract_error(error: ChainError) -> ContractError {
         },
         ChainError::UnknownBlock { .. } => ContractError::Reorged(text),
         _ => ContractError::Misconfigured(text),
+    }
+}
+
+impl Contract {
+    /// Waits up to `within` for the receipt of `tx`, a write of policy `id`: the block it is in,
+    /// or the contract's refusal as an error.
+    async fn mined(&self, tx: TxHash, id: &str, within: Duration) -> Result<u64, ContractError> {
+        let receipt = self
+            .0
+            .wait_receipt(tx, within)
+            .await
+            .map_err(contract_error)?;
+        Ok(receipt.check(id).map_err(contract_error)?.block)
     }
 }
 
@@ -117,12 +130,7 @@ impl FollowedContract for Contract {
     fn insert<'a>(&'a self, id: &'a str, json: &'a str, within: Duration) -> ContractCall<'a, u64> {
         Box::pin(async move {
             let tx = self.0.insert(id, json).await.map_err(contract_error)?;
-            let receipt = self
-                .0
-                .wait_receipt(tx, within)
-                .await
-                .map_err(contract_error)?;
-            Ok(receipt.check(id).map_err(contract_error)?.block)
+            self.mined(tx, id, within).await
         })
     }
 
@@ -134,12 +142,7 @@ impl FollowedContract for Contract {
     fn delete<'a>(&'a self, id: &'a str, within: Duration) -> ContractCall<'a, u64> {
         Box::pin(async move {
             let tx = self.0.delete(id).await.map_err(contract_error)?;
-            let receipt = self
-                .0
-                .wait_receipt(tx, within)
-                .await
-                .map_err(contract_error)?;
-            Ok(receipt.check(id).map_err(contract_error)?.block)
+            self.mined(tx, id, within).await
         })
     }
 }
