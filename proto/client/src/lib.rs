@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod checker;
 pub mod follow;
 pub mod masters;
 pub mod report;
