@@ -545,8 +545,8 @@ impl ChainClient {
         let call = PolicyLedger::getPolicyCall {
             policy_id: id.to_string(),
         };
-        match self.views(vec![call], at.into()).await {
-            Ok(mut texts) => Ok(texts.remove(0)),
+        match self.view(call, at.into()).await {
+            Ok(text) => Ok(text),
             Err(ChainError::Reverted { reason, tx }) => {
                 Err(ChainError::from_revert(&reason, id, tx))
             }
@@ -560,8 +560,15 @@ impl ChainClient {
         let call = PolicyLedger::getPolicyOwnerCall {
             policy_id: id.to_string(),
         };
-        let owner = self.views(vec![call], at.into()).await?.remove(0);
+        let owner = self.view(call, at.into()).await?;
         Ok((owner != Address::ZERO).then_some(owner))
+    }
+
+    /// Sends `call` to the contract ([`ChainClient::send`]); `id` names the policy in refusals.
+    async fn send_call<C: SolCall>(&self, call: &C, id: &str) -> Result<TxHash> {
+        let input = call.abi_encode().into();
+        self.send(TxKind::Call(self.inner.contract), input, id)
+            .await
     }
 
     /// Sends `insert(id, json)`. The node's gas estimate runs it first: an id that is stored
@@ -573,12 +580,7 @@ impl ChainClient {
             policy_id: id.to_string(),
             json: json.to_string(),
         };
-        self.send(
-            TxKind::Call(self.inner.contract),
-            call.abi_encode().into(),
-            id,
-        )
-        .await
+        self.send_call(&call, id).await
     }
 
     /// Sends `updatePolicy(id, json)`: [`ChainError::NotFound`] or [`ChainError::NotOwner`]
@@ -588,12 +590,7 @@ impl ChainClient {
             policy_id: id.to_string(),
             json: json.to_string(),
         };
-        self.send(
-            TxKind::Call(self.inner.contract),
-            call.abi_encode().into(),
-            id,
-        )
-        .await
+        self.send_call(&call, id).await
     }
 
     /// Sends `deletePolicy(id)`: [`ChainError::NotFound`] at the estimate, as
@@ -602,12 +599,7 @@ impl ChainClient {
         let call = PolicyLedger::deletePolicyCall {
             policy_id: id.to_string(),
         };
-        self.send(
-            TxKind::Call(self.inner.contract),
-            call.abi_encode().into(),
-            id,
-        )
-        .await
+        self.send_call(&call, id).await
     }
 
     /// Waits up to `timeout` for the receipt of `tx`, asking every
