@@ -363,6 +363,18 @@ fn main() {
         println!("{rate:.0} inserts/s from {clients} clients over {seconds} s");
         return;
     }
+    if args.get(1).map(String::as_str) == Some("against-load") {
+        let usage = "ledger-bench against-load ledger|etcd ADDR CLIENTS SECONDS";
+        let [system, addr, clients, seconds] =
+            [2, 3, 4, 5].map(|i| args.get(i).cloned().unwrap_or_default());
+        let clients: usize = clients.parse().expect(usage);
+        let seconds: f64 = seconds.parse().expect(usage);
+        let rate = against::load(&system, &addr, clients, seconds);
+        println!(
+            "{system}: {rate:.0} writes/s from {clients} clients on one connection over {seconds} s"
+        );
+        return;
+    }
     if args.iter().any(|a| a == "--only-console") {
         let json = args
             .iter()

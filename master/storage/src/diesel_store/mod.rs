@@ -7,7 +7,7 @@
 //! One module per job: `url` (where the ledger lives, and one connection to it), `pool` (the
 //! connections: the pool, the one writes keep, the health check's), `migrate`, `write`
 //! ([`Storage::apply`]), `read`, `replicate` (changes committed elsewhere, and pruning), with the
-//! rows they share in `rows`; `plans` is a diagnostic for the storage suite. This module assembles
+//! rows they share in `rows`; `wal` fills a new SQLite WAL to its full size; `plans` is a diagnostic for the storage suite. This module assembles
 //! them: [`DieselStorage::open`] and the [`Storage`] implementation, which picks the connection
 //! for each call.
 
@@ -31,6 +31,7 @@ mod read;
 mod replicate;
 mod rows;
 mod url;
+mod wal;
 mod write;
 
 pub use url::{DatabaseUrl, PgTimeouts, redact_secrets};
@@ -147,7 +148,29 @@ impl DieselStorage {
         // no new connection later (a connection limit reached, a failover in progress) must not
         // fail a check that the connections already open would pass.
         storage.check()?;
+        if let DatabaseUrl::Sqlite(path) = url {
+            storage.presize_wal(path);
+        }
         Ok(storage)
+    }
+
+    /// Fills an empty SQLite WAL to its full size on the connection writes keep, which stays
+    /// open (see [`wal`]); says so in the log, and why not when it cannot.
+    fn presize_wal(&self, path: &std::path::Path) {
+        match self.with_write_connection(|conn| wal::presize(conn, path)) {
+            Ok(wal::Presized::Filled(bytes)) => tracing::info!(
+                database = %path.display(),
+                bytes,
+                "WAL pre-sized: commits write inside it instead of growing the file"
+            ),
+            Ok(wal::Presized::AlreadyFull(bytes)) => {
+                tracing::debug!(database = %path.display(), bytes, "WAL already at full size")
+            }
+            Ok(wal::Presized::Skipped(reason)) => {
+                tracing::info!(database = %path.display(), "WAL not pre-sized: {reason}")
+            }
+            Err(e) => tracing::warn!(database = %path.display(), "WAL not pre-sized: {e}"),
+        }
     }
 
     /// The database this storage uses, without credentials.

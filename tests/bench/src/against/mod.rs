@@ -341,3 +341,27 @@ fn system_json(r: &Results) -> Value {
         "load_seconds": r.load_seconds,
     })
 }
+
+/// `ledger-bench against-load SYSTEM ADDR CLIENTS SECONDS`: the closed-loop writes of the
+/// comparison (one channel, `clients` clients) on a server started by hand, a Ledger master
+/// (`ledger`) or an etcd (`etcd`), so that two builds of the master and etcd can be run side by
+/// side with perf or strace watching: writes a second.
+pub(crate) fn load(system: &str, addr: &str, clients: usize, seconds: f64) -> f64 {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let writer = match system {
+            "ledger" => systems::Writer::Ledger(crate::workload::connect(addr).await),
+            "etcd" => systems::Writer::Etcd(etcd::kv(
+                etcd::channel(addr, Some(std::time::Duration::from_secs(30))).await,
+            )),
+            other => panic!("against-load {other}: the system is `ledger` or `etcd`"),
+        };
+        let stop = measures::Stop::After(std::time::Duration::from_secs_f64(seconds));
+        let (writes, secs) = measures::drive(&[writer], clients, stop).await;
+        writes as f64 / secs
+    })
+}
