@@ -94,7 +94,12 @@ pub(super) fn presize(conn: &mut AnyConnection, database: &Path) -> Result<Presi
     // The write lock, so that no commit appends while the zeros are written.
     conn.batch_execute("BEGIN IMMEDIATE")?;
     let filled = fill(&wal, size);
-    conn.batch_execute("COMMIT")?;
+    // Nothing was written in the transaction; a connection left inside one would fail every
+    // later write, so it is rolled back if it does not end.
+    if let Err(e) = conn.batch_execute("COMMIT") {
+        let _ = conn.batch_execute("ROLLBACK");
+        return Err(e.into());
+    }
     Ok(match filled {
         Ok(()) => Presized::Filled(size),
         Err(reason) => Presized::Skipped(reason),
@@ -205,5 +210,16 @@ mod tests {
         );
         assert_eq!(count(&mut open(&path)), 250);
         assert_eq!(count(&mut reader), 250);
+
+        // What a crash leaves on disk: the database and the WAL, frames then zeros, without the
+        // shared-memory index. A new process reads the frames back and stops at the zeros.
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crashed.path().join("ledger.db");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::copy(&wal, wal_path(&copy)).unwrap();
+        let mut recovered = open(&copy);
+        assert_eq!(count(&mut recovered), 250);
+        insert(&mut recovered, 10);
+        assert_eq!(count(&mut recovered), 260);
     }
 }
