@@ -61,6 +61,12 @@ struct Checkpoint {
 }
 
 #[derive(QueryableByName)]
+struct BusyTimeout {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    timeout: i32,
+}
+
+#[derive(QueryableByName)]
 struct PageSize {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     page_size: i64,
@@ -81,6 +87,23 @@ pub(super) fn presize(conn: &mut AnyConnection, database: &Path) -> Result<Presi
     if current >= size {
         return Ok(Presized::AlreadyFull(current));
     }
+    // Without waiting for anyone: the connection's busy timeout (10 s) would hold the master's
+    // start while another process reads the ledger; the WAL is then left as it is.
+    let busy_timeout = diesel::sql_query("PRAGMA busy_timeout")
+        .get_result::<BusyTimeout>(conn)?
+        .timeout;
+    conn.batch_execute("PRAGMA busy_timeout = 0")?;
+    let presized = checkpoint_and_fill(conn, &wal, size);
+    conn.batch_execute(&format!("PRAGMA busy_timeout = {busy_timeout}"))?;
+    presized
+}
+
+/// [`presize`], on a connection that does not wait for locks.
+fn checkpoint_and_fill(
+    conn: &mut SqliteConnection,
+    wal: &Path,
+    size: u64,
+) -> Result<Presized, StorageError> {
     // Every frame into the database, and the WAL truncated: an empty WAL, which the next commit
     // writes from its beginning. Busy or not whole when another connection reads or writes.
     let checkpoint =
@@ -92,8 +115,10 @@ pub(super) fn presize(conn: &mut AnyConnection, database: &Path) -> Result<Presi
         )));
     }
     // The write lock, so that no commit appends while the zeros are written.
-    conn.batch_execute("BEGIN IMMEDIATE")?;
-    let filled = fill(&wal, size);
+    if conn.batch_execute("BEGIN IMMEDIATE").is_err() {
+        return Ok(Presized::Skipped("another connection is writing".into()));
+    }
+    let filled = fill(wal, size);
     // Nothing was written in the transaction; a connection left inside one would fail every
     // later write, so it is rolled back if it does not end.
     if let Err(e) = conn.batch_execute("COMMIT") {
@@ -177,8 +202,10 @@ mod tests {
         let AnyConnection::Sqlite(w) = &mut writer else {
             unreachable!()
         };
-        w.batch_execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
-            .unwrap();
+        w.batch_execute(
+            "PRAGMA busy_timeout = 10000; CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)",
+        )
+        .unwrap();
         insert(w, 50);
         let wal = wal_path(&path);
         let before = std::fs::metadata(&wal).unwrap().len();
@@ -189,6 +216,15 @@ mod tests {
         assert_eq!(count(&mut reader), 50);
         let skipped = presize(&mut writer, &path).unwrap();
         assert!(matches!(skipped, Presized::Skipped(_)), "{skipped:?}");
+        let AnyConnection::Sqlite(w) = &mut writer else {
+            unreachable!()
+        };
+        let timeout = diesel::sql_query("PRAGMA busy_timeout").get_result::<BusyTimeout>(w);
+        assert_eq!(
+            timeout.unwrap().timeout,
+            10000,
+            "the busy timeout is restored"
+        );
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), before);
         reader.batch_execute("COMMIT").unwrap();
 
