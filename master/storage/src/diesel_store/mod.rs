@@ -7,9 +7,9 @@
 //! One module per job: `url` (where the ledger lives, and one connection to it), `pool` (the
 //! connections: the pool, the one writes keep, the health check's), `migrate`, `write`
 //! ([`Storage::apply`]), `read`, `replicate` (changes committed elsewhere, and pruning), with the
-//! rows they share in `rows`; `wal` fills a new SQLite WAL to its full size; `plans` is a diagnostic for the storage suite. This module assembles
-//! them: [`DieselStorage::open`] and the [`Storage`] implementation, which picks the connection
-//! for each call.
+//! rows they share in `rows`; `wal` fills a new SQLite WAL to its full size; `plans` is a
+//! diagnostic for the storage suite. This module assembles them: [`DieselStorage::open`] and the
+//! [`Storage`] implementation, which picks the connection for each call.
 
 use std::sync::Mutex;
 use std::time::Duration;

@@ -31,6 +31,18 @@ const SQLITE_CONNECTION_PRAGMAS: &str = "PRAGMA busy_timeout = 10000; \
 /// checkpoints are rare. In pages: 10,000 of 4 KiB, 40,960 of 1 KiB.
 pub(super) const SQLITE_WAL_CHECKPOINT_BYTES: i64 = 40 << 20;
 
+/// How many pages of `conn`'s database the WAL holds at [`SQLITE_WAL_CHECKPOINT_BYTES`]: its
+/// `wal_autocheckpoint`, and the frames the WAL is pre-sized for (`wal`).
+pub(super) fn wal_checkpoint_pages(conn: &mut SqliteConnection) -> QueryResult<i64> {
+    #[derive(QueryableByName)]
+    struct PageSize {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        page_size: i64,
+    }
+    let page = diesel::sql_query("PRAGMA page_size").get_result::<PageSize>(conn)?;
+    Ok(SQLITE_WAL_CHECKPOINT_BYTES / page.page_size.max(512))
+}
+
 /// The page size of a new SQLite ledger. Every page an insert touches is written to the WAL and
 /// synced: an insert touches about four (the table's last page, the id and date indexes, the
 /// change log's last page), so at SQLite's default of 4 KiB it wrote ~17 KiB, at 1 KiB ~4 KiB
@@ -388,19 +400,9 @@ impl DatabaseUrl {
                     .map_err(Error::ConnectionError)?;
                 conn.batch_execute(SQLITE_CONNECTION_PRAGMAS)
                     .map_err(Error::QueryError)?;
-                #[derive(QueryableByName)]
-                struct PageSize {
-                    #[diesel(sql_type = diesel::sql_types::BigInt)]
-                    page_size: i64,
-                }
-                let page = diesel::sql_query("PRAGMA page_size")
-                    .get_result::<PageSize>(&mut conn)
+                let pages = wal_checkpoint_pages(&mut conn).map_err(Error::QueryError)?;
+                conn.batch_execute(&format!("PRAGMA wal_autocheckpoint = {pages};"))
                     .map_err(Error::QueryError)?;
-                conn.batch_execute(&format!(
-                    "PRAGMA wal_autocheckpoint = {};",
-                    SQLITE_WAL_CHECKPOINT_BYTES / page.page_size.max(512)
-                ))
-                .map_err(Error::QueryError)?;
                 Ok(AnyConnection::Sqlite(conn))
             }
             DatabaseUrl::Postgres(url) => {

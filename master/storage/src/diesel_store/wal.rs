@@ -23,15 +23,14 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 
 use super::AnyConnection;
-use super::url::SQLITE_WAL_CHECKPOINT_BYTES;
+use super::url::{SQLITE_WAL_CHECKPOINT_BYTES, wal_checkpoint_pages};
 use crate::StorageError;
 
 /// The WAL's size when its checkpoint lets it start over: `pages` frames of a header (24 bytes)
-/// and a page each, after the WAL's header (32 bytes), plus 1 MiB for the batch that crosses the
-/// checkpoint's threshold.
-fn full_size(page_size: u64) -> u64 {
-    let pages = SQLITE_WAL_CHECKPOINT_BYTES as u64 / page_size;
-    32 + pages * (24 + page_size) + (1 << 20)
+/// and a page each (the pages are [`SQLITE_WAL_CHECKPOINT_BYTES`]), after the WAL's header (32
+/// bytes), plus 1 MiB for the batch that crosses the checkpoint's threshold.
+fn full_size(pages: u64) -> u64 {
+    32 + pages * 24 + SQLITE_WAL_CHECKPOINT_BYTES as u64 + (1 << 20)
 }
 
 /// The WAL file of the database at `database`.
@@ -66,12 +65,6 @@ struct BusyTimeout {
     timeout: i32,
 }
 
-#[derive(QueryableByName)]
-struct PageSize {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    page_size: i64,
-}
-
 /// Fills the WAL of the SQLite database at `database` with zeros to its full size, on `conn`
 /// (a connection to it that stays open, so that closing it does not delete the WAL). Errors
 /// are the database's; a WAL that cannot be pre-sized is [`Presized::Skipped`], as the ledger
@@ -80,8 +73,7 @@ pub(super) fn presize(conn: &mut AnyConnection, database: &Path) -> Result<Presi
     let AnyConnection::Sqlite(conn) = conn else {
         return Ok(Presized::Skipped("not SQLite".into()));
     };
-    let page_size = diesel::sql_query("PRAGMA page_size").get_result::<PageSize>(conn)?;
-    let size = full_size(page_size.page_size.max(512) as u64);
+    let size = full_size(wal_checkpoint_pages(conn)? as u64);
     let wal = wal_path(database);
     let current = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
     if current >= size {
@@ -228,7 +220,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), before);
         reader.batch_execute("COMMIT").unwrap();
 
-        let size = full_size(1024);
+        let size = full_size(40_960);
         assert_eq!(presize(&mut writer, &path).unwrap(), Presized::Filled(size));
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), size);
         assert_eq!(
