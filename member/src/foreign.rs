@@ -393,7 +393,7 @@ fn piece_json(piece: &Piece, reason: Option<&str>) -> Value {
     }
     if let Some(reason) = reason {
         entry["reason"] = reason.into();
-        entry["at"] = policy::format_date(chrono::Utc::now()).into();
+        entry["at"] = ledger_anylog::date::format_date(chrono::Utc::now()).into();
     }
     entry
 }

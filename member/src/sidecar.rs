@@ -157,7 +157,7 @@ fn to_json(r: &Record) -> Value {
 }
 
 fn now() -> String {
-    ledger_anylog::policy::format_date(chrono::Utc::now())
+    ledger_anylog::date::format_date(chrono::Utc::now())
 }
 
 #[cfg(test)]

@@ -542,7 +542,7 @@ fn postgres_writes_go_on_after_their_connection_is_cut() {
 fn anylog_columns_hold_the_policy_date_status_and_host(backend: &str) {
     let db = fresh(backend);
     let storage = open(&db.url);
-    let at = |s: &str| ledger_anylog::policy::parse_date(s).unwrap();
+    let at = |s: &str| ledger_anylog::date::parse_date(s).unwrap();
     let mut cluster = policy(1, "cluster");
     cluster.status = Some("active".into());
     cluster.date = at("2026-07-18T19:49:43.020405Z");

@@ -51,7 +51,7 @@ impl RowColumns {
             status: text("status"),
             date: text("date")
                 .as_deref()
-                .and_then(ledger_anylog::policy::parse_date),
+                .and_then(ledger_anylog::date::parse_date),
         }
     }
 }
