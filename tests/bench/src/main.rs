@@ -354,11 +354,7 @@ fn main() {
         let seconds: f64 = seconds
             .parse()
             .expect("ledger-bench load ADDR CLIENTS SECONDS");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = crate::workload::runtime();
         let rate = runtime.block_on(throughput(&addr, clients, seconds));
         println!("{rate:.0} inserts/s from {clients} clients over {seconds} s");
         return;
@@ -414,11 +410,7 @@ fn main() {
         });
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = crate::workload::runtime();
     let started = chrono_like_now();
     let sample = (0..3).map(|_| policy()).collect::<Vec<_>>();
     let mut results = HashMap::new();

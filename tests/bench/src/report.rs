@@ -9,11 +9,7 @@ use serde_json::Value;
 /// Runs a stage alone (`--only-…`): `stage` on a 2-worker runtime, its JSON printed and, with
 /// `--json FILE`, written there.
 pub fn run_alone(json_out: Option<&Path>, stage: impl Future<Output = Value>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = crate::workload::runtime();
     let result = runtime.block_on(stage);
     let text = serde_json::to_string_pretty(&result).unwrap();
     println!("{text}");

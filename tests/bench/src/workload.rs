@@ -67,6 +67,16 @@ pub(crate) fn policy() -> String {
     }
 }
 
+/// The runtime every measure of the bench drives its clients from: the same two workers in
+/// every measure, so that each one's load generator is the same.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the load generator's runtime")
+}
+
 /// A client of the master at `addr` whose calls are bounded (30 s).
 pub(crate) async fn connect(addr: &str) -> Client {
     ledger_testkit::client::connect(addr, Some(Duration::from_secs(30))).await

@@ -108,11 +108,7 @@ pub(crate) fn run(opts: Options) {
     eprintln!("fsync floor: 2,000 × (4 KiB pwrite + fdatasync)");
     let floor = fsync_floor(root.path(), 2000);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = crate::workload::runtime();
     let started = Instant::now();
     let results = runtime.block_on(measure(&setup, rounds, seconds, paced, entries));
     drop(setup);
@@ -347,11 +343,7 @@ fn system_json(r: &Results) -> Value {
 /// (`ledger`) or an etcd (`etcd`), so that two builds of the master and etcd can be run side by
 /// side with perf or strace watching: writes a second.
 pub(crate) fn load(system: &str, addr: &str, clients: usize, seconds: f64) -> f64 {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
+    let runtime = crate::workload::runtime();
     runtime.block_on(async {
         let writer = match system {
             "ledger" => systems::Writer::Ledger(crate::workload::connect(addr).await),
